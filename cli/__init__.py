@@ -1,0 +1,1 @@
+"""Command-line interface (`rdfast ...`): parse, validate, call the library, print."""

@@ -1,0 +1,171 @@
+"""`rdfast` commands. Thin: parsing and printing only; the work lives in `rdfast.*`."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+import rdfast
+from rdfast.errors import BadInput
+
+
+class OneLineErrors(click.Group):
+    """Usage errors as one line on stderr with exit code 2, never a traceback."""
+
+    def main(self, args=None, prog_name=None, **extra):
+        try:
+            rv = super().main(args=args, prog_name=prog_name, standalone_mode=False, **extra)
+        except click.exceptions.Exit as e:
+            sys.exit(e.exit_code)
+        except click.exceptions.Abort:
+            click.echo("rdfast: aborted", err=True)
+            sys.exit(130)
+        except click.ClickException as e:
+            click.echo(f"rdfast: error: {e.format_message()}", err=True)
+            sys.exit(2 if isinstance(e, click.UsageError) else e.exit_code)
+        except BadInput as e:
+            click.echo(f"rdfast: error: {e}", err=True)
+            sys.exit(2)
+        sys.exit(rv or 0)
+
+
+@click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(rdfast.__version__, prog_name="rdfast")
+def cli():
+    """rdfast: measure how pruning distorts per-class recall.
+
+    Train a model, prune it globally with magnitude (mp), gradient (gp), undecayed (up) and
+    random (rp) scores to a series of ratios, retrain, and record per-class recall at each
+    step. Start with `rdfast run` (digits, mlp, all strategies, five seeds).
+    """
+
+
+def parse_seeds(text: str) -> tuple[int, ...]:
+    """'0-4' -> (0..4); '0,2,5' -> (0, 2, 5); ranges and lists mix: '0-2,7'."""
+    seeds: list[int] = []
+    try:
+        for part in text.split(","):
+            lo, dash, hi = part.strip().partition("-")
+            if dash:
+                a, b = int(lo), int(hi)
+                if b < a:
+                    raise ValueError
+                seeds.extend(range(a, b + 1))
+            else:
+                seeds.append(int(lo))
+    except ValueError:
+        raise BadInput(f"malformed --seeds {text!r}; use e.g. 0-4 or 0,2,5") from None
+    if any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
+        raise BadInput(f"--seeds must be distinct non-negative integers, got {text!r}")
+    return tuple(seeds)
+
+
+def parse_floats(text: str, what: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise BadInput(f"malformed {what} {text!r}; use comma-separated numbers") from None
+
+
+def parse_strategies(text: str) -> tuple[str, ...]:
+    from rdfast.config import STRATEGIES
+
+    if text.strip() == "all":
+        return STRATEGIES
+    names = tuple(s.strip() for s in text.split(",") if s.strip())
+    bad = [s for s in names if s not in STRATEGIES]
+    if bad or not names:
+        raise BadInput(
+            f"unknown strategy {', '.join(bad) or repr(text)}; choose from "
+            f"{', '.join(STRATEGIES)} or all"
+        )
+    return names
+
+
+@cli.command()
+@click.option("--dataset", default="digits", show_default=True,
+              help="Dataset name, optionally with options: NAME[:key=value,...] "
+                   "(see `rdfast datasets`).")
+@click.option("--model", default="mlp", show_default=True, help="Model name: mlp, lenet5.")
+@click.option("--width", default=1.0, show_default=True, type=float,
+              help="Width multiplier of the model's layers.")
+@click.option("--strategy", default="all", show_default=True,
+              help="Pruning strategies: mp, gp, up, rp, a comma list, or all.")
+@click.option("--saliency", default="taylor", show_default=True,
+              type=click.Choice(["taylor", "sum"]),
+              help="Form of the gp/up scores: taylor |w*g|, |-w*g+eps*w^2|; sum |g|, |g|+eps*|w|.")
+@click.option("--ratios", default="2,4,8,16,32,64", show_default=True,
+              help="Pruning ratios t (total/remaining weights), > 1, strictly increasing.")
+@click.option("--seeds", default="0-4", show_default=True,
+              help="Replicate seeds: a range 0-4, a list 0,2,5, or both.")
+@click.option("--epochs", type=int, help="Dense training epochs [preset of the dataset].")
+@click.option("--finetune-epochs", type=int,
+              help="Epochs of fine-tuning after each pruning step [preset].")
+@click.option("--finetune-lr", type=float, help="Fine-tuning learning rate [lr / 10].")
+@click.option("--lr", type=float, help="Learning rate of dense training [preset].")
+@click.option("--schedule", type=click.Choice(["cosine", "step"]), default="cosine",
+              show_default=True, help="Learning-rate schedule.")
+@click.option("--weight-decay", type=float, help="Weight decay eps of SGD [preset].")
+@click.option("--batch-size", type=int, help="Training batch size [preset].")
+@click.option("--grad-batches", default=16, show_default=True, type=int,
+              help="Training batches averaged for the gradient of gp/up (1 = authors' code).")
+@click.option("--up-eps", type=float, help="eps of UP = GP + eps*MP [the weight decay].")
+@click.option("--retrain", type=click.Choice(["finetune", "rewind"]), default="finetune",
+              show_default=True,
+              help="After each pruning step: fine-tune, or rewind to --rewind-epoch and retrain.")
+@click.option("--rewind-epoch", default=1, show_default=True, type=int,
+              help="Dense epoch whose weights the survivors are rewound to (--retrain rewind).")
+@click.option("--exclude", default="", help="Comma list of layers never pruned, e.g. fc3.")
+@click.option("--device", default="auto", show_default=True,
+              type=click.Choice(["auto", "cpu", "cuda"]), help="Where to train.")
+@click.option("--data-root", type=click.Path(path_type=Path),
+              help="Folder of downloaded datasets [$RDFAST_DATA or ~/.cache/rdfast/data].")
+@click.option("--out", default="runs", show_default=True, type=click.Path(path_type=Path),
+              help="Experiment folder: records, manifests, checkpoints.")
+@click.option("--progress/--no-progress", default=None,
+              help="Progress bars [on when stderr is a terminal].")
+def run(**kw):
+    """Train, prune with each strategy to each ratio, retrain, record per-class recall.
+
+    Every strategy prunes the same trained dense model of each seed (cached under OUT/dense).
+    Rerunning the same command resumes: finished steps are skipped. Records: OUT/records.parquet,
+    one row per (run, t, class).
+    """
+    from rdfast.commands import run_command
+
+    return run_command(
+        seeds=parse_seeds(kw.pop("seeds")),
+        strategies=parse_strategies(kw.pop("strategy")),
+        ratios=parse_floats(kw.pop("ratios"), "--ratios"),
+        exclude=tuple(x.strip() for x in kw.pop("exclude").split(",") if x.strip()),
+        echo=click.echo,
+        **kw,
+    )
+
+
+@cli.command()
+@click.option("--data-root", type=click.Path(path_type=Path),
+              help="Folder of downloaded datasets [$RDFAST_DATA or ~/.cache/rdfast/data].")
+def datasets(data_root):
+    """List the datasets, their options and whether their files are present."""
+    from rdfast.data import COMMON_OPTIONS, DATASETS, DEFAULT_DATA_ROOT
+
+    root = data_root or DEFAULT_DATA_ROOT
+    click.echo(f"data root: {root}")
+    for entry in DATASETS.values():
+        state = "present" if entry.present(root) else "missing (download when online)"
+        if not entry.files:
+            state = "built in"
+        click.echo(f"  {entry.name:<14} {state:<32} {entry.description}")
+        for k, o in {**entry.options, **COMMON_OPTIONS}.items():
+            click.echo(f"      {k}={o.default!s:<8} {o.help}")
+
+
+def main():
+    cli()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""What the CLI commands do, callable from Python too."""
+
+from __future__ import annotations
+
+from rdfast import store
+from rdfast.config import PruneSettings, preset, train_settings
+from rdfast.data import parse_spec
+from rdfast.engine import Engine, Experiment, accuracy_table
+
+
+def run_command(*, dataset, model, width, strategies, saliency, ratios, seeds, epochs,
+                finetune_epochs, finetune_lr, lr, schedule, weight_decay, batch_size,
+                grad_batches, up_eps, retrain, rewind_epoch, exclude, device, data_root, out,
+                progress, echo=print) -> int:
+    """Validate, run every (seed, strategy), print the accuracy table; return the exit code."""
+    name, _ = parse_spec(dataset)
+    train = train_settings(name, epochs=epochs, lr=lr, batch_size=batch_size,
+                           weight_decay=weight_decay, schedule=schedule)
+    prune = PruneSettings(
+        ratios=tuple(ratios), saliency=saliency, grad_batches=grad_batches, up_eps=up_eps,
+        retrain=retrain,
+        finetune_epochs=preset(name)["finetune_epochs"] if finetune_epochs is None
+        else finetune_epochs,
+        finetune_lr=finetune_lr, rewind_epoch=rewind_epoch, exclude=tuple(exclude),
+    )
+    exp = Experiment(dataset=dataset, model=model, width=width, seeds=tuple(seeds),
+                     strategies=tuple(strategies), train=train, prune=prune, device=device,
+                     data_root=data_root, out=out)
+    engine = Engine(exp, progress=progress)
+    engine.prepare()  # raises BadInput before anything is written
+    outcomes = engine.execute()
+    records = store.load_records(engine.out)
+    ids = {o.run_id for o in outcomes}
+    mine = records[records["run_id"].isin(ids)] if not records.empty else records
+    if not mine.empty:
+        echo("\nmean test accuracy (over seeds) by strategy and pruning ratio t:")
+        echo(accuracy_table(mine).to_string(float_format=lambda v: f"{v:.4f}"))
+    failed = [o for o in outcomes if o.status == "failed"]
+    for o in failed:
+        echo(f"failed: seed {o.seed} {o.strategy} ({o.run_id}): {o.error}")
+    echo(f"\nrecords: {engine.out / 'records.parquet'}  "
+         f"({len(outcomes) - len(failed)}/{len(outcomes)} runs complete)")
+    return 1 if failed else 0

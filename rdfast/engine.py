@@ -1,0 +1,402 @@
+"""The experiment engine: train a dense model once, prune it with each strategy, record.
+
+One *run* = (dataset, model, width, seed, strategy and its settings). All runs of one seed
+branch from the same dense model, cached under a hash of what determines it, so strategy
+comparisons are paired. Each run walks its ratios in order; after every step the state and
+the records are written atomically, so a killed command loses at most the step in progress
+and a rerun continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import platform
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+import rdfast
+from rdfast import store
+from rdfast.config import STRATEGIES, PruneSettings, TrainSettings
+from rdfast.data import TensorData, load_dataset
+from rdfast.errors import BadInput, RunFailed
+from rdfast.models import build_model, prunable_layers
+from rdfast.pruning import (
+    apply_masks,
+    check_ratios,
+    data_gradients,
+    prune_to,
+    scores_for,
+)
+from rdfast.seeding import derive_seed
+from rdfast.training import evaluate, train
+
+DENSE_FORMAT = 1
+
+
+@dataclass
+class Experiment:
+    """Everything one `rdfast run` command asks for."""
+
+    dataset: str = "digits"
+    model: str = "mlp"
+    width: float = 1.0
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
+    strategies: tuple[str, ...] = STRATEGIES
+    train: TrainSettings | None = None
+    prune: PruneSettings = field(default_factory=PruneSettings)
+    device: str = "auto"
+    data_root: Path | None = None
+    out: Path = Path("runs")
+
+
+@dataclass
+class RunOutcome:
+    run_id: str
+    seed: int
+    strategy: str
+    status: str
+    error: str | None = None
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise BadInput("--device cuda asked for, but no CUDA device is available")
+    if name not in ("cpu", "cuda"):
+        raise BadInput(f"unknown device {name!r}; choose from auto, cpu, cuda")
+    return torch.device(name)
+
+
+def _git_commit() -> str | None:
+    try:
+        here = Path(rdfast.__file__).resolve().parent
+        out = subprocess.run(
+            ["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True,
+            timeout=5,
+        )
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment(device: torch.device) -> dict:
+    import numpy
+    import pandas
+
+    return {
+        "versions": {
+            "rdfast": rdfast.__version__,
+            "torch": torch.__version__,
+            "numpy": numpy.__version__,
+            "pandas": pandas.__version__,
+            "python": platform.python_version(),
+        },
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else
+        f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "git_commit": _git_commit(),
+        "platform": platform.platform(),
+    }
+
+
+def step_records(meta: dict, cm: np.ndarray, class_names, **step) -> pd.DataFrame:
+    """One row per class: support, recall, and the model-level accuracy and loss."""
+    support = cm.sum(axis=1)
+    correct = np.diagonal(cm)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        recall = np.where(support > 0, correct / np.maximum(support, 1), np.nan)
+    n = len(class_names)
+    df = pd.DataFrame({**meta, **step, "class": np.arange(n), "class_name": list(class_names),
+                       "support": support.astype(np.int64), "correct": correct.astype(np.int64),
+                       "recall": recall, "accuracy": correct.sum() / cm.sum()})
+    return df
+
+
+class Engine:
+    def __init__(self, exp: Experiment, progress: bool | None = None, log=None):
+        self.exp = exp
+        self.progress = progress
+        self.log = log or (lambda msg: tqdm.write(msg))
+        self.data: TensorData | None = None
+        self._dense: dict[int, dict | RunFailed] = {}  # per seed: checkpoint or its failure
+
+    # ------------------------------------------------------------------ validation
+    def prepare(self) -> None:
+        """Validate every setting and load the data; nothing is written here."""
+        exp = self.exp
+        if exp.train is None:
+            raise BadInput("training settings are missing")
+        exp.train.validate()
+        exp.prune.validate(exp.train)
+        bad = [s for s in exp.strategies if s not in STRATEGIES]
+        if bad or not exp.strategies:
+            raise BadInput(
+                f"unknown strategy {', '.join(bad) or '(none)'}; choose from "
+                f"{', '.join(STRATEGIES)} or all"
+            )
+        if not exp.seeds:
+            raise BadInput("no seeds given")
+        self.device = resolve_device(exp.device)
+        data = load_dataset(exp.dataset, exp.data_root)
+        probe = build_model(exp.model, data.input_shape, data.num_classes, exp.width)
+        layers = prunable_layers(probe, exp.prune.exclude)
+        self.total = sum(w.numel() for w in layers.values())
+        check_ratios(self.total, exp.prune.ratios)
+        self.data = data.to(self.device)
+        self.out = Path(exp.out)
+        if self.out.exists() and not self.out.is_dir():
+            raise BadInput(f"--out {self.out} exists and is not a directory")
+
+    # ------------------------------------------------------------------ keys
+    def dense_key(self, seed: int) -> dict:
+        exp = self.exp
+        return {
+            "format": DENSE_FORMAT,
+            "dataset": self.data.name,
+            "model": exp.model,
+            "width": exp.width,
+            "seed": seed,
+            "train": asdict(exp.train),
+            "rewind_epoch": exp.prune.rewind_epoch if exp.prune.retrain == "rewind" else None,
+            "device": self.device.type,
+        }
+
+    def run_settings(self, seed: int, strategy: str) -> dict:
+        p, tr = self.exp.prune, self.exp.train
+        uses_grad = strategy in ("gp", "up")
+        return {
+            "dense_id": store.stable_hash(self.dense_key(seed)),
+            "strategy": strategy,
+            "saliency": p.saliency if uses_grad else "none",
+            "grad_batches": p.grad_batches if uses_grad else None,
+            "eps": p.eps(tr) if strategy == "up" else None,
+            "ratios": list(p.ratios),
+            "retrain": p.retrain,
+            "finetune_epochs": p.finetune_epochs if p.retrain == "finetune" else None,
+            "finetune_lr": p.finetune_rate(tr) if p.retrain == "finetune" else None,
+            "rewind_epoch": p.rewind_epoch if p.retrain == "rewind" else None,
+            "exclude": list(p.exclude),
+        }
+
+    # ------------------------------------------------------------------ pieces
+    def _new_model(self, seed: int):
+        torch.manual_seed(derive_seed(seed, "init"))
+        model = build_model(self.exp.model, self.data.input_shape, self.data.num_classes,
+                            self.exp.width)
+        return model.to(self.device)
+
+    def dense(self, seed: int) -> dict:
+        """The trained dense model of `seed`, from the cache or trained now (then cached).
+
+        Held in memory too, so the strategies of one seed neither reload nor retrain it, and
+        a dense model whose training failed is tried once per command.
+        """
+        if seed not in self._dense:
+            try:
+                self._dense[seed] = self._load_or_train_dense(seed)
+            except RunFailed as e:
+                self._dense[seed] = e
+        if isinstance(self._dense[seed], RunFailed):
+            raise RunFailed(f"dense training failed: {self._dense[seed]}")
+        return self._dense[seed]
+
+    def _load_or_train_dense(self, seed: int) -> dict:
+        key = self.dense_key(seed)
+        path = self.out / "dense" / store.stable_hash(key) / "checkpoint.pt"
+        if path.exists():
+            return store.load_torch(path)
+        exp = self.exp
+        model = self._new_model(seed)
+        rewind = {}
+
+        def snapshot(epoch):
+            if exp.prune.retrain == "rewind" and epoch == exp.prune.rewind_epoch:
+                rewind["state"] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+        snapshot(0)
+        bar = tqdm(total=exp.train.epochs, desc=f"dense seed {seed}", unit="epoch",
+                   leave=False, disable=self._quiet())
+        try:
+            stats = train(model, self.data, exp.train, seed_parts=(seed, "dense"),
+                          on_epoch_end=snapshot, progress=bar)
+        finally:
+            bar.close()
+        ev = evaluate(model, self.data)
+        ckpt = {
+            "key": store.stable_hash(key),
+            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "rewind": rewind.get("state"),
+            "confusion": torch.from_numpy(ev["confusion"]),
+            "loss": ev["loss"],
+            "seconds": stats["seconds"],
+            "images_per_second": stats["images_per_second"],
+            "eval_images_per_second": ev["eval_images_per_second"],
+        }
+        store.save_torch(path, ckpt)
+        store.write_json(path.with_name("settings.json"), key)
+        return ckpt
+
+    def _quiet(self):
+        return None if self.progress is None else not self.progress
+
+    # ------------------------------------------------------------------ one run
+    def run_one(self, seed: int, strategy: str, bar) -> RunOutcome:
+        exp, p = self.exp, self.exp.prune
+        settings = self.run_settings(seed, strategy)
+        run_id = store.stable_hash(
+            {"dense": self.dense_key(seed), **settings, "records": store.RECORDS_VERSION}
+        )
+        run_dir = self.out / "runs" / run_id
+        done = store.step_files(run_dir)
+        last_done = max(done) if done else -1
+        manifest_path = run_dir / "manifest.json"
+        manifest = store.read_json(manifest_path) if manifest_path.exists() else {
+            "run_id": run_id,
+            "dataset": self.data.name,
+            "model": exp.model,
+            "width": exp.width,
+            "seed": seed,
+            "settings": {**settings, "train": asdict(exp.train)},
+            "created": _now(),
+        }
+        if last_done == len(p.ratios):
+            bar.update(len(p.ratios))
+            return RunOutcome(run_id, seed, strategy, "complete")
+        manifest.update(status="running", error=None, updated=_now(),
+                        **environment(self.device))
+        store.write_json(manifest_path, manifest)
+
+        meta = {
+            "records_version": store.RECORDS_VERSION,
+            "run_id": run_id,
+            "dense_id": settings["dense_id"],
+            "dataset": self.data.name,
+            "model": exp.model,
+            "width": float(exp.width),
+            "seed": seed,
+            "strategy": strategy,
+            "saliency": settings["saliency"],
+            "eps": float("nan") if settings["eps"] is None else float(settings["eps"]),
+            "weight_decay": float(exp.train.weight_decay),
+            "retrain": p.retrain,
+            "device": self.device.type,
+        }
+        try:
+            dense = self.dense(seed)
+            model = self._new_model(seed)
+            layers = prunable_layers(model, p.exclude)
+            total = sum(w.numel() for w in layers.values())
+            if last_done <= 0:
+                model.load_state_dict(dense["model"])
+                masks = {k: torch.ones_like(w, dtype=torch.bool) for k, w in layers.items()}
+            else:
+                state = store.load_torch(run_dir / f"step-{last_done}.pt")
+                model.load_state_dict(state["model"])
+                masks = {k: v.to(self.device) for k, v in state["masks"].items()}
+            if last_done < 0:
+                self._write_step(run_dir, 0, meta, dense["confusion"].numpy(), dense["loss"],
+                                 1.0, total, total, dense["seconds"], state=None)
+                last_done = 0
+            throughput = []
+            for i in range(last_done + 1, len(p.ratios) + 1):
+                t = p.ratios[i - 1]
+                start = time.perf_counter()
+                masks = self._prune_step(model, layers, masks, strategy, seed, i, t)
+                stats = self._retrain(model, layers, masks, dense, seed, i)
+                if stats:
+                    throughput.append(stats["images_per_second"])
+                ev = evaluate(model, self.data)
+                remaining = sum(int(m.sum()) for m in masks.values())
+                state = {
+                    "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                    "masks": {k: v.cpu() for k, v in masks.items()},
+                }
+                self._write_step(run_dir, i, meta, ev["confusion"], ev["loss"], t, remaining,
+                                 total, time.perf_counter() - start, state=state)
+                bar.update(1)
+            manifest.update(status="complete", updated=_now(),
+                            dense={"seconds": dense["seconds"],
+                                   "train_images_per_second": dense["images_per_second"],
+                                   "eval_images_per_second": dense["eval_images_per_second"]},
+                            retrain_images_per_second=float(np.mean(throughput)) if throughput
+                            else None)
+            store.write_json(manifest_path, manifest)
+            return RunOutcome(run_id, seed, strategy, "complete")
+        except RunFailed as e:
+            manifest.update(status="failed", error=str(e), updated=_now())
+            store.write_json(manifest_path, manifest)
+            self.log(f"run {run_id} (seed {seed}, {strategy}) failed: {e}")
+            return RunOutcome(run_id, seed, strategy, "failed", str(e))
+
+    def _prune_step(self, model, layers, masks, strategy, seed, i, t):
+        p, tr = self.exp.prune, self.exp.train
+        grads = None
+        if strategy in ("gp", "up"):
+            grads = data_gradients(model, layers, self.data, batches=p.grad_batches,
+                                   batch_size=tr.batch_size, seed_parts=(seed, i, "grad"))
+        scores = scores_for(strategy, layers, grads=grads, form=p.saliency, eps=p.eps(tr),
+                            seed_parts=(seed, i, "rp"))
+        return prune_to(layers, masks, scores, t)
+
+    def _retrain(self, model, layers, masks, dense, seed, i):
+        p, tr = self.exp.prune, self.exp.train
+        by_param = {layers[k]: m for k, m in masks.items()}
+        if p.retrain == "rewind":
+            model.load_state_dict(dense["rewind"])
+            apply_masks(layers, masks)
+            return train(model, self.data, tr, masks=by_param, seed_parts=(seed, i, "rewind"))
+        if p.finetune_epochs == 0:
+            return None
+        return train(model, self.data, tr, lr=p.finetune_rate(tr), epochs=p.finetune_epochs,
+                     masks=by_param, seed_parts=(seed, i, "finetune"))
+
+    def _write_step(self, run_dir, i, meta, cm, loss, t, remaining, total, seconds, state):
+        # Order matters for resuming: the state first, then the confusion matrix, then the
+        # records that mark the step done; the previous state goes only after that.
+        if state is not None:
+            store.save_torch(run_dir / f"step-{i}.pt", state)
+        store.write_npy(run_dir / f"step-{i}.npy", np.asarray(cm, dtype=np.int64))
+        df = step_records(meta, np.asarray(cm), self.data.class_names, step=i,
+                          t_target=float(t), t_actual=total / remaining, remaining=remaining,
+                          total=total, loss=float(loss), seconds=float(seconds))
+        store.write_parquet(run_dir / f"step-{i}.parquet", df)
+        if i > 1:
+            (run_dir / f"step-{i - 1}.pt").unlink(missing_ok=True)
+
+    # ------------------------------------------------------------------ all runs
+    def execute(self) -> list[RunOutcome]:
+        if self.data is None:
+            self.prepare()
+        exp = self.exp
+        n_steps = len(exp.seeds) * len(exp.strategies) * len(exp.prune.ratios)
+        outcomes = []
+        with tqdm(total=n_steps, desc="prune+retrain", unit="step",
+                  disable=self._quiet()) as bar:
+            for seed in exp.seeds:
+                for strategy in exp.strategies:
+                    outcomes.append(self.run_one(seed, strategy, bar))
+        store.consolidate(self.out)
+        return outcomes
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def accuracy_table(records: pd.DataFrame) -> pd.DataFrame:
+    """Mean test accuracy over seeds: rows strategy, columns t."""
+    per_run = records.drop_duplicates(["run_id", "step"])
+    table = per_run.pivot_table(index="strategy", columns="t_target", values="accuracy",
+                                aggfunc="mean")
+    order = [s for s in STRATEGIES if s in table.index]
+    table = table.loc[order]
+    table.columns = [f"{c:g}" for c in table.columns]
+    table.columns.name = "t"
+    return table

@@ -1,0 +1,15 @@
+"""The two kinds of failure the engine distinguishes.
+
+`BadInput` means the request itself is unusable (unknown name, impossible ratio, missing
+files); the CLI turns it into one line on stderr and exit code 2, before anything is written.
+`RunFailed` means a run started but could not go on (the loss became NaN/inf); the engine
+records the reason in that run's manifest and carries on with the other runs.
+"""
+
+
+class BadInput(ValueError):
+    """The request cannot be carried out as given; the message says why in one line."""
+
+
+class RunFailed(RuntimeError):
+    """A run stopped part-way; the message is stored in its manifest."""

@@ -1,0 +1,91 @@
+"""Global unstructured pruning: scores per strategy, then the lowest are removed.
+
+Ratio t = prunable weights / remaining prunable weights. To reach t from the current masks,
+exactly `remaining - round(total / t)` kept weights are removed (Python's round: halves to
+even), chosen across all layers at once by `rdfast.kernels.prune_lowest`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from rdfast.data import TensorData
+from rdfast.errors import BadInput
+from rdfast.kernels import prune_lowest, saliency
+from rdfast.seeding import generator
+
+
+def target_remaining(total: int, t: float) -> int:
+    return int(round(total / t))
+
+
+def check_ratios(total: int, ratios) -> None:
+    for t in ratios:
+        if target_remaining(total, t) < 1:
+            raise BadInput(
+                f"ratio t={t:g} leaves no weight: the model has {total} prunable weights"
+            )
+
+
+def _batches(data: TensorData, batch_size: int, gen: torch.Generator) -> Iterator:
+    while True:  # more batches than one epoch holds: continue with a fresh permutation
+        yield from data.train_batches(batch_size, gen)
+
+
+def data_gradients(
+    model: nn.Module, layers: dict[str, nn.Parameter], data: TensorData, *, batches: int,
+    batch_size: int, seed_parts: tuple,
+) -> dict[str, torch.Tensor]:
+    """Mean over `batches` training batches of d(cross-entropy)/dw, model in train mode.
+
+    The data loss alone: weight decay lives in the optimizer, never in this loss.
+    """
+    model.train()
+    for p in model.parameters():
+        p.grad = None
+    stream = _batches(data, batch_size, generator(*seed_parts))
+    for _ in range(batches):
+        x, y = next(stream)
+        F.cross_entropy(model(x), y).backward()
+    grads = {name: w.grad.detach() / batches for name, w in layers.items()}
+    for p in model.parameters():
+        p.grad = None
+    return grads
+
+
+def scores_for(
+    strategy: str, layers: dict[str, nn.Parameter], *, grads=None, form: str = "taylor",
+    eps: float = 0.0, seed_parts: tuple = (),
+) -> list[torch.Tensor]:
+    if strategy == "rp":
+        gen = generator(*seed_parts)
+        return [torch.rand(w.shape, generator=gen).to(w.device) for w in layers.values()]
+    return [
+        saliency(w.detach(), None if grads is None else grads[name], strategy=strategy,
+                 form=form, eps=eps)
+        for name, w in layers.items()
+    ]
+
+
+@torch.no_grad()
+def apply_masks(layers: dict[str, nn.Parameter], masks: dict[str, torch.Tensor]) -> None:
+    for name, w in layers.items():
+        w.mul_(masks[name].to(w.dtype))
+
+
+def prune_to(
+    layers: dict[str, nn.Parameter], masks: dict[str, torch.Tensor], scores, t: float
+) -> dict[str, torch.Tensor]:
+    """New masks holding round(total / t) weights; the weights are zeroed in place."""
+    total = sum(m.numel() for m in masks.values())
+    remaining = sum(int(m.sum()) for m in masks.values())
+    n = remaining - target_remaining(total, t)
+    names = list(layers)
+    new = prune_lowest(scores, [masks[k] for k in names], max(n, 0), names=names)
+    new = dict(zip(names, new))
+    apply_masks(layers, new)
+    return new

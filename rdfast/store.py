@@ -1,0 +1,132 @@
+"""On-disk layout of an experiment directory, atomic writes and stable hashing.
+
+    OUT/
+      dense/<key>/checkpoint.pt      trained dense model + rewind point + its evaluation
+      runs/<key>/manifest.json       settings, versions, device, status of one run
+      runs/<key>/step-<i>.pt         latest state after pruning step i (model, masks)
+      runs/<key>/step-<i>.parquet    records of step i (one row per class)
+      runs/<key>/step-<i>.npy        confusion matrix of step i (true x predicted)
+      records.parquet / confusion.parquet   all runs, consolidated after each command
+
+Every file is written to a temporary name in the same directory and renamed into place, so
+a killed process leaves either the old file or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+RECORDS_VERSION = 1
+
+
+def stable_hash(obj: Any, length: int = 12) -> str:
+    """Hex digest of a JSON-serialisable object, independent of dict order."""
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+def atomic_write(path: Path, write: Callable[[io.BufferedWriter], None]) -> None:
+    """Write through `write(fileobj)` to a temporary file, fsync, then rename over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, obj: Any) -> None:
+    data = (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode()
+    atomic_write(path, lambda f: f.write(data))
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def write_parquet(path: Path, df: pd.DataFrame) -> None:
+    atomic_write(path, lambda f: df.to_parquet(f, index=False))
+
+
+def write_npy(path: Path, array: np.ndarray) -> None:
+    atomic_write(path, lambda f: np.save(f, array, allow_pickle=False))
+
+
+def save_torch(path: Path, obj: Any) -> None:
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def load_torch(path: Path) -> Any:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def step_files(run_dir: Path) -> dict[int, Path]:
+    """Recorded steps of a run: step index -> its records file."""
+    out = {}
+    for p in Path(run_dir).glob("step-*.parquet"):
+        out[int(p.stem.split("-")[1])] = p
+    return out
+
+
+def load_records(out_dir: Path) -> pd.DataFrame:
+    """All per-class records under `out_dir`, completed steps of unfinished runs included."""
+    files = sorted(Path(out_dir).glob("runs/*/step-*.parquet"))
+    if not files:
+        return pd.DataFrame()
+    df = pd.concat([pd.read_parquet(p) for p in files], ignore_index=True)
+    return df.sort_values(["run_id", "step", "class"], kind="stable").reset_index(drop=True)
+
+
+def load_confusion(out_dir: Path) -> pd.DataFrame:
+    """Confusion matrices in long form: run_id, step, t_target, true, pred, count."""
+    frames = []
+    for rec in sorted(Path(out_dir).glob("runs/*/step-*.parquet")):
+        npy = rec.with_suffix(".npy")
+        if not npy.exists():
+            continue
+        meta = pd.read_parquet(rec, columns=["run_id", "step", "t_target"]).iloc[0]
+        cm = np.load(npy)
+        c = cm.shape[0]
+        frames.append(
+            pd.DataFrame(
+                {
+                    "run_id": meta["run_id"],
+                    "step": int(meta["step"]),
+                    "t_target": float(meta["t_target"]),
+                    "true": np.repeat(np.arange(c), c),
+                    "pred": np.tile(np.arange(c), c),
+                    "count": cm.reshape(-1),
+                }
+            )
+        )
+    if not frames:
+        return pd.DataFrame()
+    return pd.concat(frames, ignore_index=True)
+
+
+def consolidate(out_dir: Path) -> Path | None:
+    """Rewrite OUT/records.parquet and OUT/confusion.parquet from the per-step files."""
+    out_dir = Path(out_dir)
+    records = load_records(out_dir)
+    if records.empty:
+        return None
+    write_parquet(out_dir / "records.parquet", records)
+    write_parquet(out_dir / "confusion.parquet", load_confusion(out_dir))
+    return out_dir / "records.parquet"
