@@ -203,7 +203,7 @@ def _torchvision_mnist(cls, folder, root):
         train = cls(str(root), train=True, download=not present)
         test = cls(str(root), train=False, download=False)
     except Exception as e:  # torchvision raises RuntimeError / URLError / OSError here
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        reason = " ".join(str(e).split())[:200] or type(e).__name__
         raise BadInput(
             f"{folder} files not found in {raw} (expected {', '.join(_MNIST_FILES)}) "
             f"and download failed: {reason}"

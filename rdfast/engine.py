@@ -254,6 +254,8 @@ class Engine:
             {"dense": self.dense_key(seed), **settings, "records": store.RECORDS_VERSION}
         )
         run_dir = self.out / "runs" / run_id
+        for stale in run_dir.glob(".*.tmp"):  # a write the last process did not finish
+            stale.unlink()
         done = store.step_files(run_dir)
         last_done = max(done) if done else -1
         manifest_path = run_dir / "manifest.json"

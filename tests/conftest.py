@@ -1,0 +1,18 @@
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    # The real MNIST / Fashion-MNIST idx files, read-only, beside the repository.
+    assert (SHARED_DATA / "MNIST" / "raw" / "train-images-idx3-ubyte").exists(), SHARED_DATA
+    return SHARED_DATA
+
+
+# A run small enough for a unit test: one seed, two ratios, a few epochs.
+TINY = ["--seeds", "0", "--ratios", "2,4", "--epochs", "3", "--finetune-epochs", "1",
+        "--no-progress"]
