@@ -345,7 +345,10 @@ class Engine:
                                    batch_size=tr.batch_size, seed_parts=(seed, i, "grad"))
         scores = scores_for(strategy, layers, grads=grads, form=p.saliency, eps=p.eps(tr),
                             seed_parts=(seed, i, "rp"))
-        return prune_to(layers, masks, scores, t)
+        try:
+            return prune_to(layers, masks, scores, t)
+        except ValueError as e:  # NaN scores: the gradient estimate blew up
+            raise RunFailed(f"pruning to t={t:g} failed: {e}") from None
 
     def _retrain(self, model, layers, masks, dense, seed, i):
         p, tr = self.exp.prune, self.exp.train
