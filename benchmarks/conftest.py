@@ -27,8 +27,9 @@ def device_name() -> str:
 
 
 def commit() -> str:
-    out = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    )
     return out.stdout.strip() or "unknown"
 
 
@@ -42,12 +43,19 @@ def pytest_sessionfinish(session, exitstatus):
         if not b:
             continue
         suite = Path(b.fullname.split("::")[0]).stem.removeprefix("test_")
-        rows.setdefault(suite, []).append({
-            "date": stamp, "commit": commit(), "device": device_name(),
-            "group": b.group, "name": b.name, "rounds": b.stats.rounds,
-            "median_s": f"{b.stats.median:.6f}", "min_s": f"{b.stats.min:.6f}",
-            **{k: v for k, v in b.extra_info.items()},
-        })
+        rows.setdefault(suite, []).append(
+            {
+                "date": stamp,
+                "commit": commit(),
+                "device": device_name(),
+                "group": b.group,
+                "name": b.name,
+                "rounds": b.stats.rounds,
+                "median_s": f"{b.stats.median:.6f}",
+                "min_s": f"{b.stats.min:.6f}",
+                **{k: v for k, v in b.extra_info.items()},
+            }
+        )
     RESULTS.mkdir(exist_ok=True)
     for suite, items in rows.items():
         path = RESULTS / f"{suite}.csv"

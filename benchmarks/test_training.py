@@ -35,8 +35,9 @@ def fresh_model():
 def test_rdfast_epoch(benchmark, mnist):
     settings = train_settings("mnist", epochs=1, batch_size=BATCH)
     model = fresh_model()
-    benchmark.pedantic(lambda: train(model, mnist, settings, seed_parts=(0,)), rounds=5,
-                       warmup_rounds=1)
+    benchmark.pedantic(
+        lambda: train(model, mnist, settings, seed_parts=(0,)), rounds=5, warmup_rounds=1
+    )
 
 
 @pytest.mark.benchmark(group="mnist-epoch")
@@ -61,8 +62,14 @@ def test_plain_loop(benchmark, mnist):
 def test_per_sample_dataloader(benchmark):
     from torchvision import datasets, transforms
 
-    ds = datasets.MNIST(str(SHARED_DATA), train=True, download=False, transform=transforms.Compose(
-        [transforms.ToTensor(), transforms.Normalize((0.1307,), (0.3081,))]))
+    ds = datasets.MNIST(
+        str(SHARED_DATA),
+        train=True,
+        download=False,
+        transform=transforms.Compose(
+            [transforms.ToTensor(), transforms.Normalize((0.1307,), (0.3081,))]
+        ),
+    )
     loader = torch.utils.data.DataLoader(ds, batch_size=BATCH, shuffle=True)
     model = fresh_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)

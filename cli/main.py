@@ -85,47 +85,105 @@ def parse_strategies(text: str) -> tuple[str, ...]:
 
 
 @cli.command()
-@click.option("--dataset", default="digits", show_default=True,
-              help="Dataset name, optionally with options: NAME[:key=value,...] "
-                   "(see `rdfast datasets`).")
+@click.option(
+    "--dataset",
+    default="digits",
+    show_default=True,
+    help="Dataset name, optionally with options: NAME[:key=value,...] (see `rdfast datasets`).",
+)
 @click.option("--model", default="mlp", show_default=True, help="Model name: mlp, lenet5.")
-@click.option("--width", default=1.0, show_default=True, type=float,
-              help="Width multiplier of the model's layers.")
-@click.option("--strategy", default="all", show_default=True,
-              help="Pruning strategies: mp, gp, up, rp, a comma list, or all.")
-@click.option("--saliency", default="taylor", show_default=True,
-              type=click.Choice(["taylor", "sum"]),
-              help="Form of the gp/up scores: taylor |w*g|, |-w*g+eps*w^2|; sum |g|, |g|+eps*|w|.")
-@click.option("--ratios", default="2,4,8,16,32,64", show_default=True,
-              help="Pruning ratios t (total/remaining weights), > 1, strictly increasing.")
-@click.option("--seeds", default="0-4", show_default=True,
-              help="Replicate seeds: a range 0-4, a list 0,2,5, or both.")
+@click.option(
+    "--width",
+    default=1.0,
+    show_default=True,
+    type=float,
+    help="Width multiplier of the model's layers.",
+)
+@click.option(
+    "--strategy",
+    default="all",
+    show_default=True,
+    help="Pruning strategies: mp, gp, up, rp, a comma list, or all.",
+)
+@click.option(
+    "--saliency",
+    default="taylor",
+    show_default=True,
+    type=click.Choice(["taylor", "sum"]),
+    help="Form of the gp/up scores: taylor |w*g|, |-w*g+eps*w^2|; sum |g|, |g|+eps*|w|.",
+)
+@click.option(
+    "--ratios",
+    default="2,4,8,16,32,64",
+    show_default=True,
+    help="Pruning ratios t (total/remaining weights), > 1, strictly increasing.",
+)
+@click.option(
+    "--seeds",
+    default="0-4",
+    show_default=True,
+    help="Replicate seeds: a range 0-4, a list 0,2,5, or both.",
+)
 @click.option("--epochs", type=int, help="Dense training epochs [preset of the dataset].")
-@click.option("--finetune-epochs", type=int,
-              help="Epochs of fine-tuning after each pruning step [preset].")
+@click.option(
+    "--finetune-epochs", type=int, help="Epochs of fine-tuning after each pruning step [preset]."
+)
 @click.option("--finetune-lr", type=float, help="Fine-tuning learning rate [lr / 10].")
 @click.option("--lr", type=float, help="Learning rate of dense training [preset].")
-@click.option("--schedule", type=click.Choice(["cosine", "step"]), default="cosine",
-              show_default=True, help="Learning-rate schedule.")
+@click.option(
+    "--schedule",
+    type=click.Choice(["cosine", "step"]),
+    default="cosine",
+    show_default=True,
+    help="Learning-rate schedule.",
+)
 @click.option("--weight-decay", type=float, help="Weight decay eps of SGD [preset].")
 @click.option("--batch-size", type=int, help="Training batch size [preset].")
-@click.option("--grad-batches", default=16, show_default=True, type=int,
-              help="Training batches averaged for the gradient of gp/up (1 = authors' code).")
+@click.option(
+    "--grad-batches",
+    default=16,
+    show_default=True,
+    type=int,
+    help="Training batches averaged for the gradient of gp/up (1 = authors' code).",
+)
 @click.option("--up-eps", type=float, help="eps of UP = GP + eps*MP [the weight decay].")
-@click.option("--retrain", type=click.Choice(["finetune", "rewind"]), default="finetune",
-              show_default=True,
-              help="After each pruning step: fine-tune, or rewind to --rewind-epoch and retrain.")
-@click.option("--rewind-epoch", default=1, show_default=True, type=int,
-              help="Dense epoch whose weights the survivors are rewound to (--retrain rewind).")
+@click.option(
+    "--retrain",
+    type=click.Choice(["finetune", "rewind"]),
+    default="finetune",
+    show_default=True,
+    help="After each pruning step: fine-tune, or rewind to --rewind-epoch and retrain.",
+)
+@click.option(
+    "--rewind-epoch",
+    default=1,
+    show_default=True,
+    type=int,
+    help="Dense epoch whose weights the survivors are rewound to (--retrain rewind).",
+)
 @click.option("--exclude", default="", help="Comma list of layers never pruned, e.g. fc3.")
-@click.option("--device", default="auto", show_default=True,
-              type=click.Choice(["auto", "cpu", "cuda"]), help="Where to train.")
-@click.option("--data-root", type=click.Path(path_type=Path),
-              help="Folder of downloaded datasets [$RDFAST_DATA or ~/.cache/rdfast/data].")
-@click.option("--out", default="runs", show_default=True, type=click.Path(path_type=Path),
-              help="Experiment folder: records, manifests, checkpoints.")
-@click.option("--progress/--no-progress", default=None,
-              help="Progress bars [on when stderr is a terminal].")
+@click.option(
+    "--device",
+    default="auto",
+    show_default=True,
+    type=click.Choice(["auto", "cpu", "cuda"]),
+    help="Where to train.",
+)
+@click.option(
+    "--data-root",
+    type=click.Path(path_type=Path),
+    help="Folder of downloaded datasets [$RDFAST_DATA or ~/.cache/rdfast/data].",
+)
+@click.option(
+    "--out",
+    default="runs",
+    show_default=True,
+    type=click.Path(path_type=Path),
+    help="Experiment folder: records, manifests, checkpoints.",
+)
+@click.option(
+    "--progress/--no-progress", default=None, help="Progress bars [on when stderr is a terminal]."
+)
 def run(**kw):
     """Train, prune with each strategy to each ratio, retrain, record per-class recall.
 
@@ -146,8 +204,11 @@ def run(**kw):
 
 
 @cli.command()
-@click.option("--data-root", type=click.Path(path_type=Path),
-              help="Folder of downloaded datasets [$RDFAST_DATA or ~/.cache/rdfast/data].")
+@click.option(
+    "--data-root",
+    type=click.Path(path_type=Path),
+    help="Folder of downloaded datasets [$RDFAST_DATA or ~/.cache/rdfast/data].",
+)
 def datasets(data_root):
     """List the datasets, their options and whether their files are present."""
     from rdfast.data import COMMON_OPTIONS, DATASETS, DEFAULT_DATA_ROOT
@@ -161,6 +222,106 @@ def datasets(data_root):
         click.echo(f"  {entry.name:<14} {state:<32} {entry.description}")
         for k, o in {**entry.options, **COMMON_OPTIONS}.items():
             click.echo(f"      {k}={o.default!s:<8} {o.help}")
+
+
+def parse_by(text: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+ci_options = [
+    click.option(
+        "--by",
+        default="strategy,saliency,dataset,model,width",
+        show_default=True,
+        help="Record columns that define a group; seeds are its replicates.",
+    ),
+    click.option(
+        "--ci",
+        default=0.99,
+        show_default=True,
+        type=float,
+        help="Confidence level of the intervals.",
+    ),
+    click.option(
+        "--ci-method",
+        default="t",
+        show_default=True,
+        type=click.Choice(["t", "bootstrap"]),
+        help="Student-t interval, or scipy.stats.bootstrap (percentile).",
+    ),
+]
+
+
+def with_ci_options(fn):
+    for opt in reversed(ci_options):
+        fn = opt(fn)
+    return fn
+
+
+@cli.command()
+@click.argument("runs_dir", type=click.Path(path_type=Path))
+@with_ci_options
+@click.option(
+    "--format",
+    "fmt",
+    default="table",
+    show_default=True,
+    type=click.Choice(["table", "markdown", "csv", "json"]),
+    help="Output format.",
+)
+@click.option(
+    "-o", "--out", type=click.Path(path_type=Path), help="Folder for the stats tables [RUNS_DIR]."
+)
+def analyze(runs_dir, by, ci, ci_method, fmt, out):
+    """E[alpha_t] with its CI mark (< > ?) and mean accuracy, per group and t.
+
+    alpha_t(m) is the least-squares slope through the origin of the normalized recall
+    balance after pruning (Bn_t) on that of the dense model (Bn_1) over the classes of model m;
+    above 1 the gap between classes widens (intensification). Writes alpha_runs and
+    alpha_groups (Parquet and CSV) next to the records or to -o.
+    """
+    from rdfast.commands import analyze_command
+
+    return analyze_command(
+        runs_dir=runs_dir,
+        by=parse_by(by),
+        ci=ci,
+        ci_method=ci_method,
+        fmt=fmt,
+        out=out,
+        echo=click.echo,
+        err=lambda m: click.echo(m, err=True),
+    )
+
+
+@cli.command()
+@click.argument("runs_dir", type=click.Path(path_type=Path))
+@click.option(
+    "-o",
+    "--out",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Folder of the report (index.html, report.md, PNG figures).",
+)
+@with_ci_options
+@click.option("--run", "run_id", help="Run shown in the per-class recall heatmap [first mp run].")
+@click.option(
+    "--scatter-t", default="", help="t values of the scatter plots [smallest, middle, largest]."
+)
+def report(runs_dir, out, by, ci, ci_method, run_id, scatter_t):
+    """Tables and figures of the recall-distortion study: index.html and report.md."""
+    from rdfast.commands import report_command
+
+    return report_command(
+        runs_dir=runs_dir,
+        out=out,
+        by=parse_by(by),
+        ci=ci,
+        ci_method=ci_method,
+        run_id=run_id,
+        scatter_ts=list(parse_floats(scatter_t, "--scatter-t")) or None,
+        echo=click.echo,
+    )
 
 
 def main():

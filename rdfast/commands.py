@@ -8,24 +8,68 @@ from rdfast.data import parse_spec
 from rdfast.engine import Engine, Experiment, accuracy_table
 
 
-def run_command(*, dataset, model, width, strategies, saliency, ratios, seeds, epochs,
-                finetune_epochs, finetune_lr, lr, schedule, weight_decay, batch_size,
-                grad_batches, up_eps, retrain, rewind_epoch, exclude, device, data_root, out,
-                progress, echo=print) -> int:
+def run_command(
+    *,
+    dataset,
+    model,
+    width,
+    strategies,
+    saliency,
+    ratios,
+    seeds,
+    epochs,
+    finetune_epochs,
+    finetune_lr,
+    lr,
+    schedule,
+    weight_decay,
+    batch_size,
+    grad_batches,
+    up_eps,
+    retrain,
+    rewind_epoch,
+    exclude,
+    device,
+    data_root,
+    out,
+    progress,
+    echo=print,
+) -> int:
     """Validate, run every (seed, strategy), print the accuracy table; return the exit code."""
     name, _ = parse_spec(dataset)
-    train = train_settings(name, epochs=epochs, lr=lr, batch_size=batch_size,
-                           weight_decay=weight_decay, schedule=schedule)
-    prune = PruneSettings(
-        ratios=tuple(ratios), saliency=saliency, grad_batches=grad_batches, up_eps=up_eps,
-        retrain=retrain,
-        finetune_epochs=preset(name)["finetune_epochs"] if finetune_epochs is None
-        else finetune_epochs,
-        finetune_lr=finetune_lr, rewind_epoch=rewind_epoch, exclude=tuple(exclude),
+    train = train_settings(
+        name,
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        weight_decay=weight_decay,
+        schedule=schedule,
     )
-    exp = Experiment(dataset=dataset, model=model, width=width, seeds=tuple(seeds),
-                     strategies=tuple(strategies), train=train, prune=prune, device=device,
-                     data_root=data_root, out=out)
+    prune = PruneSettings(
+        ratios=tuple(ratios),
+        saliency=saliency,
+        grad_batches=grad_batches,
+        up_eps=up_eps,
+        retrain=retrain,
+        finetune_epochs=preset(name)["finetune_epochs"]
+        if finetune_epochs is None
+        else finetune_epochs,
+        finetune_lr=finetune_lr,
+        rewind_epoch=rewind_epoch,
+        exclude=tuple(exclude),
+    )
+    exp = Experiment(
+        dataset=dataset,
+        model=model,
+        width=width,
+        seeds=tuple(seeds),
+        strategies=tuple(strategies),
+        train=train,
+        prune=prune,
+        device=device,
+        data_root=data_root,
+        out=out,
+    )
     engine = Engine(exp, progress=progress)
     engine.prepare()  # raises BadInput before anything is written
     outcomes = engine.execute()
@@ -33,11 +77,67 @@ def run_command(*, dataset, model, width, strategies, saliency, ratios, seeds, e
     ids = {o.run_id for o in outcomes}
     mine = records[records["run_id"].isin(ids)] if not records.empty else records
     if not mine.empty:
+        from rdfast import analysis
+
         echo("\nmean test accuracy (over seeds) by strategy and pruning ratio t:")
         echo(accuracy_table(mine).to_string(float_format=lambda v: f"{v:.4f}"))
+        a = analysis.analyze(mine)
+        echo(f"\n{analysis.legend(a)}:")
+        echo(analysis.paper_tables(a)[0].to_string())
     failed = [o for o in outcomes if o.status == "failed"]
     for o in failed:
         echo(f"failed: seed {o.seed} {o.strategy} ({o.run_id}): {o.error}")
-    echo(f"\nrecords: {engine.out / 'records.parquet'}  "
-         f"({len(outcomes) - len(failed)}/{len(outcomes)} runs complete)")
+    echo(
+        f"\nrecords: {engine.out / 'records.parquet'}  "
+        f"({len(outcomes) - len(failed)}/{len(outcomes)} runs complete)"
+    )
     return 1 if failed else 0
+
+
+def _analysis(runs_dir, by, ci, ci_method):
+    from rdfast import analysis
+
+    return analysis.analyze(analysis.load(runs_dir), by=by, ci=ci, ci_method=ci_method)
+
+
+def analyze_command(*, runs_dir, by, ci, ci_method, fmt, out, echo=print, err=print) -> int:
+    """Print E[alpha_t] and mean accuracy as group x t tables; write the stats tables."""
+    import json
+
+    from rdfast import analysis
+
+    a = _analysis(runs_dir, by, ci, ci_method)
+    written = analysis.write_tables(a, out or runs_dir)
+    alpha_tab, acc_tab = analysis.paper_tables(a)
+    if fmt == "csv":
+        echo(a.groups.to_csv(index=False), nl=False)
+    elif fmt == "json":
+        echo(
+            json.dumps(
+                {"groups": json.loads(a.groups.to_json(orient="records")), "notes": a.notes},
+                indent=2,
+            )
+        )
+    elif fmt == "markdown":
+        echo(f"{analysis.legend(a)}\n")
+        echo(analysis.markdown(alpha_tab))
+        echo("\nmean accuracy\n")
+        echo(analysis.markdown(acc_tab))
+    else:
+        echo(analysis.legend(a))
+        echo(alpha_tab.to_string())
+        echo("\nmean accuracy")
+        echo(acc_tab.to_string())
+    for note in a.notes:
+        err(f"note: {note}")
+    err(f"stats tables: {', '.join(str(p) for p in written)}")
+    return 0
+
+
+def report_command(*, runs_dir, out, by, ci, ci_method, run_id, scatter_ts, echo=print) -> int:
+    from rdfast.report import build_report
+
+    a = _analysis(runs_dir, by, ci, ci_method)
+    path = build_report(a, runs_dir, out, run_id=run_id, scatter_ts=scatter_ts)
+    echo(f"report: {path / 'index.html'} and {path / 'report.md'}")
+    return 0

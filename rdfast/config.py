@@ -33,7 +33,9 @@ class TrainSettings:
         if not self.weight_decay >= 0:
             raise BadInput(f"--weight-decay must be >= 0, got {self.weight_decay}")
         if self.schedule not in SCHEDULES:
-            raise BadInput(f"unknown schedule {self.schedule!r}; choose from {', '.join(SCHEDULES)}")
+            raise BadInput(
+                f"unknown schedule {self.schedule!r}; choose from {', '.join(SCHEDULES)}"
+            )
 
 
 @dataclass(frozen=True)

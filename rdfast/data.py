@@ -116,7 +116,9 @@ def parse_spec(spec: str) -> tuple[str, dict[str, object]]:
         try:
             opts[key] = known[key].kind(value)
         except ValueError:
-            raise BadInput(f"dataset option {key} needs a {known[key].kind.__name__}, got {value!r}") from None
+            raise BadInput(
+                f"dataset option {key} needs a {known[key].kind.__name__}, got {value!r}"
+            ) from None
     for key in ("train", "test"):
         if int(opts[key]) < 0:
             raise BadInput(f"dataset option {key} must be >= 0, got {opts[key]}")
@@ -174,7 +176,9 @@ def load_dataset(spec: str, root: Path | str | None = None) -> TensorData:
 # --------------------------------------------------------------------------- datasets
 
 
-@register_dataset("digits", "scikit-learn's bundled 8x8 handwritten digits (1,797 images, 10 classes); offline")
+@register_dataset(
+    "digits", "scikit-learn's bundled 8x8 handwritten digits (1,797 images, 10 classes); offline"
+)
 def _digits(root):
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
@@ -183,9 +187,13 @@ def _digits(root):
     # A fixed stratified split: 70 % train (1,257), 30 % test (540, 54 per class).
     x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.3, stratify=y, random_state=0)
     as_img = lambda a: torch.from_numpy(a.astype(np.float32) / 16.0).reshape(-1, 1, 8, 8)  # noqa: E731
-    return as_img(x_tr), torch.from_numpy(y_tr), as_img(x_te), torch.from_numpy(y_te), [
-        str(i) for i in range(10)
-    ]
+    return (
+        as_img(x_tr),
+        torch.from_numpy(y_tr),
+        as_img(x_te),
+        torch.from_numpy(y_te),
+        [str(i) for i in range(10)],
+    )
 
 
 _MNIST_FILES = (
@@ -208,8 +216,12 @@ def _torchvision_mnist(cls, folder, root):
             f"{folder} files not found in {raw} (expected {', '.join(_MNIST_FILES)}) "
             f"and download failed: {reason}"
         ) from None
-    return train.data.unsqueeze(1), train.targets, test.data.unsqueeze(1), test.targets, list(
-        train.classes
+    return (
+        train.data.unsqueeze(1),
+        train.targets,
+        test.data.unsqueeze(1),
+        test.targets,
+        list(train.classes),
     )
 
 

@@ -79,12 +79,20 @@ def _git_commit() -> str | None:
     try:
         here = Path(rdfast.__file__).resolve().parent
         out = subprocess.run(
-            ["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True,
+            ["git", "-C", str(here), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
             timeout=5,
         )
         return out.stdout.strip() or None if out.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 def environment(device: torch.device) -> dict:
@@ -99,8 +107,7 @@ def environment(device: torch.device) -> dict:
             "pandas": pandas.__version__,
             "python": platform.python_version(),
         },
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else
-        f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "device": device_name(device),
         "git_commit": _git_commit(),
         "platform": platform.platform(),
     }
@@ -113,9 +120,18 @@ def step_records(meta: dict, cm: np.ndarray, class_names, **step) -> pd.DataFram
     with np.errstate(invalid="ignore", divide="ignore"):
         recall = np.where(support > 0, correct / np.maximum(support, 1), np.nan)
     n = len(class_names)
-    df = pd.DataFrame({**meta, **step, "class": np.arange(n), "class_name": list(class_names),
-                       "support": support.astype(np.int64), "correct": correct.astype(np.int64),
-                       "recall": recall, "accuracy": correct.sum() / cm.sum()})
+    df = pd.DataFrame(
+        {
+            **meta,
+            **step,
+            "class": np.arange(n),
+            "class_name": list(class_names),
+            "support": support.astype(np.int64),
+            "correct": correct.astype(np.int64),
+            "recall": recall,
+            "accuracy": correct.sum() / cm.sum(),
+        }
+    )
     return df
 
 
@@ -188,8 +204,9 @@ class Engine:
     # ------------------------------------------------------------------ pieces
     def _new_model(self, seed: int):
         torch.manual_seed(derive_seed(seed, "init"))
-        model = build_model(self.exp.model, self.data.input_shape, self.data.num_classes,
-                            self.exp.width)
+        model = build_model(
+            self.exp.model, self.data.input_shape, self.data.num_classes, self.exp.width
+        )
         return model.to(self.device)
 
     def dense(self, seed: int) -> dict:
@@ -218,14 +235,27 @@ class Engine:
 
         def snapshot(epoch):
             if exp.prune.retrain == "rewind" and epoch == exp.prune.rewind_epoch:
-                rewind["state"] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+                rewind["state"] = {
+                    k: v.detach().cpu().clone() for k, v in model.state_dict().items()
+                }
 
         snapshot(0)
-        bar = tqdm(total=exp.train.epochs, desc=f"dense seed {seed}", unit="epoch",
-                   leave=False, disable=self._quiet())
+        bar = tqdm(
+            total=exp.train.epochs,
+            desc=f"dense seed {seed}",
+            unit="epoch",
+            leave=False,
+            disable=self._quiet(),
+        )
         try:
-            stats = train(model, self.data, exp.train, seed_parts=(seed, "dense"),
-                          on_epoch_end=snapshot, progress=bar)
+            stats = train(
+                model,
+                self.data,
+                exp.train,
+                seed_parts=(seed, "dense"),
+                on_epoch_end=snapshot,
+                progress=bar,
+            )
         finally:
             bar.close()
         ev = evaluate(model, self.data)
@@ -259,20 +289,23 @@ class Engine:
         done = store.step_files(run_dir)
         last_done = max(done) if done else -1
         manifest_path = run_dir / "manifest.json"
-        manifest = store.read_json(manifest_path) if manifest_path.exists() else {
-            "run_id": run_id,
-            "dataset": self.data.name,
-            "model": exp.model,
-            "width": exp.width,
-            "seed": seed,
-            "settings": {**settings, "train": asdict(exp.train)},
-            "created": _now(),
-        }
+        manifest = (
+            store.read_json(manifest_path)
+            if manifest_path.exists()
+            else {
+                "run_id": run_id,
+                "dataset": self.data.name,
+                "model": exp.model,
+                "width": exp.width,
+                "seed": seed,
+                "settings": {**settings, "train": asdict(exp.train)},
+                "created": _now(),
+            }
+        )
         if last_done == len(p.ratios):
             bar.update(len(p.ratios))
             return RunOutcome(run_id, seed, strategy, "complete")
-        manifest.update(status="running", error=None, updated=_now(),
-                        **environment(self.device))
+        manifest.update(status="running", error=None, updated=_now(), **environment(self.device))
         store.write_json(manifest_path, manifest)
 
         meta = {
@@ -303,8 +336,18 @@ class Engine:
                 model.load_state_dict(state["model"])
                 masks = {k: v.to(self.device) for k, v in state["masks"].items()}
             if last_done < 0:
-                self._write_step(run_dir, 0, meta, dense["confusion"].numpy(), dense["loss"],
-                                 1.0, total, total, dense["seconds"], state=None)
+                self._write_step(
+                    run_dir,
+                    0,
+                    meta,
+                    dense["confusion"].numpy(),
+                    dense["loss"],
+                    1.0,
+                    total,
+                    total,
+                    dense["seconds"],
+                    state=None,
+                )
                 last_done = 0
             throughput = []
             for i in range(last_done + 1, len(p.ratios) + 1):
@@ -320,15 +363,29 @@ class Engine:
                     "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
                     "masks": {k: v.cpu() for k, v in masks.items()},
                 }
-                self._write_step(run_dir, i, meta, ev["confusion"], ev["loss"], t, remaining,
-                                 total, time.perf_counter() - start, state=state)
+                self._write_step(
+                    run_dir,
+                    i,
+                    meta,
+                    ev["confusion"],
+                    ev["loss"],
+                    t,
+                    remaining,
+                    total,
+                    time.perf_counter() - start,
+                    state=state,
+                )
                 bar.update(1)
-            manifest.update(status="complete", updated=_now(),
-                            dense={"seconds": dense["seconds"],
-                                   "train_images_per_second": dense["images_per_second"],
-                                   "eval_images_per_second": dense["eval_images_per_second"]},
-                            retrain_images_per_second=float(np.mean(throughput)) if throughput
-                            else None)
+            manifest.update(
+                status="complete",
+                updated=_now(),
+                dense={
+                    "seconds": dense["seconds"],
+                    "train_images_per_second": dense["images_per_second"],
+                    "eval_images_per_second": dense["eval_images_per_second"],
+                },
+                retrain_images_per_second=float(np.mean(throughput)) if throughput else None,
+            )
             store.write_json(manifest_path, manifest)
             return RunOutcome(run_id, seed, strategy, "complete")
         except RunFailed as e:
@@ -341,10 +398,22 @@ class Engine:
         p, tr = self.exp.prune, self.exp.train
         grads = None
         if strategy in ("gp", "up"):
-            grads = data_gradients(model, layers, self.data, batches=p.grad_batches,
-                                   batch_size=tr.batch_size, seed_parts=(seed, i, "grad"))
-        scores = scores_for(strategy, layers, grads=grads, form=p.saliency, eps=p.eps(tr),
-                            seed_parts=(seed, i, "rp"))
+            grads = data_gradients(
+                model,
+                layers,
+                self.data,
+                batches=p.grad_batches,
+                batch_size=tr.batch_size,
+                seed_parts=(seed, i, "grad"),
+            )
+        scores = scores_for(
+            strategy,
+            layers,
+            grads=grads,
+            form=p.saliency,
+            eps=p.eps(tr),
+            seed_parts=(seed, i, "rp"),
+        )
         try:
             return prune_to(layers, masks, scores, t)
         except ValueError as e:  # NaN scores: the gradient estimate blew up
@@ -359,8 +428,15 @@ class Engine:
             return train(model, self.data, tr, masks=by_param, seed_parts=(seed, i, "rewind"))
         if p.finetune_epochs == 0:
             return None
-        return train(model, self.data, tr, lr=p.finetune_rate(tr), epochs=p.finetune_epochs,
-                     masks=by_param, seed_parts=(seed, i, "finetune"))
+        return train(
+            model,
+            self.data,
+            tr,
+            lr=p.finetune_rate(tr),
+            epochs=p.finetune_epochs,
+            masks=by_param,
+            seed_parts=(seed, i, "finetune"),
+        )
 
     def _write_step(self, run_dir, i, meta, cm, loss, t, remaining, total, seconds, state):
         # Order matters for resuming: the state first, then the confusion matrix, then the
@@ -368,9 +444,18 @@ class Engine:
         if state is not None:
             store.save_torch(run_dir / f"step-{i}.pt", state)
         store.write_npy(run_dir / f"step-{i}.npy", np.asarray(cm, dtype=np.int64))
-        df = step_records(meta, np.asarray(cm), self.data.class_names, step=i,
-                          t_target=float(t), t_actual=total / remaining, remaining=remaining,
-                          total=total, loss=float(loss), seconds=float(seconds))
+        df = step_records(
+            meta,
+            np.asarray(cm),
+            self.data.class_names,
+            step=i,
+            t_target=float(t),
+            t_actual=total / remaining,
+            remaining=remaining,
+            total=total,
+            loss=float(loss),
+            seconds=float(seconds),
+        )
         store.write_parquet(run_dir / f"step-{i}.parquet", df)
         if i > 1:
             (run_dir / f"step-{i - 1}.pt").unlink(missing_ok=True)
@@ -382,8 +467,7 @@ class Engine:
         exp = self.exp
         n_steps = len(exp.seeds) * len(exp.strategies) * len(exp.prune.ratios)
         outcomes = []
-        with tqdm(total=n_steps, desc="prune+retrain", unit="step",
-                  disable=self._quiet()) as bar:
+        with tqdm(total=n_steps, desc="prune+retrain", unit="step", disable=self._quiet()) as bar:
             for seed in exp.seeds:
                 for strategy in exp.strategies:
                     outcomes.append(self.run_one(seed, strategy, bar))
@@ -398,8 +482,9 @@ def _now() -> str:
 def accuracy_table(records: pd.DataFrame) -> pd.DataFrame:
     """Mean test accuracy over seeds: rows strategy, columns t."""
     per_run = records.drop_duplicates(["run_id", "step"])
-    table = per_run.pivot_table(index="strategy", columns="t_target", values="accuracy",
-                                aggfunc="mean")
+    table = per_run.pivot_table(
+        index="strategy", columns="t_target", values="accuracy", aggfunc="mean"
+    )
     order = [s for s in STRATEGIES if s in table.index]
     table = table.loc[order]
     table.columns = [f"{c:g}" for c in table.columns]

@@ -41,7 +41,9 @@ def scaled(n: int, width: float) -> int:
     return max(1, round(n * width))
 
 
-def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, width: float) -> nn.Module:
+def build_model(
+    name: str, input_shape: tuple[int, ...], num_classes: int, width: float
+) -> nn.Module:
     if name not in MODELS:
         raise BadInput(f"unknown model {name!r}; choose from {', '.join(sorted(MODELS))}")
     if not width > 0:
@@ -116,7 +118,9 @@ class LeNet5(nn.Module):
         return self.fc3(x)
 
 
-@register_model("lenet5", "LeNet-5: two 5x5 conv layers (6, 16 channels * width) and three fc layers")
+@register_model(
+    "lenet5", "LeNet-5: two 5x5 conv layers (6, 16 channels * width) and three fc layers"
+)
 def _lenet5(input_shape, num_classes, width):
     if len(input_shape) != 3 or min(input_shape[1:]) < 12:
         raise BadInput(

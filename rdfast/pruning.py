@@ -37,8 +37,13 @@ def _batches(data: TensorData, batch_size: int, gen: torch.Generator) -> Iterato
 
 
 def data_gradients(
-    model: nn.Module, layers: dict[str, nn.Parameter], data: TensorData, *, batches: int,
-    batch_size: int, seed_parts: tuple,
+    model: nn.Module,
+    layers: dict[str, nn.Parameter],
+    data: TensorData,
+    *,
+    batches: int,
+    batch_size: int,
+    seed_parts: tuple,
 ) -> dict[str, torch.Tensor]:
     """Mean over `batches` training batches of d(cross-entropy)/dw, model in train mode.
 
@@ -58,15 +63,25 @@ def data_gradients(
 
 
 def scores_for(
-    strategy: str, layers: dict[str, nn.Parameter], *, grads=None, form: str = "taylor",
-    eps: float = 0.0, seed_parts: tuple = (),
+    strategy: str,
+    layers: dict[str, nn.Parameter],
+    *,
+    grads=None,
+    form: str = "taylor",
+    eps: float = 0.0,
+    seed_parts: tuple = (),
 ) -> list[torch.Tensor]:
     if strategy == "rp":
         gen = generator(*seed_parts)
         return [torch.rand(w.shape, generator=gen).to(w.device) for w in layers.values()]
     return [
-        saliency(w.detach(), None if grads is None else grads[name], strategy=strategy,
-                 form=form, eps=eps)
+        saliency(
+            w.detach(),
+            None if grads is None else grads[name],
+            strategy=strategy,
+            form=form,
+            eps=eps,
+        )
         for name, w in layers.items()
     ]
 

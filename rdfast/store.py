@@ -85,11 +85,21 @@ def step_files(run_dir: Path) -> dict[int, Path]:
     return out
 
 
-def load_records(out_dir: Path) -> pd.DataFrame:
-    """All per-class records under `out_dir`, completed steps of unfinished runs included."""
+def load_records(out_dir: Path, prefer_consolidated: bool = False) -> pd.DataFrame:
+    """All per-class records under `out_dir`, completed steps of unfinished runs included.
+
+    With `prefer_consolidated`, OUT/records.parquet is read instead of the per-step files
+    when no step file is newer than it (one file instead of thousands for large studies).
+    """
     files = sorted(Path(out_dir).glob("runs/*/step-*.parquet"))
+    merged = Path(out_dir) / "records.parquet"
     if not files:
-        return pd.DataFrame()
+        return (
+            pd.read_parquet(merged) if prefer_consolidated and merged.exists() else pd.DataFrame()
+        )
+    if prefer_consolidated and merged.exists():
+        if merged.stat().st_mtime_ns >= max(p.stat().st_mtime_ns for p in files):
+            return pd.read_parquet(merged)
     df = pd.concat([pd.read_parquet(p) for p in files], ignore_index=True)
     return df.sort_values(["run_id", "step", "class"], kind="stable").reset_index(drop=True)
 

@@ -14,5 +14,14 @@ def shared_data() -> Path:
 
 
 # A run small enough for a unit test: one seed, two ratios, a few epochs.
-TINY = ["--seeds", "0", "--ratios", "2,4", "--epochs", "3", "--finetune-epochs", "1",
-        "--no-progress"]
+TINY = [
+    "--seeds",
+    "0",
+    "--ratios",
+    "2,4",
+    "--epochs",
+    "3",
+    "--finetune-epochs",
+    "1",
+    "--no-progress",
+]

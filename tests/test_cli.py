@@ -15,8 +15,23 @@ from rdfast.cli.main import cli
 from tests.conftest import TINY
 
 RECORD_COLUMNS = {
-    "dataset", "model", "width", "seed", "strategy", "saliency", "eps", "t_target", "t_actual",
-    "remaining", "total", "class", "support", "recall", "accuracy", "loss", "seconds",
+    "dataset",
+    "model",
+    "width",
+    "seed",
+    "strategy",
+    "saliency",
+    "eps",
+    "t_target",
+    "t_actual",
+    "remaining",
+    "total",
+    "class",
+    "support",
+    "recall",
+    "accuracy",
+    "loss",
+    "seconds",
 }
 
 
@@ -47,16 +62,36 @@ def test_run_digits_end_to_end(tmp_path):
 
 
 def test_run_synthetic_with_options(tmp_path):
-    res = invoke("run", *TINY, "--dataset", "synthetic:classes=4,dim=6,n_train=200,n_test=80",
-                 "--strategy", "up,rp", "--saliency", "sum", "--out", str(tmp_path))
+    res = invoke(
+        "run",
+        *TINY,
+        "--dataset",
+        "synthetic:classes=4,dim=6,n_train=200,n_test=80",
+        "--strategy",
+        "up,rp",
+        "--saliency",
+        "sum",
+        "--out",
+        str(tmp_path),
+    )
     assert res.exit_code == 0, res.output
     df = check_records(tmp_path, ["up", "rp"], [2.0, 4.0], 4)
     assert set(df.loc[df["strategy"] == "up", "saliency"]) == {"sum"}
 
 
 def test_run_mnist_subset_from_shared_data(tmp_path, shared_data):
-    res = invoke("run", *TINY, "--dataset", "mnist:train=1000,test=300", "--strategy", "mp",
-                 "--data-root", str(shared_data), "--out", str(tmp_path))
+    res = invoke(
+        "run",
+        *TINY,
+        "--dataset",
+        "mnist:train=1000,test=300",
+        "--strategy",
+        "mp",
+        "--data-root",
+        str(shared_data),
+        "--out",
+        str(tmp_path),
+    )
     assert res.exit_code == 0, res.output
     df = check_records(tmp_path, ["mp"], [2.0, 4.0], 10)
     assert df.groupby("step")["support"].sum().eq(300).all()
@@ -64,10 +99,28 @@ def test_run_mnist_subset_from_shared_data(tmp_path, shared_data):
 
 
 def test_run_lenet5_rewind_with_exclude(tmp_path, shared_data):
-    res = invoke("run", *TINY, "--dataset", "fashion-mnist:train=600,test=200", "--model",
-                 "lenet5", "--width", "0.5", "--strategy", "gp", "--retrain", "rewind",
-                 "--rewind-epoch", "1", "--exclude", "conv1,fc3", "--data-root",
-                 str(shared_data), "--out", str(tmp_path))
+    res = invoke(
+        "run",
+        *TINY,
+        "--dataset",
+        "fashion-mnist:train=600,test=200",
+        "--model",
+        "lenet5",
+        "--width",
+        "0.5",
+        "--strategy",
+        "gp",
+        "--retrain",
+        "rewind",
+        "--rewind-epoch",
+        "1",
+        "--exclude",
+        "conv1,fc3",
+        "--data-root",
+        str(shared_data),
+        "--out",
+        str(tmp_path),
+    )
     assert res.exit_code == 0, res.output
     run_dir = next((tmp_path / "runs").iterdir())
     state = store.load_torch(run_dir / "step-2.pt")
@@ -79,8 +132,11 @@ def test_version_and_datasets(tmp_path, shared_data):
     assert res.exit_code == 0 and "rdfast" in res.output
     res = invoke("datasets", "--data-root", str(shared_data))
     assert res.exit_code == 0
-    lines = {ln.split()[0]: ln for ln in res.output.splitlines() if ln.startswith("  ")
-             and not ln.startswith("      ")}
+    lines = {
+        ln.split()[0]: ln
+        for ln in res.output.splitlines()
+        if ln.startswith("  ") and not ln.startswith("      ")
+    }
     assert "present" in lines["mnist"] and "present" in lines["fashion-mnist"]
     assert "built in" in lines["digits"]
     res = invoke("datasets", "--data-root", str(tmp_path))
@@ -89,8 +145,19 @@ def test_version_and_datasets(tmp_path, shared_data):
 
 def test_help_explains_every_option():
     res = invoke("run", "--help")
-    for flag in ("--dataset", "--strategy", "--saliency", "--ratios", "--seeds", "--retrain",
-                 "--grad-batches", "--up-eps", "--exclude", "--device", "--out"):
+    for flag in (
+        "--dataset",
+        "--strategy",
+        "--saliency",
+        "--ratios",
+        "--seeds",
+        "--retrain",
+        "--grad-batches",
+        "--up-eps",
+        "--exclude",
+        "--device",
+        "--out",
+    ):
         assert flag in res.output
 
 
@@ -139,8 +206,11 @@ def test_bad_input_one_line_exit_2_nothing_written(tmp_path, args, message):
 
 def test_missing_mnist_names_expected_path(tmp_path):
     out = tmp_path / "out"
-    res = CliRunner().invoke(cli, ["run", "--dataset", "mnist", "--data-root", str(tmp_path),
-                                   "--out", str(out)], env={"RDFAST_OFFLINE": "1"})
+    res = CliRunner().invoke(
+        cli,
+        ["run", "--dataset", "mnist", "--data-root", str(tmp_path), "--out", str(out)],
+        env={"RDFAST_OFFLINE": "1"},
+    )
     assert res.exit_code == 2
     assert str(tmp_path / "MNIST" / "raw") in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
@@ -159,13 +229,27 @@ def test_nan_loss_fails_runs_with_exit_code_1(tmp_path):
 @pytest.mark.slow
 def test_killed_process_resumes_to_identical_table(tmp_path):
     """SIGKILL at an arbitrary moment, then the same command again: the same records."""
-    args = [sys.executable, "-m", "rdfast.cli.main", "run", "--seeds", "0,1", "--ratios",
-            "2,4,8", "--epochs", "4", "--finetune-epochs", "2", "--no-progress"]
+    args = [
+        sys.executable,
+        "-m",
+        "rdfast.cli.main",
+        "run",
+        "--seeds",
+        "0,1",
+        "--ratios",
+        "2,4,8",
+        "--epochs",
+        "4",
+        "--finetune-epochs",
+        "2",
+        "--no-progress",
+    ]
     ref, killed = tmp_path / "ref", tmp_path / "killed"
     subprocess.run([*args, "--out", str(ref)], check=True, capture_output=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([*args, "--out", str(killed)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [*args, "--out", str(killed)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     # Wait until a few steps are on disk, then kill without warning.
     deadline = time.time() + 120
     while len(list(killed.glob("runs/*/step-*.parquet"))) < 7 and time.time() < deadline:

@@ -18,14 +18,26 @@ from rdfast.pruning import target_remaining
 VOLATILE = ["seconds"]  # wall-clock time: the one column that may differ between runs
 
 
-def experiment(out, retrain="finetune", strategies=("mp", "gp", "up", "rp"), seeds=(0,),
-               dataset="synthetic:n_train=400,n_test=200,classes=5,dim=8", **prune):
+def experiment(
+    out,
+    retrain="finetune",
+    strategies=("mp", "gp", "up", "rp"),
+    seeds=(0,),
+    dataset="synthetic:n_train=400,n_test=200,classes=5,dim=8",
+    **prune,
+):
     return Experiment(
-        dataset=dataset, model="mlp", width=0.25, seeds=seeds, strategies=strategies,
+        dataset=dataset,
+        model="mlp",
+        width=0.25,
+        seeds=seeds,
+        strategies=strategies,
         train=train_settings("synthetic", epochs=3, batch_size=50),
-        prune=PruneSettings(ratios=(2.0, 5.0, 20.0), retrain=retrain, finetune_epochs=2,
-                            grad_batches=2, **prune),
-        device="cpu", out=out,
+        prune=PruneSettings(
+            ratios=(2.0, 5.0, 20.0), retrain=retrain, finetune_epochs=2, grad_batches=2, **prune
+        ),
+        device="cpu",
+        out=out,
     )
 
 
@@ -92,8 +104,9 @@ def test_dense_trained_once_for_four_strategies(tmp_path, monkeypatch):
     # A second command with another strategy reuses the cached dense model.
     calls.clear()
     exp = experiment(tmp_path)
-    exp.prune = PruneSettings(ratios=(2.0, 5.0, 20.0), finetune_epochs=2, grad_batches=2,
-                              saliency="sum")
+    exp.prune = PruneSettings(
+        ratios=(2.0, 5.0, 20.0), finetune_epochs=2, grad_batches=2, saliency="sum"
+    )
     exp.strategies = ("gp",)
     Engine(exp, progress=False).execute()
     assert [c for c in calls if c[1] == "dense"] == []
@@ -120,8 +133,11 @@ def test_interrupted_run_resumes_to_identical_table(tmp_path, monkeypatch):
     with pytest.raises(Interrupt):
         Engine(experiment(tmp_path / "b"), progress=False).execute()
     partial = store.load_records(tmp_path / "b")
-    assert 0 < partial.drop_duplicates(["run_id", "step"]).shape[0] < reference.drop_duplicates(
-        ["run_id", "step"]).shape[0]
+    assert (
+        0
+        < partial.drop_duplicates(["run_id", "step"]).shape[0]
+        < reference.drop_duplicates(["run_id", "step"]).shape[0]
+    )
     monkeypatch.setattr(engine_mod, "evaluate", real_evaluate)
     Engine(experiment(tmp_path / "b"), progress=False).execute()
     pd.testing.assert_frame_equal(table(tmp_path / "b"), reference)
@@ -151,8 +167,9 @@ def test_failed_run_recorded_and_others_go_on(tmp_path, monkeypatch):
         return real_train(model, data, settings, **kw)
 
     monkeypatch.setattr(engine_mod, "train", diverge_seed_1)
-    outcomes = Engine(experiment(tmp_path, seeds=(0, 1), strategies=("mp",)),
-                      progress=False).execute()
+    outcomes = Engine(
+        experiment(tmp_path, seeds=(0, 1), strategies=("mp",)), progress=False
+    ).execute()
     by_seed = {o.seed: o for o in outcomes}
     assert by_seed[0].status == "complete" and by_seed[1].status == "failed"
     manifest = store.read_json(tmp_path / "runs" / by_seed[1].run_id / "manifest.json")

@@ -17,8 +17,9 @@ def test_confusion_recall_accuracy_match_sklearn():
     cm = confusion_matrix(logits, y, 7)
     pred = logits.argmax(1).numpy()
     np.testing.assert_array_equal(cm.numpy(), sk_confusion(y.numpy(), pred, labels=range(7)))
-    np.testing.assert_allclose(per_class_recall(cm).numpy(),
-                               recall_score(y.numpy(), pred, average=None), rtol=1e-12)
+    np.testing.assert_allclose(
+        per_class_recall(cm).numpy(), recall_score(y.numpy(), pred, average=None), rtol=1e-12
+    )
     assert accuracy(cm) == accuracy_score(y.numpy(), pred)
 
 

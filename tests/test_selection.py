@@ -46,9 +46,12 @@ def test_inf_allowed_nan_named():
     m = [torch.ones(2, dtype=torch.bool)]
     assert prune_lowest(s, m, 1)[0].tolist() == [True, False]
     with pytest.raises(ValueError, match="fc2: scores contain NaN"):
-        prune_lowest([torch.ones(2), torch.tensor([float("nan")])],
-                     [torch.ones(2, dtype=torch.bool), torch.ones(1, dtype=torch.bool)], 1,
-                     names=["fc1", "fc2"])
+        prune_lowest(
+            [torch.ones(2), torch.tensor([float("nan")])],
+            [torch.ones(2, dtype=torch.bool), torch.ones(1, dtype=torch.bool)],
+            1,
+            names=["fc1", "fc2"],
+        )
 
 
 def test_cannot_remove_more_than_kept():

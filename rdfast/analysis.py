@@ -1,0 +1,364 @@
+"""Recall-distortion statistics from the records table alone (definitions: the science notes).
+
+Per class:  B = R - A,  Bn = (R - A) / A,  I = Bn_t / Bn_1 (undefined where Bn_1 = 0).
+Per model:  alpha_t = sum_c x_c y_c / sum_c x_c^2 with x = Bn_1, y = Bn_t (slope through the
+            origin), and its standard error sqrt(RSS / (n - 1) / sum x^2).
+Per group:  E[alpha_t] over replicate models (seeds) with a confidence interval (Student-t or
+            bootstrap), a one-sample t-test of alpha = 1, the mark `<` / `>` / `?`, the mean
+            accuracy with its interval, and the pooled slope over all classes of all models.
+
+Everything is vectorized with groupby sums; the only Python loop is over groups, and only for
+the bootstrap.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from rdfast import store
+from rdfast.errors import BadInput
+
+DEFAULT_BY = ("strategy", "saliency", "dataset", "model", "width")
+RUN_COLUMNS = (
+    "run_id",
+    "dataset",
+    "model",
+    "width",
+    "seed",
+    "strategy",
+    "saliency",
+    "retrain",
+    "eps",
+    "weight_decay",
+)
+# Settings that, when they differ between runs of one group and seed, mean the group mixes
+# experiments rather than replicates.
+SETTING_COLUMNS = (
+    "strategy",
+    "saliency",
+    "dataset",
+    "model",
+    "width",
+    "retrain",
+    "eps",
+    "weight_decay",
+    "dense_id",
+)
+CI_METHODS = ("t", "bootstrap")
+STRATEGY_ORDER = {"mp": 0, "gp": 1, "up": 2, "rp": 3}
+
+
+@dataclass
+class Analysis:
+    classes: pd.DataFrame  # one row per (run, t, class): R, A, B, Bn, Bn1, I
+    runs: pd.DataFrame  # one row per (run, t): accuracy, alpha, alpha_se, n_classes_used
+    groups: pd.DataFrame  # one row per (group, t): n, mean_alpha, CI, p, mark, accuracy, pooled
+    by: tuple[str, ...]
+    ci: float
+    ci_method: str
+    notes: list[str] = field(default_factory=list)
+
+
+def load(runs_dir: Path) -> pd.DataFrame:
+    runs_dir = Path(runs_dir)
+    if not runs_dir.is_dir():
+        raise BadInput(f"{runs_dir} is not a directory")
+    records = store.load_records(runs_dir, prefer_consolidated=True)
+    if records.empty:
+        raise BadInput(
+            f"no records under {runs_dir} (write some with `rdfast run --out {runs_dir}`)"
+        )
+    return records
+
+
+def check_version(records: pd.DataFrame) -> None:
+    if "records_version" not in records.columns:
+        raise BadInput("these records carry no records_version: not written by rdfast run")
+    versions = set(records["records_version"].unique().tolist())
+    if versions != {store.RECORDS_VERSION}:
+        raise BadInput(
+            f"records of version {sorted(versions)}; this rdfast reads version "
+            f"{store.RECORDS_VERSION} (rerun the experiments with this version)"
+        )
+
+
+def class_table(records: pd.DataFrame, notes: list[str]) -> pd.DataFrame:
+    """Per (run, t, class): recall balance, normalized balance, and the ratio I."""
+    df = records.rename(columns={"t_target": "t"})
+    empty = df["support"] == 0
+    if empty.any():
+        left = df.loc[empty, ["dataset", "class"]].drop_duplicates()
+        notes.append(
+            f"left out {int(empty.sum())} class rows with no test examples "
+            f"(classes {', '.join(map(str, sorted(left['class'].unique())))})"
+        )
+        df = df[~empty]
+    zero_acc = df["accuracy"] == 0
+    if zero_acc.any():
+        bad = df.loc[zero_acc].drop_duplicates(["run_id", "t"])
+        notes.append(f"left out {len(bad)} (run, t) with accuracy 0: Bn = (R - A) / A is undefined")
+        df = df[~zero_acc]
+    df = df.assign(B=df["recall"] - df["accuracy"])
+    df = df.assign(Bn=df["B"] / df["accuracy"])
+    base = df.loc[df["step"] == 0, ["run_id", "class", "Bn"]].rename(columns={"Bn": "Bn1"})
+    no_base = ~df["run_id"].isin(base["run_id"])
+    if no_base.any():
+        notes.append(
+            f"left out {df.loc[no_base, 'run_id'].nunique()} runs without a usable dense (t = 1) "
+            "evaluation"
+        )
+    df = df.merge(base, on=["run_id", "class"], how="inner")
+    zero = df["Bn1"] == 0
+    df["I"] = np.where(zero, np.nan, df["Bn"] / df["Bn1"].where(~zero, 1.0))
+    n_undef = int((zero & (df["step"] > 0)).sum())
+    if n_undef:
+        notes.append(f"I undefined for {n_undef} (run, t, class) rows where Bn_1 = 0")
+    return df
+
+
+def run_table(classes: pd.DataFrame) -> pd.DataFrame:
+    """Per (run, t): alpha = sum(x y) / sum(x^2) and its standard error, x = Bn_1, y = Bn_t."""
+    x, y = classes["Bn1"], classes["Bn"]
+    keys = ["run_id", "t"]
+    sums = (
+        classes.assign(xy=x * y, xx=x * x, yy=y * y)
+        .groupby(keys, sort=False)
+        .agg(sxy=("xy", "sum"), sxx=("xx", "sum"), syy=("yy", "sum"), n_classes_used=("Bn", "size"))
+    )
+    alpha = sums["sxy"] / sums["sxx"].where(sums["sxx"] > 0)
+    # RSS of the fit through the origin: sum(y^2) - alpha * sum(x y), clipped at rounding.
+    rss = (sums["syy"] - alpha * sums["sxy"]).clip(lower=0)
+    dof = (sums["n_classes_used"] - 1).where(sums["n_classes_used"] > 1)
+    se = np.sqrt(rss / dof / sums["sxx"].where(sums["sxx"] > 0))
+    meta_cols = [c for c in RUN_COLUMNS if c in classes.columns and c != "run_id"]
+    meta = classes.drop_duplicates(keys).set_index(keys)[[*meta_cols, "step", "accuracy"]]
+    out = meta.join(
+        pd.DataFrame({"alpha": alpha, "alpha_se": se, "n_classes_used": sums["n_classes_used"]})
+    )
+    out = out.reset_index()
+    return out.sort_values(["run_id", "t"], kind="stable").reset_index(drop=True)
+
+
+def _t_interval(mean, sd, n, ci):
+    """Student-t interval mean +- t_{(1+ci)/2, n-1} * sd / sqrt(n); NaN where n < 2."""
+    n = n.astype(float)
+    half = stats.t.ppf((1 + ci) / 2, (n - 1).where(n > 1)) * sd / np.sqrt(n)
+    return mean - half, mean + half
+
+
+def _bootstrap_interval(frame, keys, col, ci, n_resamples, seed):
+    lo, hi = {}, {}
+    for key, values in frame.groupby(keys, sort=False)[col]:
+        v = values.dropna().to_numpy()
+        if len(v) < 2:
+            lo[key], hi[key] = np.nan, np.nan
+        elif np.all(v == v[0]):
+            lo[key], hi[key] = v[0], v[0]
+        else:
+            res = stats.bootstrap(
+                (v,),
+                np.mean,
+                confidence_level=ci,
+                n_resamples=n_resamples,
+                method="percentile",
+                rng=np.random.default_rng(seed),
+            )
+            lo[key], hi[key] = res.confidence_interval.low, res.confidence_interval.high
+    return pd.Series(lo), pd.Series(hi)
+
+
+def mark(low, high, n) -> pd.Series:
+    """`<` CI below 1, `>` above 1, `?` overlapping 1; empty without an interval (n = 1)."""
+    out = np.where(high < 1, "<", np.where(low > 1, ">", "?"))
+    out = np.where((n < 2) | low.isna() | high.isna(), "", out)
+    return pd.Series(out, index=low.index)
+
+
+def group_table(runs, classes, by, ci, method, n_resamples=9999, seed=0) -> pd.DataFrame:
+    keys = [*by, "t"]
+    g = runs.groupby(keys, sort=True, dropna=False)
+    agg = g.agg(
+        n=("alpha", "count"),
+        mean_alpha=("alpha", "mean"),
+        sd_alpha=("alpha", "std"),
+        mean_accuracy=("accuracy", "mean"),
+        sd_accuracy=("accuracy", "std"),
+        n_runs=("run_id", "nunique"),
+    )
+    if method == "t":
+        agg["ci_low"], agg["ci_high"] = _t_interval(
+            agg["mean_alpha"], agg["sd_alpha"], agg["n"], ci
+        )
+        agg["acc_ci_low"], agg["acc_ci_high"] = _t_interval(
+            agg["mean_accuracy"], agg["sd_accuracy"], agg["n_runs"], ci
+        )
+    else:
+        lo, hi = _bootstrap_interval(runs, keys, "alpha", ci, n_resamples, seed)
+        agg["ci_low"], agg["ci_high"] = lo.reindex(agg.index), hi.reindex(agg.index)
+        lo, hi = _bootstrap_interval(runs, keys, "accuracy", ci, n_resamples, seed)
+        agg["acc_ci_low"], agg["acc_ci_high"] = lo.reindex(agg.index), hi.reindex(agg.index)
+    # One-sample t-test of E[alpha] = 1 (scipy.stats.ttest_1samp, vectorized).
+    se = agg["sd_alpha"] / np.sqrt(agg["n"])
+    tstat = (agg["mean_alpha"] - 1) / se.where(se > 0)
+    agg["p_value"] = 2 * stats.t.sf(np.abs(tstat), (agg["n"] - 1).where(agg["n"] > 1))
+    agg["mark"] = mark(agg["ci_low"], agg["ci_high"], agg["n"])
+    # Pooled slope: every class of every replicate in one fit (what a scatter plot shows).
+    c = classes.assign(xy=classes["Bn1"] * classes["Bn"], xx=classes["Bn1"] ** 2)
+    pooled = c.groupby(keys, sort=True, dropna=False)[["xy", "xx"]].sum()
+    agg["pooled_alpha"] = pooled["xy"] / pooled["xx"].where(pooled["xx"] > 0)
+    cols = [
+        "n",
+        "mean_alpha",
+        "ci_low",
+        "ci_high",
+        "p_value",
+        "mark",
+        "mean_accuracy",
+        "acc_ci_low",
+        "acc_ci_high",
+        "pooled_alpha",
+    ]
+    return agg[cols].reset_index()
+
+
+def analyze(
+    records: pd.DataFrame,
+    by=DEFAULT_BY,
+    ci: float = 0.99,
+    ci_method: str = "t",
+    n_resamples: int = 9999,
+    seed: int = 0,
+) -> Analysis:
+    if records.empty:
+        raise BadInput("no records to analyze")
+    check_version(records)
+    by = tuple(by)
+    unknown = [b for b in by if b not in records.columns or b in ("class", "t_target", "step")]
+    if unknown or not by:
+        allowed = [c for c in SETTING_COLUMNS if c in records.columns and c != "dense_id"]
+        raise BadInput(
+            f"cannot group by {', '.join(unknown) or '(nothing)'}; choose from {', '.join(allowed)}"
+        )
+    if not 0 < ci < 1:
+        raise BadInput(f"--ci must lie strictly between 0 and 1, got {ci}")
+    if ci_method not in CI_METHODS:
+        raise BadInput(f"unknown CI method {ci_method!r}; choose from t, bootstrap")
+    notes: list[str] = []
+    _check_replicates(records, by)
+    classes = class_table(records, notes)
+    if classes.empty:
+        raise BadInput("no usable records: every class row was left out")
+    runs = run_table(classes)
+    _note_differing_t(runs, by, notes)
+    groups = group_table(runs, classes, by, ci, ci_method, n_resamples, seed)
+    return Analysis(classes, runs, groups, by, ci, ci_method, notes)
+
+
+def _check_replicates(records, by):
+    """Within a group, runs must differ by their seed alone."""
+    per_seed = records.drop_duplicates("run_id").groupby([*by, "seed"], dropna=False)
+    counts = per_seed["run_id"].nunique()
+    if (counts > 1).any():
+        key = counts[counts > 1].index[0]
+        sub = records.drop_duplicates("run_id").set_index([*by, "seed"]).loc[[key]]
+        varying = [
+            c for c in SETTING_COLUMNS if c in sub.columns and sub[c].nunique(dropna=False) > 1
+        ]
+        what = (
+            ", ".join("training settings" if c == "dense_id" else c for c in varying)
+            or "the ratios or retraining settings"
+        )
+        raise BadInput(
+            f"{counts.max()} runs share one group and seed; they differ in {what}: "
+            f"add it to --by or analyze their folders separately"
+        )
+
+
+def _note_differing_t(runs, by, notes):
+    ts = runs.groupby("run_id")["t"].apply(lambda s: tuple(sorted(s)))
+    meta = runs.drop_duplicates("run_id").set_index("run_id")[list(by)]
+    meta = meta.assign(ts=ts)
+    differing = meta.groupby(list(by), dropna=False)["ts"].nunique()
+    if (differing > 1).any():
+        notes.append(
+            f"{int((differing > 1).sum())} group(s) hold runs with different t values; "
+            "each t is summarized over the runs that reached it"
+        )
+
+
+# --------------------------------------------------------------------------- formatting
+
+
+def group_label(row, by) -> str:
+    parts = []
+    for b in by:
+        v = row[b]
+        if b == "saliency" and v == "none":
+            continue
+        parts.append(f"{v:g}" if isinstance(v, float) else str(v))
+    return " ".join(parts)
+
+
+def sorted_groups(groups, by):
+    order = groups[list(by)].drop_duplicates()
+    if "strategy" in by:
+        order = order.assign(_s=order["strategy"].map(STRATEGY_ORDER).fillna(9))
+        order = order.sort_values(["_s", *[b for b in by if b != "strategy"]], kind="stable")
+        order = order.drop(columns="_s")
+    return order
+
+
+def paper_tables(a: Analysis) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Rows: groups; columns: t. Cells `1.12>` (E[alpha_t] and its mark), then accuracy."""
+    g = a.groups.copy()
+    g["group"] = g.apply(lambda r: group_label(r, a.by), axis=1)
+    order = [group_label(r, a.by) for _, r in sorted_groups(g, a.by).iterrows()]
+
+    def cell(r):
+        if np.isnan(r["mean_alpha"]):
+            return "-"
+        return f"{r['mean_alpha']:.2f}{r['mark']}" + (" (n=1)" if r["n"] < 2 else "")
+
+    g["alpha_cell"] = g.apply(cell, axis=1)
+    g["acc_cell"] = g["mean_accuracy"].map(lambda v: f"{v:.3f}")
+    alpha = g[g["t"] > 1].pivot(index="group", columns="t", values="alpha_cell")
+    acc = g.pivot(index="group", columns="t", values="acc_cell")
+    for tab in (alpha, acc):
+        tab.columns = [f"t={c:g}" for c in tab.columns]
+        tab.index.name = None
+    return alpha.reindex([o for o in order if o in alpha.index]).fillna(""), acc.reindex(
+        order
+    ).fillna("")
+
+
+def markdown(df: pd.DataFrame, index_name: str = "group") -> str:
+    head = [index_name, *map(str, df.columns)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for idx, row in df.iterrows():
+        lines.append("| " + " | ".join([str(idx), *map(str, row.tolist())]) + " |")
+    return "\n".join(lines)
+
+
+def legend(a: Analysis) -> str:
+    pct = f"{a.ci * 100:g} %"
+    method = "Student-t" if a.ci_method == "t" else "bootstrap (percentile)"
+    return (
+        f"E[alpha_t] over seeds; mark: < {pct} CI below 1 (de-intensification), "
+        f"> above 1 (intensification), ? overlaps 1; {method} interval"
+    )
+
+
+def write_tables(a: Analysis, out_dir: Path) -> list[Path]:
+    out_dir = Path(out_dir)
+    written = []
+    for name, df in (("alpha_runs", a.runs), ("alpha_groups", a.groups)):
+        store.write_parquet(out_dir / f"{name}.parquet", df)
+        data = df.to_csv(index=False).encode()
+        store.atomic_write(out_dir / f"{name}.csv", lambda f, d=data: f.write(d))
+        written += [out_dir / f"{name}.parquet", out_dir / f"{name}.csv"]
+    return written

@@ -1,0 +1,375 @@
+"""Figures and a self-contained report (HTML + Markdown) from an `Analysis`."""
+
+from __future__ import annotations
+
+import base64
+import html
+import shutil
+import tempfile
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
+
+from rdfast import store  # noqa: E402
+from rdfast.analysis import (  # noqa: E402
+    Analysis,
+    group_label,
+    legend,
+    markdown,
+    paper_tables,
+    sorted_groups,
+)
+from rdfast.errors import BadInput  # noqa: E402
+
+COLORS = {"mp": "tab:blue", "gp": "tab:orange", "up": "tab:green", "rp": "tab:red"}
+
+
+def _color(i: int, name: str):
+    return COLORS.get(name, plt.get_cmap("tab10")(i % 10))
+
+
+def _robust_ylim(values: np.ndarray):
+    """Whole range unless a few extreme values (random pruning at high t) would flatten the rest."""
+    v = values[np.isfinite(values)]
+    if v.size == 0:
+        return None
+    lo, hi = np.percentile(v, [2, 98])
+    pad = 0.15 * max(hi - lo, 0.5)
+    lo, hi = min(lo - pad, 0.5), max(hi + pad, 1.5)
+    return (lo, hi) if (v.min() < lo or v.max() > hi) else None
+
+
+def alpha_boxplot(runs: pd.DataFrame, path: Path, panel: str | None = None, title: str = ""):
+    """Boxes of alpha_t(m) against t, one colour per strategy; a panel per value of `panel`."""
+    runs = runs[runs["t"] > 1]
+    panels = sorted(runs[panel].unique()) if panel else [None]
+    strategies = [s for s in ("mp", "gp", "up", "rp") if s in set(runs["strategy"])] + sorted(
+        set(runs["strategy"]) - {"mp", "gp", "up", "rp"}
+    )
+    ts = sorted(runs["t"].unique())
+    fig, axes = plt.subplots(
+        1,
+        len(panels),
+        figsize=(max(6, 1.1 * len(ts) * len(panels) + 2), 4.2),
+        sharey=True,
+        squeeze=False,
+    )
+    width = 0.8 / len(strategies)
+    clipped = False
+    for ax, pv in zip(axes[0], panels):
+        sub = runs if pv is None else runs[runs[panel] == pv]
+        for j, s in enumerate(strategies):
+            data = [
+                sub.loc[(sub["strategy"] == s) & (sub["t"] == t), "alpha"].dropna().to_numpy()
+                for t in ts
+            ]
+            pos = np.arange(len(ts)) + (j - (len(strategies) - 1) / 2) * width
+            keep = [k for k, d in enumerate(data) if len(d)]
+            if keep:
+                bp = ax.boxplot(
+                    [data[k] for k in keep],
+                    positions=pos[keep],
+                    widths=width * 0.9,
+                    patch_artist=True,
+                    showfliers=True,
+                )
+                for box in bp["boxes"]:
+                    box.set_facecolor(_color(j, s))
+                    box.set_alpha(0.6)
+        ax.axhline(1.0, ls="--", color="black", lw=1)
+        ax.set_xticks(np.arange(len(ts)), [f"{t:g}" for t in ts])
+        ax.set_xlabel("pruning ratio t (total / remaining weights)")
+        ax.set_title(f"{panel} = {pv}" if panel else "all runs")
+        lim = _robust_ylim(sub["alpha"].to_numpy())
+        if lim:
+            ax.set_ylim(*lim)
+            clipped = True
+    axes[0][0].set_ylabel("alpha_t(m): slope of Bn_t on Bn_1")
+    handles = [Patch(color=_color(j, s), alpha=0.6, label=s) for j, s in enumerate(strategies)]
+    handles.append(plt.Line2D([], [], ls="--", color="black", label="alpha = 1 (no change)"))
+    axes[0][-1].legend(handles=handles, loc="best", fontsize=8)
+    note = " (y axis clipped; extreme values off-scale)" if clipped else ""
+    fig.suptitle(
+        (title or "Model-level intensification alpha_t per strategy")
+        + note
+        + "\nabove 1: intensification, below 1: de-intensification",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def scatter_grid(a: Analysis, path: Path, ts: list[float]):
+    """Bn_t against Bn_1 over all classes and replicates of each group, with the pooled slope."""
+    c = a.classes
+    groups = sorted_groups(a.groups, a.by)
+    fig, axes = plt.subplots(
+        len(groups), len(ts), figsize=(3.3 * len(ts), 3.0 * len(groups)), squeeze=False
+    )
+    for i, (_, g) in enumerate(groups.iterrows()):
+        sel = np.ones(len(c), dtype=bool)
+        for b in a.by:
+            sel &= (c[b] == g[b]).to_numpy()
+        label = group_label(g, a.by)
+        color = _color(i, g.get("strategy", ""))
+        for j, t in enumerate(ts):
+            ax = axes[i][j]
+            pts = c[sel & (c["t"] == t).to_numpy()]
+            x, y = pts["Bn1"].to_numpy(), pts["Bn"].to_numpy()
+            ax.scatter(x, y, s=8, alpha=0.5, color=color, label="classes x seeds")
+            lim = np.nanmax(np.abs(np.r_[x, 0.01])) * 1.15  # y scales on its own
+            xs = np.array([-lim, lim])
+            if np.sum(x * x) > 0:
+                slope = np.sum(x * y) / np.sum(x * x)
+                ax.plot(xs, slope * xs, color="black", lw=1.2, label=f"fit: slope {slope:.2f}")
+            ax.plot(xs, xs, ls="--", color="grey", lw=1, label="y = x")
+            ax.set_xlim(-lim, lim)
+            ax.set_title(f"{label}, t={t:g}", fontsize=9)
+            ax.set_xlabel("Bn_1 (dense)", fontsize=8)
+            ax.set_ylabel(f"Bn_t (t={t:g})", fontsize=8)
+            ax.legend(fontsize=7, loc="upper left")
+    fig.suptitle(
+        "Normalized recall balance after pruning against before, per class\n"
+        "slope above 1: the gap between classes widens",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def accuracy_plot(a: Analysis, path: Path):
+    g = a.groups
+    keys = sorted_groups(g, a.by)
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for i, (_, k) in enumerate(keys.iterrows()):
+        sel = np.ones(len(g), dtype=bool)
+        for b in a.by:
+            sel &= (g[b] == k[b]).to_numpy()
+        rows = g[sel].sort_values("t")
+        color = _color(i, k.get("strategy", ""))
+        ax.plot(
+            rows["t"], rows["mean_accuracy"], marker="o", color=color, label=group_label(k, a.by)
+        )
+        ax.fill_between(rows["t"], rows["acc_ci_low"], rows["acc_ci_high"], color=color, alpha=0.2)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("pruning ratio t (log scale; 1 = dense)")
+    ax.set_ylabel("test accuracy")
+    ax.set_title(f"Mean test accuracy over seeds, {a.ci * 100:g} % CI bands")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def recall_heatmap(classes: pd.DataFrame, run_id: str, path: Path):
+    sub = classes[classes["run_id"] == run_id]
+    tab = sub.pivot_table(index="class", columns="t", values="recall")
+    names = sub.drop_duplicates("class").set_index("class")["class_name"].reindex(tab.index)
+    fig, ax = plt.subplots(figsize=(1.0 * len(tab.columns) + 3, 0.28 * len(tab) + 2))
+    values = tab.to_numpy()
+    # The colour range starts at the lowest recall seen, so small losses remain visible.
+    vmin = float(np.floor(np.nanmin(values) * 10) / 10) if np.isfinite(values).any() else 0.0
+    im = ax.imshow(values, aspect="auto", cmap="viridis", vmin=min(vmin, 0.9), vmax=1)
+    if values.size <= 600:
+        for (i, j), v in np.ndenumerate(values):
+            if np.isfinite(v):
+                ax.text(
+                    j,
+                    i,
+                    f"{v:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=6,
+                    color="white" if v < (vmin + 1) / 2 else "black",
+                )
+    ax.set_xticks(range(len(tab.columns)), [f"{t:g}" for t in tab.columns])
+    ax.set_yticks(range(len(tab)), names.astype(str).tolist(), fontsize=7)
+    ax.set_xlabel("pruning ratio t")
+    ax.set_ylabel("class")
+    r = sub.iloc[0]
+    ax.set_title(
+        f"Per-class recall, run {run_id}\n{r['dataset']} {r['model']} "
+        f"width {r['width']:g} seed {r['seed']} {r['strategy']}",
+        fontsize=9,
+    )
+    fig.colorbar(im, ax=ax, label="recall")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def settings_table(runs_dir: Path, run_ids) -> pd.DataFrame:
+    rows = []
+    for rid in sorted(run_ids):
+        m = Path(runs_dir) / "runs" / rid / "manifest.json"
+        if not m.exists():
+            continue
+        man = store.read_json(m)
+        s = man.get("settings", {})
+        tr = s.get("train", {})
+        rows.append(
+            {
+                "run_id": rid,
+                "dataset": man.get("dataset"),
+                "model": man.get("model"),
+                "width": man.get("width"),
+                "seed": man.get("seed"),
+                "strategy": s.get("strategy"),
+                "saliency": s.get("saliency"),
+                "eps": s.get("eps"),
+                "ratios": ",".join(f"{t:g}" for t in s.get("ratios", [])),
+                "retrain": s.get("retrain"),
+                "epochs": tr.get("epochs"),
+                "lr": tr.get("lr"),
+                "batch": tr.get("batch_size"),
+                "weight_decay": tr.get("weight_decay"),
+                "status": man.get("status"),
+                "device": man.get("device"),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def pick_scatter_ts(ts) -> list[float]:
+    ts = sorted(t for t in ts if t > 1)
+    if len(ts) <= 3:
+        return ts
+    return [ts[0], ts[len(ts) // 2], ts[-1]]
+
+
+def build_report(
+    a: Analysis,
+    runs_dir: Path,
+    out: Path,
+    run_id: str | None = None,
+    scatter_ts: list[float] | None = None,
+) -> Path:
+    """Write OUT/index.html, OUT/report.md and the PNG figures; the folder appears whole."""
+    all_ts = sorted(a.runs["t"].unique())
+    scatter_ts = scatter_ts or pick_scatter_ts(all_ts)
+    missing = [t for t in scatter_ts if t not in all_ts]
+    if missing:
+        raise BadInput(f"--scatter-t {missing} not among the recorded t: {all_ts}")
+    if run_id is None:
+        first = a.runs.sort_values(
+            ["strategy", "seed", "run_id"],
+            key=lambda s: (
+                s.map({"mp": 0, "gp": 1, "up": 2, "rp": 3}) if s.name == "strategy" else s
+            ),
+        )
+        run_id = first["run_id"].iloc[0]
+    elif run_id not in set(a.runs["run_id"]):
+        raise BadInput(f"--run {run_id} is not among the analyzed runs")
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp.chmod(0o755)
+    try:
+        figs = []  # (file, caption)
+        alpha_boxplot(a.runs, tmp / "alpha_by_strategy.png")
+        figs.append(("alpha_by_strategy.png", "alpha_t(m) of every model against t, per strategy"))
+        for col in ("dataset", "width", "model"):
+            if a.runs[col].nunique() > 1:
+                alpha_boxplot(
+                    a.runs,
+                    tmp / f"alpha_by_{col}.png",
+                    panel=col,
+                    title=f"alpha_t per strategy, split by {col}",
+                )
+                figs.append((f"alpha_by_{col}.png", f"alpha_t(m) split by {col}"))
+        if scatter_ts:
+            scatter_grid(a, tmp / "scatter.png", scatter_ts)
+            figs.append(("scatter.png", "Bn_t against Bn_1 with the pooled slope and y = x"))
+        accuracy_plot(a, tmp / "accuracy.png")
+        figs.append(("accuracy.png", "mean accuracy against t with confidence bands"))
+        recall_heatmap(a.classes, run_id, tmp / "recall_heatmap.png")
+        figs.append(("recall_heatmap.png", f"per-class recall of run {run_id}"))
+
+        alpha_tab, acc_tab = paper_tables(a)
+        settings = settings_table(runs_dir, a.runs["run_id"].unique())
+        notes = a.notes or ["none"]
+        md = [
+            "# Recall distortion report",
+            "",
+            f"Records: `{runs_dir}`; {a.runs['run_id'].nunique()} runs; grouped by "
+            f"{', '.join(a.by)}.",
+            "",
+            "## E[alpha_t]",
+            "",
+            legend(a) + ".",
+            "",
+            markdown(alpha_tab),
+            "",
+            "## Mean accuracy",
+            "",
+            markdown(acc_tab),
+            "",
+            "## Notes",
+            "",
+            *[f"- {n}" for n in notes],
+            "",
+            "## Figures",
+            "",
+            *[f"### {cap}\n\n![{cap}]({f})\n" for f, cap in figs],
+            "## Settings of the runs",
+            "",
+            markdown(settings.set_index("run_id"), "run_id")
+            if not settings.empty
+            else "(no manifests)",
+            "",
+        ]
+        (tmp / "report.md").write_text("\n".join(md))
+
+        def img(f):
+            data = base64.b64encode((tmp / f).read_bytes()).decode()
+            return f'<img src="data:image/png;base64,{data}" alt="{html.escape(f)}">'
+
+        body = [
+            "<h1>Recall distortion report</h1>",
+            f"<p>Records: <code>{html.escape(str(runs_dir))}</code>; "
+            f"{a.runs['run_id'].nunique()} runs; grouped by {html.escape(', '.join(a.by))}.</p>",
+            "<h2>E[alpha_t]</h2>",
+            f"<p>{html.escape(legend(a))}.</p>",
+            alpha_tab.to_html(),
+            "<h2>Mean accuracy</h2>",
+            acc_tab.to_html(),
+            "<h2>Notes</h2><ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in notes) + "</ul>",
+            "<h2>Figures</h2>",
+            *[
+                f"<figure>{img(f)}<figcaption>{html.escape(cap)}</figcaption></figure>"
+                for f, cap in figs
+            ],
+            "<h2>Settings of the runs</h2>",
+            settings.to_html(index=False),
+        ]
+        page = (
+            "<!doctype html><html><head><meta charset='utf-8'><title>rdfast report</title>"
+            "<style>body{font-family:sans-serif;max-width:1200px;margin:2em auto}"
+            "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;"
+            "padding:2px 6px;text-align:right}img{max-width:100%}</style></head><body>"
+            + "\n".join(body)
+            + "</body></html>"
+        )
+        (tmp / "index.html").write_text(page)
+        # Swap the finished folder into place; an older report is removed only afterwards.
+        old = None
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            out.rename(old)
+        tmp.rename(out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

@@ -1,0 +1,207 @@
+"""Statistics against independent references (numpy, scipy) and hand-computed cases."""
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from rdfast import analysis, store
+from rdfast.errors import BadInput
+
+
+def fake_records(runs):
+    """runs: list of dicts with seed, strategy, acc {t: A}, recall {t: [R_c]} (t=1 included)."""
+    rows = []
+    for r in runs:
+        rid = f"{r['strategy']}-{r.get('width', 1.0)}-{r['seed']}-{r.get('tag', '')}"
+        for step, t in enumerate(sorted(r["recall"])):
+            for c, rec in enumerate(r["recall"][t]):
+                rows.append(
+                    {
+                        "records_version": store.RECORDS_VERSION,
+                        "run_id": rid,
+                        "dense_id": f"d{r['seed']}{r.get('width', 1.0)}",
+                        "dataset": "toy",
+                        "model": "mlp",
+                        "width": r.get("width", 1.0),
+                        "seed": r["seed"],
+                        "strategy": r["strategy"],
+                        "saliency": "none",
+                        "eps": np.nan,
+                        "weight_decay": 5e-4,
+                        "retrain": r.get("retrain", "finetune"),
+                        "device": "cpu",
+                        "step": step,
+                        "t_target": float(t),
+                        "class": c,
+                        "class_name": str(c),
+                        "support": r.get("support", [10] * 99)[c],
+                        "recall": rec,
+                        "accuracy": r["acc"][t],
+                    }
+                )
+    return pd.DataFrame(rows)
+
+
+def run_with(seed, x, y, a1=0.5, at=0.5, strategy="mp", t=4.0, **kw):
+    """A run whose Bn_1 are x and Bn_t are y (recall = A * (1 + Bn))."""
+    return {
+        "seed": seed,
+        "strategy": strategy,
+        "acc": {1.0: a1, t: at},
+        "recall": {1.0: [a1 * (1 + v) for v in x], t: [at * (1 + v) for v in y]},
+        **kw,
+    }
+
+
+def test_alpha_is_lstsq_through_origin_and_hand_case():
+    x = [0.2, -0.1, -0.1, 0.0]
+    y = [0.5, -0.2, -0.4, 0.1]
+    a = analysis.analyze(fake_records([run_with(0, x, y)]), by=("strategy",))
+    row = a.runs[a.runs["t"] == 4.0].iloc[0]
+    # Hand: sum xy = 0.1 + 0.02 + 0.04 + 0 = 0.16; sum x^2 = 0.04 + 0.01 + 0.01 = 0.06.
+    assert row["alpha"] == pytest.approx(0.16 / 0.06)
+    # Recompute x, y from the stored recalls (floating-point rounding of R = A(1 + Bn)).
+    xs = np.array(x)
+    ref = np.linalg.lstsq(xs[:, None], np.array(y), rcond=None)[0][0]
+    assert row["alpha"] == pytest.approx(ref, rel=1e-12)
+    assert row["n_classes_used"] == 4
+    # Standard error by hand: residuals e = y - alpha x, s^2 = sum e^2 / (n - 1).
+    alpha = 0.16 / 0.06
+    e = np.array(y) - alpha * xs
+    assert row["alpha_se"] == pytest.approx(np.sqrt(np.sum(e**2) / 3 / 0.06), rel=1e-9)
+    dense = a.runs[a.runs["t"] == 1.0].iloc[0]
+    assert dense["alpha"] == pytest.approx(1.0) and dense["alpha_se"] == pytest.approx(0, abs=1e-9)
+
+
+def test_class_quantities_and_intensification_ratio():
+    a = analysis.analyze(
+        fake_records([run_with(0, [0.2, -0.2, 0.0], [0.4, -0.1, 0.3])]), by=("strategy",)
+    )
+    c = a.classes[a.classes["t"] == 4.0].sort_values("class")
+    np.testing.assert_allclose(c["Bn"], [0.4, -0.1, 0.3], atol=1e-12)
+    np.testing.assert_allclose(c["B"], [0.2, -0.05, 0.15], atol=1e-12)
+    np.testing.assert_allclose(c["I"].iloc[:2], [2.0, 0.5], rtol=1e-9)
+    assert np.isnan(c["I"].iloc[2])  # Bn_1 = 0: undefined
+    assert any("I undefined for 1" in n for n in a.notes)
+
+
+def crafted_group(alphas, strategy="mp"):
+    x = [0.2, -0.1, -0.1]
+    return [run_with(s, x, [al * v for v in x], strategy=strategy) for s, al in enumerate(alphas)]
+
+
+def test_ci_equals_scipy_t_interval_and_ttest():
+    alphas = [1.2, 1.5, 0.9, 1.1, 1.3]
+    a = analysis.analyze(fake_records(crafted_group(alphas)), by=("strategy",), ci=0.99)
+    g = a.groups[a.groups["t"] == 4.0].iloc[0]
+    lo, hi = stats.t.interval(0.99, len(alphas) - 1, loc=np.mean(alphas), scale=stats.sem(alphas))
+    assert g["n"] == 5
+    assert g["mean_alpha"] == pytest.approx(np.mean(alphas))
+    assert (g["ci_low"], g["ci_high"]) == (pytest.approx(lo), pytest.approx(hi))
+    assert g["p_value"] == pytest.approx(stats.ttest_1samp(alphas, 1.0).pvalue)
+    assert g["mark"] == "?"
+
+
+@pytest.mark.parametrize(
+    "alphas, expected",
+    [
+        ([0.5, 0.52, 0.49, 0.51, 0.5], "<"),
+        ([1.9, 2.0, 2.1, 2.05, 1.95], ">"),
+        ([0.5, 1.5, 0.8, 1.3, 1.0], "?"),
+    ],
+)
+def test_marks_on_crafted_groups(alphas, expected):
+    a = analysis.analyze(fake_records(crafted_group(alphas)), by=("strategy",))
+    assert a.groups.loc[a.groups["t"] == 4.0, "mark"].item() == expected
+    alpha_tab, _ = analysis.paper_tables(a)
+    assert alpha_tab.loc["mp", "t=4"] == f"{np.mean(alphas):.2f}{expected}"
+
+
+def test_bootstrap_matches_scipy_and_contains_mean():
+    alphas = [1.2, 1.5, 0.9, 1.1, 1.3, 1.25]
+    a = analysis.analyze(
+        fake_records(crafted_group(alphas)),
+        by=("strategy",),
+        ci_method="bootstrap",
+        n_resamples=2000,
+        seed=7,
+    )
+    g = a.groups[a.groups["t"] == 4.0].iloc[0]
+    ref = stats.bootstrap(
+        (np.array(alphas),),
+        np.mean,
+        confidence_level=0.99,
+        n_resamples=2000,
+        method="percentile",
+        rng=np.random.default_rng(7),
+    )
+    assert g["ci_low"] == pytest.approx(ref.confidence_interval.low)
+    assert g["ci_high"] == pytest.approx(ref.confidence_interval.high)
+    assert g["ci_low"] < np.mean(alphas) < g["ci_high"]
+
+
+def test_pooled_alpha_over_all_classes_of_all_replicates():
+    x1, y1 = [0.2, -0.2], [0.4, -0.4]  # slope 2
+    x2, y2 = [0.1, -0.1], [0.1, -0.1]  # slope 1
+    a = analysis.analyze(fake_records([run_with(0, x1, y1), run_with(1, x2, y2)]), by=("strategy",))
+    g = a.groups[a.groups["t"] == 4.0].iloc[0]
+    x, y = np.array(x1 + x2), np.array(y1 + y2)
+    assert g["pooled_alpha"] == pytest.approx(np.sum(x * y) / np.sum(x * x))
+    assert g["mean_alpha"] == pytest.approx(1.5)
+
+
+def test_single_replicate_has_no_ci_and_no_mark():
+    a = analysis.analyze(fake_records(crafted_group([1.4])), by=("strategy",))
+    g = a.groups[a.groups["t"] == 4.0].iloc[0]
+    assert g["n"] == 1 and np.isnan(g["ci_low"]) and g["mark"] == ""
+    assert analysis.paper_tables(a)[0].loc["mp", "t=4"] == "1.40 (n=1)"
+
+
+def test_zero_support_classes_left_out_and_reported():
+    r = run_with(0, [0.2, -0.1, 0.0], [0.3, -0.2, 0.0], support=[10, 10, 0])
+    r["recall"] = {t: [*v[:2], np.nan] for t, v in r["recall"].items()}
+    a = analysis.analyze(fake_records([r]), by=("strategy",))
+    assert a.runs["n_classes_used"].eq(2).all()
+    assert any("no test examples" in n and "classes 2" in n for n in a.notes)
+
+
+def test_zero_accuracy_left_out_and_reported():
+    r = run_with(0, [0.2, -0.2], [0.1, -0.1], at=0.0)
+    r["recall"][4.0] = [0.0, 0.0]
+    a = analysis.analyze(fake_records([r]), by=("strategy",))
+    assert 4.0 not in set(a.runs["t"])
+    assert any("accuracy 0" in n for n in a.notes)
+
+
+def test_runs_with_different_t_are_noted():
+    r1 = run_with(0, [0.2, -0.2], [0.3, -0.3], t=4.0)
+    r2 = run_with(1, [0.2, -0.2], [0.3, -0.3], t=8.0)
+    a = analysis.analyze(fake_records([r1, r2]), by=("strategy",))
+    assert set(a.groups["t"]) == {1.0, 4.0, 8.0}
+    assert a.groups.set_index("t")["n"].to_dict() == {1.0: 2, 4.0: 1, 8.0: 1}
+    assert any("different t values" in n for n in a.notes)
+
+
+def test_mixed_settings_in_a_group_are_refused():
+    r1 = run_with(0, [0.2, -0.2], [0.3, -0.3], tag="a")
+    r2 = run_with(0, [0.2, -0.2], [0.3, -0.3], tag="b", retrain="rewind")
+    with pytest.raises(BadInput, match="differ in retrain"):
+        analysis.analyze(fake_records([r1, r2]), by=("strategy",))
+    a = analysis.analyze(fake_records([r1, r2]), by=("strategy", "retrain"))
+    assert len(a.groups) == 4
+
+
+def test_other_records_version_refused():
+    df = fake_records(crafted_group([1.0, 1.1]))
+    df["records_version"] = 99
+    with pytest.raises(BadInput, match="records of version"):
+        analysis.analyze(df)
+
+
+def test_bad_arguments():
+    df = fake_records(crafted_group([1.0, 1.1]))
+    with pytest.raises(BadInput, match="cannot group by colour"):
+        analysis.analyze(df, by=("colour",))
+    with pytest.raises(BadInput, match="--ci must lie"):
+        analysis.analyze(df, ci=1.5)

@@ -1,0 +1,229 @@
+"""`rdfast analyze` and `rdfast report` on a small real run."""
+
+import json
+
+import matplotlib.image as mpimg
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from rdfast import analysis, store
+from rdfast.cli.main import cli
+
+
+@pytest.fixture(scope="module")
+def digits_runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    res = CliRunner().invoke(
+        cli,
+        [
+            "run",
+            "--seeds",
+            "0-2",
+            "--ratios",
+            "2,8,32",
+            "--epochs",
+            "4",
+            "--finetune-epochs",
+            "1",
+            "--no-progress",
+            "--out",
+            str(out),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    assert "E[alpha_t] over seeds" in res.output  # run ends with the alpha table
+    return out
+
+
+def test_analyze_real_run(digits_runs, tmp_path):
+    res = CliRunner().invoke(cli, ["analyze", str(digits_runs), "-o", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    lines = res.stdout.splitlines()
+    assert "t=2" in lines[1] and "t=32" in lines[1]
+    assert lines[2].startswith("mp ") and lines[4].startswith("up taylor")
+    runs = pd.read_parquet(tmp_path / "alpha_runs.parquet")
+    groups = pd.read_csv(tmp_path / "alpha_groups.csv")
+    assert {
+        "dataset",
+        "model",
+        "width",
+        "seed",
+        "strategy",
+        "saliency",
+        "t",
+        "accuracy",
+        "alpha",
+        "alpha_se",
+        "n_classes_used",
+    } <= set(runs.columns)
+    assert {
+        "n",
+        "mean_alpha",
+        "ci_low",
+        "ci_high",
+        "p_value",
+        "mark",
+        "mean_accuracy",
+        "acc_ci_low",
+        "acc_ci_high",
+        "pooled_alpha",
+    } <= set(groups.columns)
+    assert len(runs) == 4 * 3 * 4  # strategies x seeds x (dense + 3 ratios)
+    assert (groups["n"] == 3).all()
+    # alpha of every (run, t) recomputed independently from the raw records with numpy.
+    rec = store.load_records(digits_runs)
+    rec = rec[rec["support"] > 0]
+    rec["Bn"] = (rec["recall"] - rec["accuracy"]) / rec["accuracy"]
+    base = rec[rec["step"] == 0].set_index(["run_id", "class"])["Bn"]
+    for (rid, t), sub in rec.groupby(["run_id", "t_target"]):
+        x = base.loc[rid].reindex(sub["class"]).to_numpy()
+        y = sub["Bn"].to_numpy()
+        expect = np.linalg.lstsq(x[:, None], y, rcond=None)[0][0]
+        got = runs.loc[(runs["run_id"] == rid) & (runs["t"] == t), "alpha"].item()
+        assert got == pytest.approx(expect, rel=1e-9, abs=1e-12)
+
+
+@pytest.mark.parametrize("fmt", ["markdown", "csv", "json"])
+def test_analyze_formats(digits_runs, tmp_path, fmt):
+    res = CliRunner().invoke(
+        cli, ["analyze", str(digits_runs), "--format", fmt, "-o", str(tmp_path)]
+    )
+    assert res.exit_code == 0
+    if fmt == "json":
+        assert len(json.loads(res.stdout)["groups"]) == 4 * 4
+    elif fmt == "csv":
+        assert res.stdout.splitlines()[0].startswith("strategy,saliency,dataset")
+    else:
+        assert "| group | t=2 | t=8 | t=32 |" in res.stdout
+
+
+def test_report_files_and_figures(digits_runs, tmp_path):
+    out = tmp_path / "report"
+    res = CliRunner().invoke(cli, ["report", str(digits_runs), "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    # One dataset, width and model: no split boxplots.
+    assert pngs == ["accuracy.png", "alpha_by_strategy.png", "recall_heatmap.png", "scatter.png"]
+    for p in out.glob("*.png"):
+        img = mpimg.imread(p)
+        assert img.ndim == 3 and img.shape[0] > 200 and img.shape[1] > 200
+    html = (out / "index.html").read_text()
+    assert html.count("data:image/png;base64,") == 4 and "<table" in html
+    md = (out / "report.md").read_text()
+    for name in pngs:
+        assert f"]({name})" in md
+    assert "Settings of the runs" in md and "| run_id |" in md
+
+
+def test_report_split_by_width(digits_runs, tmp_path):
+    extra = tmp_path / "runs"
+    res = CliRunner().invoke(
+        cli,
+        [
+            "run",
+            "--seeds",
+            "0,1",
+            "--ratios",
+            "2,8",
+            "--epochs",
+            "2",
+            "--finetune-epochs",
+            "1",
+            "--strategy",
+            "mp",
+            "--width",
+            "0.5",
+            "--no-progress",
+            "--out",
+            str(extra),
+        ],
+    )
+    assert res.exit_code == 0
+    res = CliRunner().invoke(
+        cli,
+        [
+            "run",
+            "--seeds",
+            "0,1",
+            "--ratios",
+            "2,8",
+            "--epochs",
+            "2",
+            "--finetune-epochs",
+            "1",
+            "--strategy",
+            "mp",
+            "--width",
+            "1",
+            "--no-progress",
+            "--out",
+            str(extra),
+        ],
+    )
+    out = tmp_path / "report"
+    res = CliRunner().invoke(cli, ["report", str(extra), "-o", str(out), "--scatter-t", "8"])
+    assert res.exit_code == 0, res.output
+    assert (out / "alpha_by_width.png").exists()
+
+
+def test_single_seed_shows_n1(tmp_path):
+    res = CliRunner().invoke(
+        cli,
+        [
+            "run",
+            "--seeds",
+            "0",
+            "--ratios",
+            "2",
+            "--epochs",
+            "2",
+            "--finetune-epochs",
+            "1",
+            "--strategy",
+            "mp",
+            "--no-progress",
+            "--out",
+            str(tmp_path),
+        ],
+    )
+    assert res.exit_code == 0
+    res = CliRunner().invoke(cli, ["analyze", str(tmp_path)])
+    assert "(n=1)" in res.stdout
+
+
+def one_line_exit_2(args, message):
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 2, res.output
+    assert len(res.stderr.strip().splitlines()) == 1 and message in res.stderr
+
+
+def test_analyze_edge_cases(digits_runs, tmp_path):
+    one_line_exit_2(["analyze", str(tmp_path)], "no records under")
+    one_line_exit_2(["analyze", str(tmp_path / "nope")], "is not a directory")
+    one_line_exit_2(["analyze", str(digits_runs), "--by", "colour"], "cannot group by colour")
+    one_line_exit_2(
+        ["report", str(digits_runs), "-o", str(tmp_path / "r"), "--run", "xyz"],
+        "--run xyz is not among",
+    )
+    one_line_exit_2(
+        ["report", str(digits_runs), "-o", str(tmp_path / "r"), "--scatter-t", "5"],
+        "--scatter-t [5.0] not among",
+    )
+    assert not (tmp_path / "r").exists()
+    # Records written by another version of the format.
+    old = tmp_path / "old"
+    for f in digits_runs.glob("runs/*/step-*.parquet"):
+        df = pd.read_parquet(f)
+        df["records_version"] = 0
+        (old / f.parent.relative_to(digits_runs)).mkdir(parents=True, exist_ok=True)
+        df.to_parquet(old / f.relative_to(digits_runs))
+    one_line_exit_2(["analyze", str(old)], "records of version [0]")
+
+
+def test_consolidated_file_used_only_when_current(digits_runs):
+    a = store.load_records(digits_runs, prefer_consolidated=True)
+    b = store.load_records(digits_runs)
+    pd.testing.assert_frame_equal(a, b)
+    assert analysis.analyze(a).groups.shape[0] == 16
