@@ -1,18 +1,33 @@
-"""Hot paths of the engine, each with a pure-torch reference.
+"""Hot paths of the engine as Triton kernels, each beside its pure-torch reference.
 
-The engine calls only these functions for scoring, global selection and evaluation, so a
-faster implementation slots in behind the same signatures.
+Every public function takes `backend="auto" | "triton" | "torch"`: `auto` runs Triton on CUDA
+tensors and torch otherwise; `triton` also runs on CPU tensors under Triton's interpreter
+(`TRITON_INTERPRET=1` set before this package is imported).
 """
 
+from rdfast.kernels._backend import HAS_TRITON
 from rdfast.kernels.confusion import accuracy, confusion_matrix, per_class_recall
+from rdfast.kernels.masked_linear import (
+    MaskedLinearFunction,
+    SparseLinear,
+    masked_linear,
+    sparsify_for_inference,
+)
 from rdfast.kernels.saliency import SALIENCY_FORMS, saliency
-from rdfast.kernels.selection import prune_lowest
+from rdfast.kernels.selection import kth_smallest, prune_lowest, prune_lowest_fused
 
 __all__ = [
+    "HAS_TRITON",
     "SALIENCY_FORMS",
+    "MaskedLinearFunction",
+    "SparseLinear",
     "accuracy",
     "confusion_matrix",
+    "kth_smallest",
+    "masked_linear",
     "per_class_recall",
     "prune_lowest",
+    "prune_lowest_fused",
     "saliency",
+    "sparsify_for_inference",
 ]

@@ -1,27 +1,101 @@
-"""Confusion matrix and the per-class quantities derived from it."""
+"""Confusion matrix in one pass: argmax fused with the histogram, and what derives from it.
+
+The Triton kernel reads each logit once (N x C x itemsize bytes: the roofline of this
+operation), takes the row's argmax with torch's rule (the first maximal index; a NaN counts as
+the maximum, the first NaN wins) and adds 1 to counts[target, pred] with an integer atomic, so
+the result does not depend on the order of the programs.
+"""
 
 from __future__ import annotations
 
 import torch
 
+from rdfast.kernels._backend import HAS_TRITON, pick, tl, triton
 
-def confusion_matrix(logits_or_labels: torch.Tensor, targets: torch.Tensor, num_classes: int):
-    """int64 (num_classes x num_classes) counts, rows = true class, columns = prediction.
+MAX_CLASSES = 1 << 16
+BLOCK_N = 16
 
-    Logits (N x C) are reduced with `argmax` (first maximal index on ties); a 1-D input is
-    taken as predicted labels.
-    """
+
+def confusion_matrix_ref(logits_or_labels, targets, num_classes):
     pred = logits_or_labels.argmax(dim=1) if logits_or_labels.dim() == 2 else logits_or_labels
-    if pred.shape != targets.shape:
-        raise ValueError(f"{pred.shape[0]} predictions for {targets.shape[0]} targets")
     flat = targets.long() * num_classes + pred.long()
     return torch.bincount(flat, minlength=num_classes * num_classes).view(num_classes, num_classes)
 
 
+if HAS_TRITON:
+
+    @triton.jit
+    def _order_key(x):
+        """int32 keys ordering as the floats, -0.0 == +0.0, every NaN above +inf."""
+        x = tl.where(x == 0.0, 0.0, x)
+        b = x.to(tl.int32, bitcast=True)
+        k = b ^ ((b >> 31) & 0x7FFFFFFF)
+        return tl.where(x != x, 0x7FFFFFFF, k)
+
+    @triton.jit
+    def _confusion_kernel(x_ptr, t_ptr, cm_ptr, n, stride_n, C, IS_LABELS: tl.constexpr,
+                          BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < n
+        if IS_LABELS:
+            pred = tl.load(x_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+        else:
+            best = tl.full([BLOCK_N], -0x7FFFFFFF - 1, tl.int32)
+            pred = tl.zeros([BLOCK_N], dtype=tl.int64)
+            # Columns in tiles of BLOCK_C: a later tile wins only with a strictly larger key,
+            # and inside a tile argmax takes the first maximum -- together torch's rule.
+            for c0 in range(0, C, BLOCK_C):
+                cols = c0 + tl.arange(0, BLOCK_C)
+                ok = row_ok[:, None] & (cols[None, :] < C)
+                x = tl.load(x_ptr + rows[:, None] * stride_n + cols[None, :], mask=ok,
+                            other=0.0).to(tl.float32)
+                k = tl.where(ok, _order_key(x), -0x7FFFFFFF - 1)
+                kmax = tl.max(k, axis=1)
+                idx = tl.argmax(k, axis=1, tie_break_left=True).to(tl.int64) + c0
+                better = kmax > best
+                pred = tl.where(better, idx, pred)
+                best = tl.where(better, kmax, best)
+        target = tl.load(t_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+        tl.atomic_add(cm_ptr + target * C + pred, 1, mask=row_ok)
+
+
+def confusion_matrix(logits_or_labels: torch.Tensor, targets: torch.Tensor, num_classes: int,
+                     *, backend: str = "auto") -> torch.Tensor:
+    """int64 (num_classes x num_classes) counts, rows = true class, columns = prediction.
+
+    Logits (N x C, fp32/bf16/fp16) are reduced with argmax (first maximal index on ties); a
+    1-D integer input is taken as predicted labels.
+    """
+    x = logits_or_labels
+    if not 1 <= num_classes <= MAX_CLASSES:
+        raise ValueError(f"num_classes must lie in 1..{MAX_CLASSES}, got {num_classes}")
+    if x.dim() == 2:
+        if x.shape[1] != num_classes:
+            raise ValueError(f"logits have {x.shape[1]} columns for {num_classes} classes")
+        if not x.is_floating_point():
+            raise ValueError(f"logits must be floating point, got {x.dtype}")
+    elif x.dim() != 1 or x.is_floating_point():
+        raise ValueError("give N x C logits or N integer labels")
+    if targets.dim() != 1 or targets.shape[0] != x.shape[0]:
+        raise ValueError(f"{x.shape[0]} predictions for {tuple(targets.shape)} targets")
+    if pick(backend, x, targets) == "torch":
+        return confusion_matrix_ref(x, targets, num_classes)
+    n = x.shape[0]
+    # int32 atomics: counts up to 2^31 - 1 per cell, far beyond any test set.
+    cm = torch.zeros(num_classes * num_classes, dtype=torch.int32, device=x.device)
+    if n:
+        x = x if x.dim() == 1 or x.stride(1) == 1 else x.contiguous()
+        block_c = min(triton.next_power_of_2(num_classes), 1024)
+        _confusion_kernel[(triton.cdiv(n, BLOCK_N),)](
+            x, targets.contiguous(), cm, n, x.stride(0) if x.dim() == 2 else 1, num_classes,
+            IS_LABELS=x.dim() == 1, BLOCK_N=BLOCK_N, BLOCK_C=block_c,
+        )
+    return cm.view(num_classes, num_classes).long()
+
+
 def per_class_recall(cm: torch.Tensor) -> torch.Tensor:
     """Recall per true class: diagonal / row sum; NaN for a class without test examples."""
-    support = cm.sum(dim=1)
-    return cm.diagonal().double() / support.double()
+    return cm.diagonal().double() / cm.sum(dim=1).double()
 
 
 def accuracy(cm: torch.Tensor) -> float:

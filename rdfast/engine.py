@@ -32,7 +32,6 @@ from rdfast.pruning import (
     check_ratios,
     data_gradients,
     prune_to,
-    scores_for,
 )
 from rdfast.seeding import derive_seed
 from rdfast.training import evaluate, train
@@ -406,16 +405,9 @@ class Engine:
                 batch_size=tr.batch_size,
                 seed_parts=(seed, i, "grad"),
             )
-        scores = scores_for(
-            strategy,
-            layers,
-            grads=grads,
-            form=p.saliency,
-            eps=p.eps(tr),
-            seed_parts=(seed, i, "rp"),
-        )
         try:
-            return prune_to(layers, masks, scores, t)
+            return prune_to(layers, masks, t, strategy, grads=grads, form=p.saliency,
+                            eps=p.eps(tr), seed_parts=(seed, i, "rp"))
         except ValueError as e:  # NaN scores: the gradient estimate blew up
             raise RunFailed(f"pruning to t={t:g} failed: {e}") from None
 

@@ -15,7 +15,7 @@ from torch.nn import functional as F
 
 from rdfast.data import TensorData
 from rdfast.errors import BadInput
-from rdfast.kernels import prune_lowest, saliency
+from rdfast.kernels import prune_lowest, prune_lowest_fused
 from rdfast.seeding import generator
 
 
@@ -62,28 +62,9 @@ def data_gradients(
     return grads
 
 
-def scores_for(
-    strategy: str,
-    layers: dict[str, nn.Parameter],
-    *,
-    grads=None,
-    form: str = "taylor",
-    eps: float = 0.0,
-    seed_parts: tuple = (),
-) -> list[torch.Tensor]:
-    if strategy == "rp":
-        gen = generator(*seed_parts)
-        return [torch.rand(w.shape, generator=gen).to(w.device) for w in layers.values()]
-    return [
-        saliency(
-            w.detach(),
-            None if grads is None else grads[name],
-            strategy=strategy,
-            form=form,
-            eps=eps,
-        )
-        for name, w in layers.items()
-    ]
+def random_scores(layers: dict[str, nn.Parameter], seed_parts: tuple) -> list[torch.Tensor]:
+    gen = generator(*seed_parts)
+    return [torch.rand(w.shape, generator=gen).to(w.device) for w in layers.values()]
 
 
 @torch.no_grad()
@@ -93,14 +74,33 @@ def apply_masks(layers: dict[str, nn.Parameter], masks: dict[str, torch.Tensor])
 
 
 def prune_to(
-    layers: dict[str, nn.Parameter], masks: dict[str, torch.Tensor], scores, t: float
+    layers: dict[str, nn.Parameter],
+    masks: dict[str, torch.Tensor],
+    t: float,
+    strategy: str,
+    *,
+    grads: dict[str, torch.Tensor] | None = None,
+    form: str = "taylor",
+    eps: float = 0.0,
+    seed_parts: tuple = (),
 ) -> dict[str, torch.Tensor]:
-    """New masks holding round(total / t) weights; the weights are zeroed in place."""
+    """New masks holding round(total / t) weights; the removed weights are zeroed in place.
+
+    mp/gp/up score inside the selection passes (no score tensor is stored); rp draws seeded
+    uniform scores.
+    """
     total = sum(m.numel() for m in masks.values())
     remaining = sum(int(m.sum()) for m in masks.values())
-    n = remaining - target_remaining(total, t)
+    n = max(remaining - target_remaining(total, t), 0)
     names = list(layers)
-    new = prune_lowest(scores, [masks[k] for k in names], max(n, 0), names=names)
+    old = [masks[k] for k in names]
+    if strategy == "rp":
+        new = prune_lowest(random_scores(layers, seed_parts), old, n, names=names)
+    else:
+        weights = [layers[k].detach() for k in names]
+        g = None if grads is None else [grads[k] for k in names]
+        new = prune_lowest_fused(weights, g, old, n, strategy=strategy, form=form, eps=eps,
+                                 names=names)
     new = dict(zip(names, new))
     apply_masks(layers, new)
     return new

@@ -9,7 +9,7 @@ from torch import nn
 
 from rdfast.data import TensorData
 from rdfast.kernels import saliency
-from rdfast.pruning import data_gradients, scores_for
+from rdfast.pruning import data_gradients, prune_to, random_scores
 
 W = [[1.0, -2.0], [0.5, 0.0]]
 X = [1.0, 2.0]
@@ -54,17 +54,26 @@ def test_data_gradient_matches_hand_computation():
 def test_score_forms_on_tiny_network(strategy, form, expected):
     model, layers, data = tiny()
     grads = data_gradients(model, layers, data, batches=1, batch_size=1, seed_parts=(0,))
-    (scores,) = scores_for(strategy, layers, grads=grads, form=form, eps=EPS)
+    scores = saliency(layers["fc"].detach(), grads["fc"], strategy=strategy, form=form, eps=EPS)
     w, g = np.array(W), hand_gradient()
-    np.testing.assert_allclose(scores.numpy(), expected(w, g), rtol=1e-6)
+    hand = expected(w, g)
+    np.testing.assert_allclose(scores.numpy(), hand, rtol=1e-6)
     assert scores.dtype == torch.float32
+    # Pruning to t = 2 (2 of 4 kept) with the fused selection removes the two lowest scores.
+    masks = {"fc": torch.ones(2, 2, dtype=torch.bool)}
+    new = prune_to(layers, masks, 2.0, strategy, grads=grads, form=form, eps=EPS)
+    order = np.argsort(hand.reshape(-1), kind="stable")
+    expect = np.ones(4, dtype=bool)
+    expect[order[:2]] = False
+    np.testing.assert_array_equal(new["fc"].numpy().reshape(-1), expect)
+    assert torch.all(layers["fc"].detach()[~new["fc"]] == 0)
 
 
 def test_hand_values_of_up_taylor():
     # Entry (0, 0): w = 1, g = p0 - 1 = -0.970688; -w*g + eps*w^2 = 0.970688 + 0.1.
     model, layers, data = tiny()
     grads = data_gradients(model, layers, data, batches=1, batch_size=1, seed_parts=(0,))
-    (s,) = scores_for("up", layers, grads=grads, form="taylor", eps=EPS)
+    s = saliency(layers["fc"].detach(), grads["fc"], strategy="up", form="taylor", eps=EPS)
     assert s[0, 0].item() == pytest.approx(0.9706877 + 0.1, rel=1e-6)
     assert s[1, 1].item() == 0.0  # w = 0: no loss change from removing it
 
@@ -81,9 +90,9 @@ def test_gradient_ignores_weight_decay_and_uses_train_mode():
 
 def test_random_scores_are_seeded():
     layers = {"a": torch.zeros(5, 3), "b": torch.zeros(7)}
-    s1 = scores_for("rp", layers, seed_parts=(1, 2, "rp"))
-    s2 = scores_for("rp", layers, seed_parts=(1, 2, "rp"))
-    s3 = scores_for("rp", layers, seed_parts=(2, 2, "rp"))
+    s1 = random_scores(layers, seed_parts=(1, 2, "rp"))
+    s2 = random_scores(layers, seed_parts=(1, 2, "rp"))
+    s3 = random_scores(layers, seed_parts=(2, 2, "rp"))
     assert all(torch.equal(a, b) for a, b in zip(s1, s2))
     assert not torch.equal(s1[0], s3[0])
 

@@ -83,7 +83,7 @@ def test_prune_to_keeps_round_total_over_t(total, t):
     layers = {"w": w}
     masks = {"w": torch.ones(total, dtype=torch.bool)}
     magnitude = w.detach().abs().clone()
-    new = prune_to(layers, masks, [magnitude], t)
+    new = prune_to(layers, masks, t, "mp")
     assert int(new["w"].sum()) == target_remaining(total, t) == round(total / t)
     assert torch.all(w[~new["w"]] == 0)
     # The survivors are exactly the largest |w| (magnitude pruning).
