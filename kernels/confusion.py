@@ -33,8 +33,17 @@ if HAS_TRITON:
         return tl.where(x != x, 0x7FFFFFFF, k)
 
     @triton.jit
-    def _confusion_kernel(x_ptr, t_ptr, cm_ptr, n, stride_n, C, IS_LABELS: tl.constexpr,
-                          BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+    def _confusion_kernel(
+        x_ptr,
+        t_ptr,
+        cm_ptr,
+        n,
+        stride_n,
+        C,
+        IS_LABELS: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+    ):
         rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < n
         if IS_LABELS:
@@ -47,8 +56,9 @@ if HAS_TRITON:
             for c0 in range(0, C, BLOCK_C):
                 cols = c0 + tl.arange(0, BLOCK_C)
                 ok = row_ok[:, None] & (cols[None, :] < C)
-                x = tl.load(x_ptr + rows[:, None] * stride_n + cols[None, :], mask=ok,
-                            other=0.0).to(tl.float32)
+                x = tl.load(
+                    x_ptr + rows[:, None] * stride_n + cols[None, :], mask=ok, other=0.0
+                ).to(tl.float32)
                 k = tl.where(ok, _order_key(x), -0x7FFFFFFF - 1)
                 kmax = tl.max(k, axis=1)
                 idx = tl.argmax(k, axis=1, tie_break_left=True).to(tl.int64) + c0
@@ -59,8 +69,13 @@ if HAS_TRITON:
         tl.atomic_add(cm_ptr + target * C + pred, 1, mask=row_ok)
 
 
-def confusion_matrix(logits_or_labels: torch.Tensor, targets: torch.Tensor, num_classes: int,
-                     *, backend: str = "auto") -> torch.Tensor:
+def confusion_matrix(
+    logits_or_labels: torch.Tensor,
+    targets: torch.Tensor,
+    num_classes: int,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
     """int64 (num_classes x num_classes) counts, rows = true class, columns = prediction.
 
     Logits (N x C, fp32/bf16/fp16) are reduced with argmax (first maximal index on ties); a
@@ -87,8 +102,15 @@ def confusion_matrix(logits_or_labels: torch.Tensor, targets: torch.Tensor, num_
         x = x if x.dim() == 1 or x.stride(1) == 1 else x.contiguous()
         block_c = min(triton.next_power_of_2(num_classes), 1024)
         _confusion_kernel[(triton.cdiv(n, BLOCK_N),)](
-            x, targets.contiguous(), cm, n, x.stride(0) if x.dim() == 2 else 1, num_classes,
-            IS_LABELS=x.dim() == 1, BLOCK_N=BLOCK_N, BLOCK_C=block_c,
+            x,
+            targets.contiguous(),
+            cm,
+            n,
+            x.stride(0) if x.dim() == 2 else 1,
+            num_classes,
+            IS_LABELS=x.dim() == 1,
+            BLOCK_N=BLOCK_N,
+            BLOCK_C=block_c,
         )
     return cm.view(num_classes, num_classes).long()
 

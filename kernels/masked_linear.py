@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from rdfast.kernels._backend import HAS_TRITON, pick, tl, triton
+from rdfast.kernels._backend import HAS_TRITON, interpreting, pick, tl, triton
 
 # Fixed tiles: 64 x 64 outputs, K in steps of 32 -- a conventional starting point for fp16/bf16
 # and fp32 GEMMs, not tuned on a GPU yet.
@@ -35,11 +35,30 @@ if HAS_TRITON:
 
     @triton.jit
     def _masked_matmul_kernel(
-        a_ptr, b_ptr, c_ptr, mask_ptr, bias_ptr, M, N, K,
-        stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
-        stride_mk, stride_mn, MASK_B: tl.constexpr, MASK_OUT: tl.constexpr,
-        HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        a_ptr,
+        b_ptr,
+        c_ptr,
+        mask_ptr,
+        bias_ptr,
+        M,
+        N,
+        K,
+        stride_am,
+        stride_ak,
+        stride_bk,
+        stride_bn,
+        stride_cm,
+        stride_cn,
+        stride_mk,
+        stride_mn,
+        MASK_B: tl.constexpr,
+        MASK_OUT: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        PRECISION: tl.constexpr,
+        WIDEN: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
     ):
         """C[M, N] = A[M, K] @ (B * mask)[K, N] (+ bias[N]), or (A @ B) * mask with MASK_OUT;
         the mask is indexed like B (MASK_B) or like C (MASK_OUT) through its own strides."""
@@ -51,25 +70,37 @@ if HAS_TRITON:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             kk = k0 + rk
-            a = tl.load(a_ptr + rm[:, None] * stride_am + kk[None, :] * stride_ak,
-                        mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
+            a = tl.load(
+                a_ptr + rm[:, None] * stride_am + kk[None, :] * stride_ak,
+                mask=(rm[:, None] < M) & (kk[None, :] < K),
+                other=0.0,
+            )
             b_ok = (kk[:, None] < K) & (rn[None, :] < N)
-            b = tl.load(b_ptr + kk[:, None] * stride_bk + rn[None, :] * stride_bn, mask=b_ok,
-                        other=0.0)
+            b = tl.load(
+                b_ptr + kk[:, None] * stride_bk + rn[None, :] * stride_bn, mask=b_ok, other=0.0
+            )
             if MASK_B:
-                keep = tl.load(mask_ptr + kk[:, None] * stride_mk + rn[None, :] * stride_mn,
-                               mask=b_ok, other=0)
+                keep = tl.load(
+                    mask_ptr + kk[:, None] * stride_mk + rn[None, :] * stride_mn, mask=b_ok, other=0
+                )
                 b = tl.where(keep != 0, b, tl.zeros_like(b))
+            if WIDEN:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
             acc += tl.dot(a, b, input_precision=PRECISION)
         c_ok = (rm[:, None] < M) & (rn[None, :] < N)
         if MASK_OUT:
-            keep = tl.load(mask_ptr + rm[:, None] * stride_mk + rn[None, :] * stride_mn,
-                           mask=c_ok, other=0)
+            keep = tl.load(
+                mask_ptr + rm[:, None] * stride_mk + rn[None, :] * stride_mn, mask=c_ok, other=0
+            )
             acc = tl.where(keep != 0, acc, 0.0)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-        tl.store(c_ptr + rm[:, None] * stride_cm + rn[None, :] * stride_cn,
-                 acc.to(c_ptr.dtype.element_ty), mask=c_ok)
+        tl.store(
+            c_ptr + rm[:, None] * stride_cm + rn[None, :] * stride_cn,
+            acc.to(c_ptr.dtype.element_ty),
+            mask=c_ok,
+        )
 
 
 def _precision(dtype) -> str:
@@ -83,7 +114,15 @@ def _matmul(a, b, mask, *, mask_b=False, mask_out=False, bias=None, out_dtype=No
     """a @ b with the mask on b's elements or on the output; a, b, mask are strided views."""
     M, K = a.shape
     N = b.shape[1]
-    c = torch.empty(M, N, dtype=out_dtype or a.dtype, device=a.device)
+    out_dtype = out_dtype or a.dtype
+    # Triton 3.8's interpreter truncates fp32 -> bf16 on store (twice the error of rounding to
+    # nearest even, which compiled kernels do): there, store fp32 and let torch round.
+    widen = interpreting() and out_dtype == torch.bfloat16
+    if widen:
+        return _matmul(
+            a, b, mask, mask_b=mask_b, mask_out=mask_out, bias=bias, out_dtype=torch.float32
+        ).to(out_dtype)
+    c = torch.empty(M, N, dtype=out_dtype, device=a.device)
     if M == 0 or N == 0:
         return c
     if K == 0:
@@ -91,11 +130,33 @@ def _matmul(a, b, mask, *, mask_b=False, mask_out=False, bias=None, out_dtype=No
         return c if bias is None else c.add_(bias)
     grid = (triton.cdiv(M, BLOCK_M), triton.cdiv(N, BLOCK_N))
     _masked_matmul_kernel[grid](
-        a, b, c, mask, bias if bias is not None else c, M, N, K,
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
-        mask.stride(0), mask.stride(1), MASK_B=mask_b, MASK_OUT=mask_out,
-        HAS_BIAS=bias is not None, PRECISION=_precision(a.dtype), BLOCK_M=BLOCK_M,
-        BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+        a,
+        b,
+        c,
+        mask,
+        bias if bias is not None else c,
+        M,
+        N,
+        K,
+        a.stride(0),
+        a.stride(1),
+        b.stride(0),
+        b.stride(1),
+        c.stride(0),
+        c.stride(1),
+        mask.stride(0),
+        mask.stride(1),
+        MASK_B=mask_b,
+        MASK_OUT=mask_out,
+        HAS_BIAS=bias is not None,
+        PRECISION=_precision(a.dtype),
+        # Triton 3.8's interpreter gets bf16 tl.dot wrong (errors ~1e10 on a 16 x 16 product,
+        # fp16 and fp32 exact), so there bf16 tiles are widened first; compiled kernels keep
+        # the bf16 tensor-core dot.
+        WIDEN=interpreting() and a.dtype == torch.bfloat16,
+        BLOCK_M=BLOCK_M,
+        BLOCK_N=BLOCK_N,
+        BLOCK_K=BLOCK_K,
     )
     return c
 
@@ -126,8 +187,14 @@ class MaskedLinearFunction(torch.autograd.Function):
         return dx, dw, None, db
 
 
-def masked_linear(x: torch.Tensor, w: torch.Tensor, mask: torch.Tensor,
-                  bias: torch.Tensor | None = None, *, backend: str = "auto") -> torch.Tensor:
+def masked_linear(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    mask: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
     """`F.linear(x, w * mask, bias)` with the mask applied inside the GEMM (Triton), or the
     reference (torch). Gradients of pruned weights are exactly zero."""
     if w.dim() != 2 or x.shape[-1] != w.shape[1]:

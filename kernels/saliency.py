@@ -61,8 +61,16 @@ if HAS_TRITON:
         return s
 
     @triton.jit
-    def _saliency_kernel(w_ptr, g_ptr, out_ptr, n, eps, STRATEGY: tl.constexpr,
-                         FORM: tl.constexpr, BLOCK: tl.constexpr):
+    def _saliency_kernel(
+        w_ptr,
+        g_ptr,
+        out_ptr,
+        n,
+        eps,
+        STRATEGY: tl.constexpr,
+        FORM: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         valid = offs < n
         w = tl.load(w_ptr + offs, mask=valid, other=0.0)
@@ -108,7 +116,13 @@ def saliency(
     n = w.numel()
     if n:
         _saliency_kernel[(triton.cdiv(n, BLOCK),)](
-            w_c, g_c, out, n, float(eps), STRATEGY=STRATEGY_CODES[strategy],
-            FORM=FORM_CODES[form], BLOCK=BLOCK,
+            w_c,
+            g_c,
+            out,
+            n,
+            float(eps),
+            STRATEGY=STRATEGY_CODES[strategy],
+            FORM=FORM_CODES[form],
+            BLOCK=BLOCK,
         )
     return out

@@ -47,8 +47,9 @@ NEG_INF_KEY = -0x7F800001  # signed key of -inf; below it: NaN with the sign bit
 class _Source:
     """Where the scores of tensor i come from: given, or computed from (w, g) on the fly."""
 
-    def __init__(self, scores=None, weights=None, grads=None, strategy=None, form="taylor",
-                 eps=0.0):
+    def __init__(
+        self, scores=None, weights=None, grads=None, strategy=None, form="taylor", eps=0.0
+    ):
         self.fused = scores is None
         self.tensors = list(weights if self.fused else scores)
         self.grads = list(grads) if grads is not None else None
@@ -71,8 +72,9 @@ class _Source:
         if not self.fused:
             x = w[start:end]
             return x if x.dtype == torch.float32 else x.float()
-        return saliency_ref(w[start:end], None if g is None else g[start:end], self.strategy,
-                            self.form, self.eps)
+        return saliency_ref(
+            w[start:end], None if g is None else g[start:end], self.strategy, self.form, self.eps
+        )
 
     def triton_args(self, i):
         w = self.tensors[i].contiguous()
@@ -90,15 +92,19 @@ def _validate(src: _Source, masks, names):
         raise ValueError(f"{len(src)} score tensors but {len(masks)} masks")
     for i, t in enumerate(src.tensors):
         if t.dtype not in FLOAT_TYPES:
-            raise ValueError(f"{names[i]}: scores must be float32, bfloat16 or float16, "
-                             f"got {t.dtype}")
+            raise ValueError(
+                f"{names[i]}: scores must be float32, bfloat16 or float16, got {t.dtype}"
+            )
         if src.fused and src.grads is not None and src.grads[i].shape != t.shape:
-            raise ValueError(f"{names[i]}: gradient {tuple(src.grads[i].shape)} and weight "
-                             f"{tuple(t.shape)} differ")
+            raise ValueError(
+                f"{names[i]}: gradient {tuple(src.grads[i].shape)} and weight "
+                f"{tuple(t.shape)} differ"
+            )
         if masks is not None:
             if masks[i].shape != t.shape:
-                raise ValueError(f"{names[i]}: scores {tuple(t.shape)} and mask "
-                                 f"{tuple(masks[i].shape)} differ")
+                raise ValueError(
+                    f"{names[i]}: scores {tuple(t.shape)} and mask {tuple(masks[i].shape)} differ"
+                )
             if masks[i].dtype != torch.bool:
                 raise ValueError(f"{names[i]}: mask must be bool, got {masks[i].dtype}")
     devices = {t.device for t in src.tensors} | {m.device for m in masks or []}
@@ -108,7 +114,9 @@ def _validate(src: _Source, masks, names):
 
 
 def _find_nan(src: _Source, masks, names):
-    """Name the first tensor with a NaN among its candidates (error path only)."""
+    """Raise naming the first tensor with a NaN among its candidates, if there is one.
+
+    Chunked like the passes; runs only when the first histogram saw keys beyond +-inf."""
     for i in range(len(src)):
         flat = src.flat(i)
         for start in range(0, src.numel(i), CHUNK):
@@ -118,7 +126,6 @@ def _find_nan(src: _Source, masks, names):
                 bad &= masks[i].reshape(-1)[start : start + CHUNK]
             if bad.any():
                 raise ValueError(f"{names[i]}: scores contain NaN")
-    raise AssertionError("NaN expected but not found")  # pragma: no cover
 
 
 # --------------------------------------------------------------------------- torch path
@@ -206,9 +213,22 @@ if HAS_TRITON:
         return x
 
     @triton.jit
-    def _histogram_kernel(s_ptr, g_ptr, m_ptr, hist_ptr, nan_ptr, n, eps, lo,
-                          SOURCE: tl.constexpr, FORM: tl.constexpr, HAS_MASK: tl.constexpr,
-                          CONSUMED: tl.constexpr, BITS: tl.constexpr, BLOCK: tl.constexpr):
+    def _histogram_kernel(
+        s_ptr,
+        g_ptr,
+        m_ptr,
+        hist_ptr,
+        nan_ptr,
+        n,
+        eps,
+        lo,
+        SOURCE: tl.constexpr,
+        FORM: tl.constexpr,
+        HAS_MASK: tl.constexpr,
+        CONSUMED: tl.constexpr,
+        BITS: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
         pid = tl.program_id(0).to(tl.int64)
         step = tl.num_programs(0).to(tl.int64) * BLOCK
         acc = tl.zeros([1 << BITS], dtype=tl.int64)
@@ -233,8 +253,19 @@ if HAS_TRITON:
             tl.atomic_add(nan_ptr, tl.sum(nan, axis=0))
 
     @triton.jit
-    def _equal_count_kernel(s_ptr, g_ptr, m_ptr, cnt_ptr, n, eps, T, SOURCE: tl.constexpr,
-                            FORM: tl.constexpr, PER_BLOCK: tl.constexpr, BLOCK: tl.constexpr):
+    def _equal_count_kernel(
+        s_ptr,
+        g_ptr,
+        m_ptr,
+        cnt_ptr,
+        n,
+        eps,
+        T,
+        SOURCE: tl.constexpr,
+        FORM: tl.constexpr,
+        PER_BLOCK: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
         """Entries equal to T among the kept: per tensor (atomic) or per block (for ranks)."""
         pid = tl.program_id(0).to(tl.int64)
         offs = pid * BLOCK + tl.arange(0, BLOCK)
@@ -248,8 +279,21 @@ if HAS_TRITON:
             tl.atomic_add(cnt_ptr, c)
 
     @triton.jit
-    def _mask_kernel(s_ptr, g_ptr, m_ptr, out_ptr, off_ptr, n, eps, T, r, SOURCE: tl.constexpr,
-                     FORM: tl.constexpr, TIES: tl.constexpr, BLOCK: tl.constexpr):
+    def _mask_kernel(
+        s_ptr,
+        g_ptr,
+        m_ptr,
+        out_ptr,
+        off_ptr,
+        n,
+        eps,
+        T,
+        r,
+        SOURCE: tl.constexpr,
+        FORM: tl.constexpr,
+        TIES: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
         """TIES 0: keep every entry equal to T; 1: remove them all; 2: remove rank < r."""
         pid = tl.program_id(0).to(tl.int64)
         offs = pid * BLOCK + tl.arange(0, BLOCK)
@@ -282,8 +326,20 @@ def _triton_histogram(src, masks, consumed, bits, lo, nan_out):
         s, g, source, form = src.triton_args(i)
         m = masks[i].view(torch.uint8) if masks is not None else _dummy_mask(device)
         _histogram_kernel[(grid_size(n, BLOCK, device),)](
-            s, g, m, hist, nan_out[i], n, src.eps, lo, SOURCE=source, FORM=form,
-            HAS_MASK=masks is not None, CONSUMED=consumed, BITS=bits, BLOCK=BLOCK,
+            s,
+            g,
+            m,
+            hist,
+            nan_out[i],
+            n,
+            src.eps,
+            lo,
+            SOURCE=source,
+            FORM=form,
+            HAS_MASK=masks is not None,
+            CONSUMED=consumed,
+            BITS=bits,
+            BLOCK=BLOCK,
         )
     return hist.cpu()
 
@@ -297,8 +353,18 @@ def _triton_masks(src, masks, T, r):
             n = src.numel(i)
             if n:
                 _equal_count_kernel[(triton.cdiv(n, BLOCK),)](
-                    s, g, masks[i].view(torch.uint8), counts[i:], n, src.eps, T, SOURCE=source,
-                    FORM=form, PER_BLOCK=False, BLOCK=BLOCK)
+                    s,
+                    g,
+                    masks[i].view(torch.uint8),
+                    counts[i:],
+                    n,
+                    src.eps,
+                    T,
+                    SOURCE=source,
+                    FORM=form,
+                    PER_BLOCK=False,
+                    BLOCK=BLOCK,
+                )
     counts = counts.tolist()
     out, budget = [], r
     for i, (s, g, source, form) in enumerate(args):
@@ -310,13 +376,35 @@ def _triton_masks(src, masks, T, r):
         if ties == 2:
             per_block = torch.empty(triton.cdiv(n, BLOCK), dtype=torch.int64, device=device)
             _equal_count_kernel[(per_block.numel(),)](
-                s, g, masks[i].view(torch.uint8), per_block, n, src.eps, T, SOURCE=source,
-                FORM=form, PER_BLOCK=True, BLOCK=BLOCK)
+                s,
+                g,
+                masks[i].view(torch.uint8),
+                per_block,
+                n,
+                src.eps,
+                T,
+                SOURCE=source,
+                FORM=form,
+                PER_BLOCK=True,
+                BLOCK=BLOCK,
+            )
             offsets = per_block.cumsum(0) - per_block
         if n:
             _mask_kernel[(triton.cdiv(n, BLOCK),)](
-                s, g, masks[i].view(torch.uint8), new.view(torch.uint8), offsets, n, src.eps, T,
-                take, SOURCE=source, FORM=form, TIES=ties, BLOCK=BLOCK)
+                s,
+                g,
+                masks[i].view(torch.uint8),
+                new.view(torch.uint8),
+                offsets,
+                n,
+                src.eps,
+                T,
+                take,
+                SOURCE=source,
+                FORM=form,
+                TIES=ties,
+                BLOCK=BLOCK,
+            )
         budget -= take
         out.append(new)
     return out
@@ -339,17 +427,15 @@ def _radix_select(src, masks, k, names, backend):
                 raise ValueError(f"{names[int(nan.nonzero()[0])]}: scores contain NaN")
         else:
             hist = _torch_histogram(src, masks, consumed, bits, lo)
-            # Bins wholly above +inf's key or below -inf's key hold NaN alone; the two bins
-            # shared with +-inf need an exact look.
+            # NaN keys lie beyond those of +-inf; anything in the top bin of +inf or the
+            # bottom bin of -inf (or past them) gets an exact chunked look that names the
+            # tensor -- an extra pass only for inputs that hold infinities or NaN.
             if consumed == 0:
                 half = 1 << (bits - 1)
                 hi_inf = (POS_INF_KEY >> (32 - bits)) + half
                 lo_inf = (NEG_INF_KEY >> (32 - bits)) + half
                 if hist[hi_inf:].sum() + hist[: lo_inf + 1].sum() > 0:
-                    if hist[hi_inf + 1 :].sum() + hist[:lo_inf].sum() > 0 or any(
-                        bool(torch.isnan(t).any()) for t in src.tensors
-                    ):
-                        _find_nan(src, masks, names)
+                    _find_nan(src, masks, names)
         if consumed == 0:
             total = int(hist.sum())
             if not 1 <= k <= total:
@@ -367,8 +453,9 @@ def _key_to_float(T: int) -> torch.Tensor:
     return (b ^ ((b >> 31) & 0x7FFFFFFF)).view(torch.float32)[0]
 
 
-def kth_smallest(tensors: Sequence[torch.Tensor], k: int, *, masks=None, names=None,
-                 backend: str = "auto") -> torch.Tensor:
+def kth_smallest(
+    tensors: Sequence[torch.Tensor], k: int, *, masks=None, names=None, backend: str = "auto"
+) -> torch.Tensor:
     """The exact k-th smallest value (1-based) among all entries of all tensors (of the kept
     entries where `masks` is given), as a 0-dim float32 tensor; -0.0 comes back as +0.0."""
     src = _Source(scores=tensors)
@@ -399,8 +486,14 @@ def _prune(src, masks, n, names, backend):
     return (_triton_masks if be == "triton" else _torch_masks)(src, masks, T, r)
 
 
-def prune_lowest(scores: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], n: int,
-                 names: Sequence[str] | None = None, *, backend: str = "auto"):
+def prune_lowest(
+    scores: Sequence[torch.Tensor],
+    masks: Sequence[torch.Tensor],
+    n: int,
+    names: Sequence[str] | None = None,
+    *,
+    backend: str = "auto",
+):
     """New bool masks with exactly `n` more entries removed, lowest score first.
 
     `scores[i]` and `masks[i]` have the same shape; only entries with `masks[i] == True` are
@@ -409,8 +502,18 @@ def prune_lowest(scores: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], 
     return _prune(_Source(scores=scores), list(masks), n, names, backend)
 
 
-def prune_lowest_fused(weights, grads, masks, n, *, strategy: str, form: str = "taylor",
-                       eps: float = 0.0, names=None, backend: str = "auto"):
+def prune_lowest_fused(
+    weights,
+    grads,
+    masks,
+    n,
+    *,
+    strategy: str,
+    form: str = "taylor",
+    eps: float = 0.0,
+    names=None,
+    backend: str = "auto",
+):
     """`prune_lowest(saliency(w, g), masks, n)` without ever storing the scores."""
     if strategy not in STRATEGY_CODES:
         raise ValueError(f"fused selection takes strategy mp, gp or up, got {strategy!r}")

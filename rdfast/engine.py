@@ -406,8 +406,16 @@ class Engine:
                 seed_parts=(seed, i, "grad"),
             )
         try:
-            return prune_to(layers, masks, t, strategy, grads=grads, form=p.saliency,
-                            eps=p.eps(tr), seed_parts=(seed, i, "rp"))
+            return prune_to(
+                layers,
+                masks,
+                t,
+                strategy,
+                grads=grads,
+                form=p.saliency,
+                eps=p.eps(tr),
+                seed_parts=(seed, i, "rp"),
+            )
         except ValueError as e:  # NaN scores: the gradient estimate blew up
             raise RunFailed(f"pruning to t={t:g} failed: {e}") from None
 

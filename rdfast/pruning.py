@@ -99,8 +99,9 @@ def prune_to(
     else:
         weights = [layers[k].detach() for k in names]
         g = None if grads is None else [grads[k] for k in names]
-        new = prune_lowest_fused(weights, g, old, n, strategy=strategy, form=form, eps=eps,
-                                 names=names)
+        new = prune_lowest_fused(
+            weights, g, old, n, strategy=strategy, form=form, eps=eps, names=names
+        )
     new = dict(zip(names, new))
     apply_masks(layers, new)
     return new

@@ -1,3 +1,9 @@
+import os
+
+# Triton kernels run on CPU tensors through the interpreter; it must be on before
+# rdfast.kernels is imported. A GPU run sets TRITON_INTERPRET=0 to compile them instead.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from pathlib import Path
 
 import pytest
