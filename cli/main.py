@@ -182,6 +182,11 @@ def parse_strategies(text: str) -> tuple[str, ...]:
     help="Experiment folder: records, manifests, checkpoints.",
 )
 @click.option(
+    "--masked-kernels",
+    is_flag=True,
+    help="Run pruned Linear layers through the masked-linear Triton kernel (CUDA).",
+)
+@click.option(
     "--progress/--no-progress", default=None, help="Progress bars [on when stderr is a terminal]."
 )
 def run(**kw):

@@ -76,6 +76,49 @@ class _Source:
             w[start:end], None if g is None else g[start:end], self.strategy, self.form, self.eps
         )
 
+    def pieces(self, masks):
+        """Scores in flat order as (x, kept, segments), x at most CHUNK fp32 values.
+
+        Slices of large tensors come as they are; small tensors are packed into one buffer
+        (copied, bounded by CHUNK) so that 100 tensors of 1e4 entries cost a few torch calls
+        per pass instead of a few hundred. `segments` lists (tensor, start, end, offset in x).
+        """
+        buf_x = buf_m = None
+        pending, fill = [], 0
+
+        def flush():
+            nonlocal pending, fill
+            out = (buf_x[:fill], None if buf_m is None else buf_m[:fill], pending)
+            pending, fill = [], 0
+            return out
+
+        for i in range(len(self)):
+            flat = self.flat(i)
+            m = masks[i].reshape(-1) if masks is not None else None
+            n = self.numel(i)
+            for start in range(0, n, CHUNK):
+                end = min(start + CHUNK, n)
+                x = self.chunk(flat, start, end)
+                kept = m[start:end] if m is not None else None
+                if end - start == CHUNK:  # a full chunk: no copy, after what is pending
+                    if fill:
+                        yield flush()
+                    yield x, kept, [(i, start, end, 0)]
+                    continue
+                if fill + end - start > CHUNK:
+                    yield flush()
+                if buf_x is None:
+                    buf_x = torch.empty(CHUNK, dtype=torch.float32, device=x.device)
+                    buf_m = None if m is None else torch.empty(CHUNK, dtype=torch.bool,
+                                                               device=x.device)
+                buf_x[fill : fill + end - start] = x
+                if buf_m is not None:
+                    buf_m[fill : fill + end - start] = kept
+                pending.append((i, start, end, fill))
+                fill += end - start
+        if fill:
+            yield flush()
+
     def triton_args(self, i):
         w = self.tensors[i].contiguous()
         if not self.fused:
@@ -117,15 +160,14 @@ def _find_nan(src: _Source, masks, names):
     """Raise naming the first tensor with a NaN among its candidates, if there is one.
 
     Chunked like the passes; runs only when the first histogram saw keys beyond +-inf."""
-    for i in range(len(src)):
-        flat = src.flat(i)
-        for start in range(0, src.numel(i), CHUNK):
-            x = src.chunk(flat, start, start + CHUNK)
-            bad = torch.isnan(x)
-            if masks is not None:
-                bad &= masks[i].reshape(-1)[start : start + CHUNK]
-            if bad.any():
-                raise ValueError(f"{names[i]}: scores contain NaN")
+    for x, kept, segments in src.pieces(masks):
+        bad = torch.isnan(x)
+        if kept is not None:
+            bad &= kept
+        if bad.any():
+            first = int(bad.nonzero()[0])
+            i = next(i for i, start, end, off in segments if off <= first < off + end - start)
+            raise ValueError(f"{names[i]}: scores contain NaN")
 
 
 # --------------------------------------------------------------------------- torch path
@@ -141,51 +183,43 @@ def _torch_histogram(src, masks, consumed, bits, lo):
     """Histogram of the next `bits` bits of the keys in [lo, lo + 2^(32-consumed))."""
     hist = torch.zeros(1 << bits, dtype=torch.int64)
     shift = 32 - consumed - bits
-    for i in range(len(src)):
-        flat = src.flat(i)
-        m = masks[i].reshape(-1) if masks is not None else None
-        for start in range(0, src.numel(i), CHUNK):
-            ks = _keys(src.chunk(flat, start, start + CHUNK))
-            kept = m[start : start + CHUNK] if m is not None else None
-            if consumed == 0:
-                # Unsigned key >> shift == (signed key >> shift) + 2^(bits - 1).
-                d = (ks >> shift) + (1 << (bits - 1))
-                if kept is not None and not bool(kept.all()):
-                    d = d[kept]
-            else:
-                diff = ks - lo  # wraps; in range iff 0 <= diff < 2^(32 - consumed)
-                sel = (diff >> (32 - consumed)) == 0
-                if kept is not None:
-                    sel &= kept
-                d = diff[sel] >> shift
-            hist += torch.bincount(d.reshape(-1), minlength=1 << bits).cpu()
+    for x, kept, _ in src.pieces(masks):
+        ks = _keys(x)
+        if consumed == 0:
+            # Unsigned key >> shift == (signed key >> shift) + 2^(bits - 1).
+            d = (ks >> shift) + (1 << (bits - 1))
+            if kept is not None and not bool(kept.all()):
+                d = d[kept]
+        else:
+            diff = ks - lo  # wraps; in range iff 0 <= diff < 2^(32 - consumed)
+            sel = (diff >> (32 - consumed)) == 0
+            if kept is not None:
+                sel &= kept
+            d = diff[sel] >> shift
+        hist += torch.bincount(d, minlength=1 << bits).cpu()
     return hist
 
 
 def _torch_masks(src, masks, T, r):
     """Keep entries above T; of those equal to T remove the first r in flat order."""
-    out, budget = [], r
-    for i in range(len(src)):
-        flat = src.flat(i)
-        m = masks[i].reshape(-1)
-        new = torch.empty_like(m)
-        for start in range(0, src.numel(i), CHUNK):
-            ks = _keys(src.chunk(flat, start, start + CHUNK))
-            kept = m[start : start + CHUNK]
-            keep = kept & (ks > T)
-            eq = kept & (ks == T)
-            if budget:
-                c = int(eq.sum())
-                if c <= budget:  # every equal entry of this chunk goes
-                    budget -= c
-                else:  # the tie boundary: the first `budget` equal entries go
-                    keep |= eq & (eq.cumsum(0) > budget)
-                    budget = 0
-            else:
-                keep |= eq
-            new[start : start + CHUNK] = keep
-        out.append(new.view_as(masks[i]))
-    return out
+    out = [torch.empty_like(m).reshape(-1) for m in masks]
+    budget = r
+    for x, kept, segments in src.pieces(masks):
+        ks = _keys(x)
+        keep = kept & (ks > T)
+        eq = kept & (ks == T)
+        if budget:
+            c = int(eq.sum())
+            if c <= budget:  # every equal entry of this piece goes
+                budget -= c
+            else:  # the tie boundary: the first `budget` equal entries go
+                keep |= eq & (eq.cumsum(0) > budget)
+                budget = 0
+        else:
+            keep |= eq
+        for i, start, end, offset in segments:
+            out[i][start:end] = keep[offset : offset + end - start]
+    return [o.view_as(m) for o, m in zip(out, masks)]
 
 
 # --------------------------------------------------------------------------- Triton path

@@ -33,6 +33,7 @@ def run_command(
     data_root,
     out,
     progress,
+    masked_kernels=False,
     echo=print,
 ) -> int:
     """Validate, run every (seed, strategy), print the accuracy table; return the exit code."""
@@ -69,6 +70,7 @@ def run_command(
         device=device,
         data_root=data_root,
         out=out,
+        masked_kernels=masked_kernels,
     )
     engine = Engine(exp, progress=progress)
     engine.prepare()  # raises BadInput before anything is written

@@ -9,6 +9,7 @@ and a rerun continues where it stopped.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import platform
 import subprocess
@@ -26,6 +27,7 @@ from rdfast import store
 from rdfast.config import STRATEGIES, PruneSettings, TrainSettings
 from rdfast.data import TensorData, load_dataset
 from rdfast.errors import BadInput, RunFailed
+from rdfast.kernels._backend import interpreting
 from rdfast.models import build_model, prunable_layers
 from rdfast.pruning import (
     apply_masks,
@@ -34,7 +36,7 @@ from rdfast.pruning import (
     prune_to,
 )
 from rdfast.seeding import derive_seed
-from rdfast.training import evaluate, train
+from rdfast.training import evaluate, masked_linear_layers, train
 
 DENSE_FORMAT = 1
 
@@ -53,6 +55,7 @@ class Experiment:
     device: str = "auto"
     data_root: Path | None = None
     out: Path = Path("runs")
+    masked_kernels: bool = False  # Linear layers through the masked-linear kernel (CUDA)
 
 
 @dataclass
@@ -159,6 +162,8 @@ class Engine:
         if not exp.seeds:
             raise BadInput("no seeds given")
         self.device = resolve_device(exp.device)
+        if exp.masked_kernels and self.device.type != "cuda" and not interpreting():
+            raise BadInput("--masked-kernels needs a CUDA device (--device cuda)")
         data = load_dataset(exp.dataset, exp.data_root)
         probe = build_model(exp.model, data.input_shape, data.num_classes, exp.width)
         layers = prunable_layers(probe, exp.prune.exclude)
@@ -198,6 +203,7 @@ class Engine:
             "finetune_lr": p.finetune_rate(tr) if p.retrain == "finetune" else None,
             "rewind_epoch": p.rewind_epoch if p.retrain == "rewind" else None,
             "exclude": list(p.exclude),
+            "masked_kernels": self.exp.masked_kernels,
         }
 
     # ------------------------------------------------------------------ pieces
@@ -353,10 +359,13 @@ class Engine:
                 t = p.ratios[i - 1]
                 start = time.perf_counter()
                 masks = self._prune_step(model, layers, masks, strategy, seed, i, t)
-                stats = self._retrain(model, layers, masks, dense, seed, i)
+                kernels = (masked_linear_layers(model, masks) if exp.masked_kernels
+                           else contextlib.nullcontext())
+                with kernels:
+                    stats = self._retrain(model, layers, masks, dense, seed, i)
+                    ev = evaluate(model, self.data)
                 if stats:
                     throughput.append(stats["images_per_second"])
-                ev = evaluate(model, self.data)
                 remaining = sum(int(m.sum()) for m in masks.values())
                 state = {
                     "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},

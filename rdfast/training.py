@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -17,7 +18,7 @@ from torch.nn import functional as F
 from rdfast.config import TrainSettings
 from rdfast.data import TensorData
 from rdfast.errors import RunFailed
-from rdfast.kernels import confusion_matrix
+from rdfast.kernels import confusion_matrix, masked_linear
 from rdfast.seeding import generator
 
 
@@ -104,3 +105,24 @@ def evaluate(model: nn.Module, data: TensorData, batch_size: int = 4096) -> dict
         "loss": float(loss) / n,
         "eval_images_per_second": n / seconds if seconds > 0 else float("nan"),
     }
+
+
+@contextmanager
+def masked_linear_layers(model: nn.Module, masks: dict[str, torch.Tensor]):
+    """Within the block, each masked nn.Linear runs through the masked-linear kernel: the
+    mask is applied inside the GEMM tiles and pruned weights get exactly zero gradient."""
+    patched = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and name in masks:
+            mask = masks[name]
+
+            def forward(x, module=module, mask=mask):
+                return masked_linear(x, module.weight, mask, module.bias, backend="triton")
+
+            module.forward = forward
+            patched.append(module)
+    try:
+        yield patched
+    finally:
+        for module in patched:
+            del module.forward

@@ -177,3 +177,19 @@ def test_failed_run_recorded_and_others_go_on(tmp_path, monkeypatch):
     done = store.read_json(tmp_path / "runs" / by_seed[0].run_id / "manifest.json")
     assert done["status"] == "complete" and done["settings"]["strategy"] == "mp"
     assert set(store.load_records(tmp_path)["seed"]) == {0}
+
+
+def test_masked_kernels_through_the_interpreter(tmp_path):
+    """The masked-linear kernel in the retraining loop: pruned weights stay exactly zero and
+    the results agree with the plain torch path to rounding."""
+    plain = experiment(tmp_path / "plain", strategies=("mp",))
+    Engine(plain, progress=False).execute()
+    kern = experiment(tmp_path / "kern", strategies=("mp",))
+    kern.masked_kernels = True
+    Engine(kern, progress=False).execute()
+    run_dir = next((tmp_path / "kern" / "runs").iterdir())
+    state = store.load_torch(run_dir / "step-3.pt")
+    for name, mask in state["masks"].items():
+        assert torch.all(state["model"][f"{name}.weight"][~mask] == 0)
+    a, b = table(tmp_path / "plain"), table(tmp_path / "kern")
+    assert (a["accuracy"] - b["accuracy"]).abs().max() <= 0.02

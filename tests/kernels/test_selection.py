@@ -227,3 +227,26 @@ def test_prune_to_keeps_round_total_over_t(total, t):
     assert torch.all(w[~new["w"]] == 0)
     # The survivors are exactly the largest |w| (magnitude pruning).
     assert magnitude[new["w"]].min() >= magnitude[~new["w"]].max()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_torch_chunks_and_packing(monkeypatch, seed):
+    """Tensors larger than a chunk, tails and small tensors packed together: same answer."""
+    import rdfast.kernels.selection as sel
+
+    monkeypatch.setattr(sel, "CHUNK", 16)
+    gen = torch.Generator().manual_seed(seed)
+    sizes = torch.randint(0, 40, (7,), generator=gen).tolist()
+    scores = [torch.randint(0, 5, (s,), generator=gen).half() for s in sizes]
+    masks = [torch.rand(s, generator=gen) < 0.8 for s in sizes]
+    kept = int(sum(m.sum() for m in masks))
+    for n in (0, 1, kept // 2, kept):
+        out = prune_lowest(scores, masks, n, backend="torch")
+        np.testing.assert_array_equal(flat(out), numpy_reference(scores, masks, n))
+    big = [s for s in range(7) if sizes[s] and masks[s].any()]
+    if big:
+        i = big[-1]
+        scores[i][masks[i].nonzero()[0]] = float("nan")
+        with pytest.raises(ValueError, match=f"layer{i}: scores contain NaN"):
+            prune_lowest(scores, masks, 1, names=[f"layer{j}" for j in range(7)],
+                         backend="torch")
