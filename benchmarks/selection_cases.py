@@ -36,8 +36,9 @@ def rdfast_kth_smallest(scores, modules=None):
 
 
 def torch_kthvalue(scores, modules=None):
-    return torch.kthvalue(torch.cat([s.reshape(-1) for s in scores]),
-                          sum(s.numel() for s in scores) // 2).values
+    return torch.kthvalue(
+        torch.cat([s.reshape(-1) for s in scores]), sum(s.numel() for s in scores) // 2
+    ).values
 
 
 def numpy_sort(scores, modules=None):
@@ -68,8 +69,9 @@ def modules_for(scores):
 def torch_global_unstructured(scores, modules):
     from torch.nn.utils import prune
 
-    prune.global_unstructured([(m, "weight") for m in modules],
-                              pruning_method=prune.L1Unstructured, amount=0.5)
+    prune.global_unstructured(
+        [(m, "weight") for m in modules], pruning_method=prune.L1Unstructured, amount=0.5
+    )
     out = [m.weight_mask for m in modules]
     for m in modules:  # undo, so that the next round starts from the same state
         prune.remove(m, "weight")

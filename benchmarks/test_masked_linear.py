@@ -23,8 +23,11 @@ def layer(sparsity, device="cpu", dtype=torch.float32):
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(OUT, IN, generator=gen)
     mask = torch.rand(OUT, IN, generator=gen) >= sparsity
-    return (w * mask).to(device, dtype), mask.to(device), torch.randn(OUT, generator=gen).to(
-        device, dtype)
+    return (
+        (w * mask).to(device, dtype),
+        mask.to(device),
+        torch.randn(OUT, generator=gen).to(device, dtype),
+    )
 
 
 @pytest.mark.parametrize("batch", BATCHES_CPU)

@@ -27,8 +27,13 @@ def problem(request):
 
 
 def peak_mb(case, total):
-    out = subprocess.run([sys.executable, "-m", "benchmarks.selection_cases", case, str(total),
-                          str(TENSORS)], capture_output=True, text=True, cwd=ROOT, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks.selection_cases", case, str(total), str(TENSORS)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=True,
+    )
     return float(out.stdout.strip())
 
 
@@ -41,3 +46,39 @@ def test_global_selection(benchmark, problem, case):
     benchmark.pedantic(lambda: fn(scores, state), rounds=ROUNDS.get(case, 3), warmup_rounds=0)
     benchmark.extra_info["weights"] = SIZES[size]
     benchmark.extra_info["extra_peak_mb"] = peak_mb(case, SIZES[size])
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("case", ["rdfast_fused_up", "torch_kthvalue_of_saliency"])
+def test_gpu_selection_1e9(benchmark, case):
+    """Saliency + selection over 1e9 fp32 weights and gradients in 100 tensors (UP, taylor).
+
+    Bytes per pass: 8 per weight (w and g) + 1 (mask); 5 full passes (3 histograms, the
+    equal-count pass, the mask pass) + 1 byte written per weight."""
+    import torch
+
+    from rdfast.kernels import prune_lowest_fused, saliency
+
+    benchmark.group = "gpu-select-50%-1e9-in-100"
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    per = 10**7
+    ws = [torch.randn(per, device="cuda", generator=gen) for _ in range(100)]
+    gs = [torch.randn(per, device="cuda", generator=gen) * 1e-3 for _ in range(100)]
+    masks = [torch.ones(per, dtype=torch.bool, device="cuda") for _ in range(100)]
+    n = 5 * 10**8
+
+    def fused():
+        out = prune_lowest_fused(ws, gs, masks, n, strategy="up", eps=5e-4)
+        torch.cuda.synchronize()
+        return out
+
+    def kth():
+        s = torch.cat([saliency(w, g, strategy="up", eps=5e-4) for w, g in zip(ws, gs)])
+        v = torch.kthvalue(s, n).values
+        torch.cuda.synchronize()
+        return v
+
+    benchmark.pedantic(fused if case == "rdfast_fused_up" else kth, rounds=5, warmup_rounds=1)
+    moved = 10**9 * (5 * 9 + 1)
+    benchmark.extra_info["bytes_moved"] = moved
+    benchmark.extra_info["gb_per_s"] = round(moved / benchmark.stats.stats.median / 1e9, 1)

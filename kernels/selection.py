@@ -109,8 +109,9 @@ class _Source:
                     yield flush()
                 if buf_x is None:
                     buf_x = torch.empty(CHUNK, dtype=torch.float32, device=x.device)
-                    buf_m = None if m is None else torch.empty(CHUNK, dtype=torch.bool,
-                                                               device=x.device)
+                    buf_m = (
+                        None if m is None else torch.empty(CHUNK, dtype=torch.bool, device=x.device)
+                    )
                 buf_x[fill : fill + end - start] = x
                 if buf_m is not None:
                     buf_m[fill : fill + end - start] = kept

@@ -359,8 +359,11 @@ class Engine:
                 t = p.ratios[i - 1]
                 start = time.perf_counter()
                 masks = self._prune_step(model, layers, masks, strategy, seed, i, t)
-                kernels = (masked_linear_layers(model, masks) if exp.masked_kernels
-                           else contextlib.nullcontext())
+                kernels = (
+                    masked_linear_layers(model, masks)
+                    if exp.masked_kernels
+                    else contextlib.nullcontext()
+                )
                 with kernels:
                     stats = self._retrain(model, layers, masks, dense, seed, i)
                     ev = evaluate(model, self.data)

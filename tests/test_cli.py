@@ -265,8 +265,11 @@ def test_killed_process_resumes_to_identical_table(tmp_path):
 
 
 def test_masked_kernels_need_cuda(tmp_path):
-    res = CliRunner().invoke(cli, ["run", "--masked-kernels", "--device", "cpu", "--out",
-                                   str(tmp_path / "o")], env={"TRITON_INTERPRET": "0"})
+    res = CliRunner().invoke(
+        cli,
+        ["run", "--masked-kernels", "--device", "cpu", "--out", str(tmp_path / "o")],
+        env={"TRITON_INTERPRET": "0"},
+    )
     assert res.exit_code == 2
     assert "--masked-kernels needs a CUDA device" in res.stderr
     assert not (tmp_path / "o").exists()

@@ -248,5 +248,4 @@ def test_torch_chunks_and_packing(monkeypatch, seed):
         i = big[-1]
         scores[i][masks[i].nonzero()[0]] = float("nan")
         with pytest.raises(ValueError, match=f"layer{i}: scores contain NaN"):
-            prune_lowest(scores, masks, 1, names=[f"layer{j}" for j in range(7)],
-                         backend="torch")
+            prune_lowest(scores, masks, 1, names=[f"layer{j}" for j in range(7)], backend="torch")
