@@ -31,6 +31,10 @@ class OneLineErrors(click.Group):
         sys.exit(rv or 0)
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None):
+    click.echo(f"rdfast: warning: {message}", err=True)
+
+
 @click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(rdfast.__version__, prog_name="rdfast")
 def cli():
@@ -40,6 +44,9 @@ def cli():
     random (rp) scores to a series of ratios, retrain, and record per-class recall at each
     step. Start with `rdfast run` (digits, mlp, all strategies, five seeds).
     """
+    import warnings
+
+    warnings.showwarning = _one_line_warning
 
 
 def parse_seeds(text: str) -> tuple[int, ...]:
@@ -91,7 +98,12 @@ def parse_strategies(text: str) -> tuple[str, ...]:
     show_default=True,
     help="Dataset name, optionally with options: NAME[:key=value,...] (see `rdfast datasets`).",
 )
-@click.option("--model", default="mlp", show_default=True, help="Model name: mlp, lenet5.")
+@click.option(
+    "--model",
+    default="mlp",
+    show_default=True,
+    help="Model: mlp, lenet5, resnet20/32/44/56/110, vgg11, vgg16, timm:NAME, torchvision:NAME.",
+)
 @click.option(
     "--width",
     default=1.0,
@@ -181,6 +193,15 @@ def parse_strategies(text: str) -> tuple[str, ...]:
     type=click.Path(path_type=Path),
     help="Experiment folder: records, manifests, checkpoints.",
 )
+@click.option(
+    "--precision",
+    default="auto",
+    show_default=True,
+    type=click.Choice(["auto", "fp32", "bf16"]),
+    help="Training arithmetic: bf16 autocast on CUDA with auto, fp32 on the CPU.",
+)
+@click.option("--compile", is_flag=True, help="torch.compile the model (CUDA; first steps slower).")
+@click.option("--image-size", type=int, help="Resize image-folder datasets to N x N (as size=N).")
 @click.option(
     "--masked-kernels",
     is_flag=True,

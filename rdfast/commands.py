@@ -4,8 +4,21 @@ from __future__ import annotations
 
 from rdfast import store
 from rdfast.config import PruneSettings, preset, train_settings
-from rdfast.data import parse_spec
+from rdfast.data import DATASETS, parse_spec
 from rdfast.engine import Engine, Experiment, accuracy_table
+from rdfast.errors import BadInput
+
+
+def with_image_size(dataset: str, image_size: int | None) -> str:
+    """`--image-size N` as the dataset option size=N, for the datasets that take one."""
+    if image_size is None:
+        return dataset
+    name, _ = parse_spec(dataset)
+    if "size" not in DATASETS[name].options:
+        raise BadInput(f"--image-size applies to image folders; {name} has a fixed size")
+    if image_size < 1:
+        raise BadInput(f"--image-size must be >= 1, got {image_size}")
+    return f"{dataset}{',' if ':' in dataset else ':'}size={image_size}"
 
 
 def run_command(
@@ -34,12 +47,17 @@ def run_command(
     out,
     progress,
     masked_kernels=False,
+    precision="auto",
+    compile=False,
+    image_size=None,
     echo=print,
 ) -> int:
     """Validate, run every (seed, strategy), print the accuracy table; return the exit code."""
+    dataset = with_image_size(dataset, image_size)
     name, _ = parse_spec(dataset)
     train = train_settings(
         name,
+        model,
         epochs=epochs,
         lr=lr,
         batch_size=batch_size,
@@ -52,7 +70,7 @@ def run_command(
         grad_batches=grad_batches,
         up_eps=up_eps,
         retrain=retrain,
-        finetune_epochs=preset(name)["finetune_epochs"]
+        finetune_epochs=preset(name, model)["finetune_epochs"]
         if finetune_epochs is None
         else finetune_epochs,
         finetune_lr=finetune_lr,
@@ -71,6 +89,8 @@ def run_command(
         data_root=data_root,
         out=out,
         masked_kernels=masked_kernels,
+        precision=precision,
+        compile=compile,
     )
     engine = Engine(exp, progress=progress)
     engine.prepare()  # raises BadInput before anything is written

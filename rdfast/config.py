@@ -9,6 +9,7 @@ from rdfast.errors import BadInput
 STRATEGIES = ("mp", "gp", "up", "rp")
 RETRAIN_MODES = ("finetune", "rewind")
 SCHEDULES = ("cosine", "step")
+PRECISIONS = ("fp32", "bf16")
 DEFAULT_RATIOS = (2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
 
 
@@ -22,8 +23,13 @@ class TrainSettings:
     weight_decay: float
     momentum: float = 0.9
     schedule: str = "cosine"
+    precision: str = "fp32"  # fp32, or bf16 autocast (the default on CUDA)
 
     def validate(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise BadInput(
+                f"unknown precision {self.precision!r}; choose from {', '.join(PRECISIONS)}"
+            )
         if self.epochs < 1:
             raise BadInput(f"--epochs must be >= 1, got {self.epochs}")
         if not self.lr > 0:
@@ -100,13 +106,40 @@ PRESETS: dict[str, dict] = {
 FALLBACK_PRESET = dict(epochs=20, lr=0.05, batch_size=128, weight_decay=5e-4, finetune_epochs=3)
 
 
-def preset(dataset_name: str) -> dict:
-    return dict(PRESETS.get(dataset_name, FALLBACK_PRESET))
+# Presets per (dataset, model family), before the per-dataset ones above.
+# CIFAR ResNets: He et al. 2016 (SGD momentum 0.9, lr 0.1, batch 128) with cosine decay over
+# 160 epochs as in OpenLTH's cifar_resnet_20 recipe, weight decay 5e-4 (= the authors' UP eps);
+# VGG: OpenLTH's cifar_vgg_16 (lr 0.1, batch 128, 160 epochs), same decay; SVHN converges in
+# far fewer epochs (40). Fine-tuning: 10 epochs (5 on SVHN) at lr / 10 after each step.
+_CIFAR = dict(epochs=160, lr=0.1, batch_size=128, weight_decay=5e-4, finetune_epochs=10)
+_SVHN = dict(epochs=40, lr=0.05, batch_size=128, weight_decay=5e-4, finetune_epochs=5)
+FAMILY_PRESETS: dict[tuple[str, str], dict] = {
+    (data, family): recipe
+    for data, recipe in (("cifar10", _CIFAR), ("cifar100", _CIFAR), ("svhn", _SVHN))
+    for family in ("resnet", "vgg", "timm", "torchvision")
+}
+PRESETS.update(
+    {
+        "cifar10": dict(epochs=60, lr=0.05, batch_size=128, weight_decay=5e-4, finetune_epochs=5),
+        "cifar100": dict(epochs=60, lr=0.05, batch_size=128, weight_decay=5e-4, finetune_epochs=5),
+        "svhn": dict(_SVHN),
+        "imagefolder": dict(
+            epochs=60, lr=0.05, batch_size=64, weight_decay=5e-4, finetune_epochs=5
+        ),
+    }
+)
 
 
-def train_settings(dataset_name: str, **overrides) -> TrainSettings:
-    """The dataset's preset with every override that is not None applied."""
-    base = preset(dataset_name)
+def preset(dataset_name: str, model: str = "mlp") -> dict:
+    from rdfast.models import model_family
+
+    key = (dataset_name, model_family(model))
+    return dict(FAMILY_PRESETS.get(key) or PRESETS.get(dataset_name, FALLBACK_PRESET))
+
+
+def train_settings(dataset_name: str, model: str = "mlp", **overrides) -> TrainSettings:
+    """The (dataset, model) preset with every override that is not None applied."""
+    base = preset(dataset_name, model)
     base.pop("finetune_epochs")
     s = TrainSettings(**base)
     s = replace(s, **{k: v for k, v in overrides.items() if v is not None})

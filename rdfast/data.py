@@ -1,12 +1,13 @@
 """Datasets as device-resident tensors, and the registry that names them.
 
-Add a dataset in one place: a function decorated with `@register_dataset` that returns
-`(x_train, y_train, x_test, y_test, class_names)` as CPU tensors. Everything else (subsets,
-normalisation, moving to the device, batching) is shared.
+Add a dataset in one place (`rdfast/datasets.py`): a function decorated with
+`@register_dataset` that returns a `Raw` (CPU tensors, uint8 images or float features).
+Everything else -- subsets, normalisation, augmentation, moving to the device, batching -- is
+shared and lives here.
 
 A dataset is named on the command line by a spec, `NAME` or `NAME:key=value,...`, e.g.
-`synthetic:classes=20,sep=2` or `mnist:train=5000,test=1000`. Every dataset accepts
-`train=N` and `test=N` (a stratified subset drawn with a fixed seed); some accept more.
+`synthetic:classes=20,sep=2`, `mnist:train=5000,test=1000`, `imagefolder:/data/pets,size=64`.
+Every dataset accepts `train=N` and `test=N` (a stratified subset drawn with a fixed seed).
 """
 
 from __future__ import annotations
@@ -18,15 +19,30 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from rdfast.errors import BadInput
 
 DEFAULT_DATA_ROOT = Path(os.environ.get("RDFAST_DATA", "~/.cache/rdfast/data")).expanduser()
+AUGMENTATIONS = ("none", "crop", "crop-flip")
+
+
+@dataclass
+class Raw:
+    """What a dataset entry returns: CPU tensors as stored (uint8 images are kept uint8)."""
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    class_names: list[str]
+    augment: str = "none"  # training augmentation: none, crop (4-pixel pad), crop-flip
 
 
 @dataclass
 class TensorData:
-    """A classification dataset held as tensors on one device, normalised per channel."""
+    """A classification dataset on one device. Inputs stay as stored (uint8 images take a
+    quarter of the memory) and are normalised per channel batch by batch."""
 
     name: str
     x_train: torch.Tensor
@@ -34,6 +50,10 @@ class TensorData:
     x_test: torch.Tensor
     y_test: torch.Tensor
     class_names: list[str]
+    mean: torch.Tensor  # per channel, broadcastable to a batch
+    std: torch.Tensor
+    augment: str = "none"
+    channels_last: bool = False
 
     @property
     def num_classes(self) -> int:
@@ -44,22 +64,53 @@ class TensorData:
         return tuple(self.x_train.shape[1:])
 
     def to(self, device: torch.device | str) -> TensorData:
-        return TensorData(
-            self.name,
-            self.x_train.to(device),
-            self.y_train.to(device),
-            self.x_test.to(device),
-            self.y_test.to(device),
-            self.class_names,
-        )
+        fields = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        for k in ("x_train", "y_train", "x_test", "y_test", "mean", "std"):
+            fields[k] = fields[k].to(device)
+        return TensorData(**fields)
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        x = (x.float() - self.mean) / self.std
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
 
     def train_batches(self, batch_size: int, generator: torch.Generator):
-        """Shuffled mini-batches by index: one seeded permutation per call (one epoch)."""
+        """Shuffled, augmented, normalised mini-batches: one seeded permutation per call.
+
+        All random numbers come from the CPU generator, so a seed gives the same batches on
+        every device."""
         n = self.x_train.shape[0]
         order = torch.randperm(n, generator=generator).to(self.x_train.device)
         for start in range(0, n, batch_size):
             idx = order[start : start + batch_size]
-            yield self.x_train[idx], self.y_train[idx]
+            x = self.x_train[idx]
+            if self.augment != "none":
+                x = augment_batch(x, generator, flip=self.augment == "crop-flip")
+            yield self.prepare(x), self.y_train[idx]
+
+    def test_batches(self, batch_size: int):
+        for start in range(0, self.x_test.shape[0], batch_size):
+            end = start + batch_size
+            yield self.prepare(self.x_test[start:end]), self.y_test[start:end]
+
+
+def augment_batch(x: torch.Tensor, generator: torch.Generator, flip: bool, pad: int = 4):
+    """Random crop after zero-padding by `pad` pixels, and a horizontal flip with p = 1/2,
+    for a whole N x C x H x W batch at once on its device."""
+    n, _, h, w = x.shape
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(x.device)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(x.device)
+    padded = F.pad(x, (pad, pad, pad, pad))
+    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
+    batch = torch.arange(n, device=x.device)[:, None, None, None]
+    chans = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
+    out = padded[batch, chans, rows, cols]
+    if flip:
+        mirror = (torch.rand(n, generator=generator) < 0.5).to(x.device)
+        out = torch.where(mirror[:, None, None, None], out.flip(3), out)
+    return out
 
 
 @dataclass
@@ -73,10 +124,11 @@ class Option:
 class DatasetEntry:
     name: str
     description: str
-    load: Callable[..., tuple]
+    load: Callable[..., Raw]
     options: dict[str, Option] = field(default_factory=dict)
     # Files that must exist under the data root (relative paths); empty = nothing to read.
     files: tuple[str, ...] = ()
+    positional: str | None = None  # an option given without `key=`, e.g. imagefolder's path
 
     def present(self, root: Path) -> bool:
         return all((Path(root) / f).exists() for f in self.files)
@@ -90,16 +142,18 @@ COMMON_OPTIONS = {
 }
 
 
-def register_dataset(name: str, description: str, options=None, files=()):
+def register_dataset(name: str, description: str, options=None, files=(), positional=None):
     def wrap(fn):
-        DATASETS[name] = DatasetEntry(name, description, fn, dict(options or {}), tuple(files))
+        DATASETS[name] = DatasetEntry(
+            name, description, fn, dict(options or {}), tuple(files), positional
+        )
         return fn
 
     return wrap
 
 
 def parse_spec(spec: str) -> tuple[str, dict[str, object]]:
-    """`'synthetic:classes=5,sep=2'` -> `('synthetic', {'classes': 5, 'sep': 2.0})`, validated."""
+    """`'synthetic:classes=5,sep=2'` -> `('synthetic', {'classes': 5, 'sep': 2.0, ...})`."""
     name, _, rest = spec.partition(":")
     if name not in DATASETS:
         raise BadInput(f"unknown dataset {name!r}; choose from {', '.join(sorted(DATASETS))}")
@@ -108,7 +162,13 @@ def parse_spec(spec: str) -> tuple[str, dict[str, object]]:
     opts: dict[str, object] = {k: o.default for k, o in known.items()}
     for item in filter(None, rest.split(",")):
         key, eq, value = item.partition("=")
-        if not eq or key not in known:
+        if (
+            not eq
+            and entry.positional
+            and opts[entry.positional] == known[entry.positional].default
+        ):
+            key, value = entry.positional, item
+        elif not eq or key not in known:
             raise BadInput(
                 f"bad dataset option {item!r} for {name}; options: "
                 + ", ".join(f"{k}=<{o.kind.__name__}>" for k, o in known.items())
@@ -122,6 +182,8 @@ def parse_spec(spec: str) -> tuple[str, dict[str, object]]:
     for key in ("train", "test"):
         if int(opts[key]) < 0:
             raise BadInput(f"dataset option {key} must be >= 0, got {opts[key]}")
+    if entry.positional and not opts[entry.positional]:
+        raise BadInput(f"{name} needs a {entry.positional}: {name}:<{entry.positional}>")
     return name, opts
 
 
@@ -148,149 +210,50 @@ def _stratified_subset(x, y, n, what):
     return x[idx], y[idx]
 
 
+def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std (channel = dim 1; every feature for vectors), shaped to
+    broadcast over a batch. uint8 images go through exact 256-bin value histograms per channel
+    rather than a float copy of the whole set."""
+    shape = [1, x.shape[1]] + [1] * (x.dim() - 2)
+    if x.dtype == torch.uint8:
+        per_channel = x.transpose(0, 1).reshape(x.shape[1], -1)
+        counts = torch.stack([torch.bincount(c, minlength=256) for c in per_channel]).double()
+        values = torch.arange(256, dtype=torch.float64)
+        total = counts.sum(1)
+        mean = (counts * values).sum(1) / total
+        var = (counts * (values - mean[:, None]) ** 2).sum(1) / (total - 1).clamp_min(1)
+        return mean.float().view(shape), var.sqrt().float().clamp_min(1e-6).view(shape)
+    dims = [0] + list(range(2, x.dim()))
+    return x.mean(dim=dims).view(shape), x.std(dim=dims).clamp_min(1e-6).view(shape)
+
+
 def load_dataset(spec: str, root: Path | str | None = None) -> TensorData:
-    """Load, subset and normalise a dataset on the CPU."""
+    """Load, subset and compute normalisation statistics of a dataset, on the CPU."""
     name, opts = parse_spec(spec)
     entry = DATASETS[name]
     root = Path(root).expanduser() if root is not None else DEFAULT_DATA_ROOT
     own = {k: v for k, v in opts.items() if k in entry.options}
-    x_tr, y_tr, x_te, y_te, names = entry.load(root, **own)
-    x_tr, y_tr = _stratified_subset(x_tr, y_tr, int(opts["train"]), "training")
-    x_te, y_te = _stratified_subset(x_te, y_te, int(opts["test"]), "test")
-    x_tr, x_te = x_tr.float(), x_te.float()
-    # Per-channel statistics of the training split (channel = dim 1 for images, each
-    # feature for vectors), applied to both splits.
-    dims = [0] + list(range(2, x_tr.dim()))
-    mean = x_tr.mean(dim=dims, keepdim=True)
-    std = x_tr.std(dim=dims, keepdim=True).clamp_min(1e-6)
+    raw = entry.load(root, **own)
+    x_tr, y_tr = _stratified_subset(raw.x_train, raw.y_train, int(opts["train"]), "training")
+    x_te, y_te = _stratified_subset(raw.x_test, raw.y_test, int(opts["test"]), "test")
+    if not x_tr.is_floating_point() and x_tr.dtype != torch.uint8:
+        x_tr, x_te = x_tr.float(), x_te.float()
+    mean, std = channel_stats(x_tr)
     return TensorData(
         canonical_spec(spec),
-        ((x_tr - mean) / std).contiguous(),
+        x_tr.contiguous(),
         y_tr.long(),
-        ((x_te - mean) / std).contiguous(),
+        x_te.contiguous(),
         y_te.long(),
-        list(names),
+        list(raw.class_names),
+        mean,
+        std,
+        raw.augment,
     )
 
 
-# --------------------------------------------------------------------------- datasets
+def _register_builtin():
+    from rdfast import datasets  # noqa: F401  (registers the entries)
 
 
-@register_dataset(
-    "digits", "scikit-learn's bundled 8x8 handwritten digits (1,797 images, 10 classes); offline"
-)
-def _digits(root):
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    x, y = load_digits(return_X_y=True)
-    # A fixed stratified split: 70 % train (1,257), 30 % test (540, 54 per class).
-    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.3, stratify=y, random_state=0)
-    as_img = lambda a: torch.from_numpy(a.astype(np.float32) / 16.0).reshape(-1, 1, 8, 8)  # noqa: E731
-    return (
-        as_img(x_tr),
-        torch.from_numpy(y_tr),
-        as_img(x_te),
-        torch.from_numpy(y_te),
-        [str(i) for i in range(10)],
-    )
-
-
-_MNIST_FILES = (
-    "train-images-idx3-ubyte",
-    "train-labels-idx1-ubyte",
-    "t10k-images-idx3-ubyte",
-    "t10k-labels-idx1-ubyte",
-)
-
-
-def _torchvision_mnist(cls, folder, root):
-    raw = Path(root) / folder / "raw"
-    present = all((raw / f).exists() for f in _MNIST_FILES)
-    try:
-        train = cls(str(root), train=True, download=not present)
-        test = cls(str(root), train=False, download=False)
-    except Exception as e:  # torchvision raises RuntimeError / URLError / OSError here
-        reason = " ".join(str(e).split())[:200] or type(e).__name__
-        raise BadInput(
-            f"{folder} files not found in {raw} (expected {', '.join(_MNIST_FILES)}) "
-            f"and download failed: {reason}"
-        ) from None
-    return (
-        train.data.unsqueeze(1),
-        train.targets,
-        test.data.unsqueeze(1),
-        test.targets,
-        list(train.classes),
-    )
-
-
-def _offline() -> bool:
-    return os.environ.get("RDFAST_OFFLINE", "") not in ("", "0")
-
-
-@register_dataset(
-    "mnist",
-    "MNIST handwritten digits (60,000 / 10,000, 28x28) through torchvision",
-    files=tuple(f"MNIST/raw/{f}" for f in _MNIST_FILES),
-)
-def _mnist(root):
-    from torchvision.datasets import MNIST
-
-    return _torchvision_mnist(_no_download(MNIST) if _offline() else MNIST, "MNIST", root)
-
-
-@register_dataset(
-    "fashion-mnist",
-    "Fashion-MNIST clothing images (60,000 / 10,000, 28x28) through torchvision",
-    files=tuple(f"FashionMNIST/raw/{f}" for f in _MNIST_FILES),
-)
-def _fashion_mnist(root):
-    from torchvision.datasets import FashionMNIST
-
-    return _torchvision_mnist(
-        _no_download(FashionMNIST) if _offline() else FashionMNIST, "FashionMNIST", root
-    )
-
-
-def _no_download(cls):
-    """The torchvision class with downloading replaced by an immediate, explained failure."""
-
-    class Offline(cls):
-        def download(self):
-            if not self._check_exists():
-                raise RuntimeError("RDFAST_OFFLINE is set")
-
-    Offline.__name__ = cls.__name__
-    return Offline
-
-
-@register_dataset(
-    "synthetic",
-    "seeded Gaussian mixture: one isotropic Gaussian per class; difficulty set by sep",
-    options={
-        "classes": Option(int, 10, "number of classes"),
-        "dim": Option(int, 32, "input dimension"),
-        "n_train": Option(int, 2000, "training examples (balanced over classes)"),
-        "n_test": Option(int, 1000, "test examples (balanced over classes)"),
-        "sep": Option(float, 3.0, "typical distance between class means, in noise std units"),
-        "seed": Option(int, 0, "seed of the data (fixed across model seeds)"),
-    },
-)
-def _synthetic(root, classes, dim, n_train, n_test, sep, seed):
-    if classes < 2 or dim < 1 or n_train < classes or n_test < classes or sep < 0:
-        raise BadInput(
-            "synthetic needs classes >= 2, dim >= 1, n_train and n_test >= classes, sep >= 0"
-        )
-    g = torch.Generator().manual_seed(seed)
-    # E||mu_i - mu_j|| ~= sqrt(2 * dim) * scale, so this scale puts the means `sep` apart.
-    means = torch.randn(classes, dim, generator=g) * (sep / (2 * dim) ** 0.5)
-
-    def draw(n):
-        y = torch.arange(n) % classes
-        y = y[torch.randperm(n, generator=g)]
-        return means[y] + torch.randn(n, dim, generator=g), y
-
-    x_tr, y_tr = draw(n_train)
-    x_te, y_te = draw(n_test)
-    return x_tr, y_tr, x_te, y_te, [str(i) for i in range(classes)]
+_register_builtin()

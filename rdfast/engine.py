@@ -14,7 +14,7 @@ import datetime as _dt
 import platform
 import subprocess
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +56,8 @@ class Experiment:
     data_root: Path | None = None
     out: Path = Path("runs")
     masked_kernels: bool = False  # Linear layers through the masked-linear kernel (CUDA)
+    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on the CPU
+    compile: bool = False  # torch.compile the model for training and evaluation
 
 
 @dataclass
@@ -164,9 +166,30 @@ class Engine:
         self.device = resolve_device(exp.device)
         if exp.masked_kernels and self.device.type != "cuda" and not interpreting():
             raise BadInput("--masked-kernels needs a CUDA device (--device cuda)")
+        if exp.masked_kernels and exp.compile:
+            raise BadInput("--masked-kernels and --compile do not combine yet; choose one")
+        if exp.precision not in ("auto", "fp32", "bf16"):
+            raise BadInput(f"unknown precision {exp.precision!r}; choose from auto, fp32, bf16")
+        precision = exp.precision
+        if precision == "auto":
+            precision = "bf16" if self.device.type == "cuda" else "fp32"
+        exp.train = replace(exp.train, precision=precision)
         data = load_dataset(exp.dataset, exp.data_root)
         probe = build_model(exp.model, data.input_shape, data.num_classes, exp.width)
+        try:  # a model that cannot take this data fails here, with a reason, not mid-run
+            with torch.no_grad():
+                probe.eval()(data.prepare(data.x_train[:2]))
+        except RuntimeError as e:
+            raise BadInput(
+                f"model {exp.model} cannot take inputs of shape {data.input_shape}: "
+                f"{' '.join(str(e).split())[:160]}"
+            ) from None
         layers = prunable_layers(probe, exp.prune.exclude)
+        self.convolutional = any(isinstance(m, torch.nn.Conv2d) for m in probe.modules())
+        # channels_last pays on CUDA tensor cores for conv nets; on the CPU it would only
+        # change the arithmetic order and with it the bit-identical records.
+        self.channels_last = self.device.type == "cuda" and self.convolutional
+        data.channels_last = self.channels_last
         self.total = sum(w.numel() for w in layers.values())
         check_ratios(self.total, exp.prune.ratios)
         self.data = data.to(self.device)
@@ -212,7 +235,14 @@ class Engine:
         model = build_model(
             self.exp.model, self.data.input_shape, self.data.num_classes, self.exp.width
         )
-        return model.to(self.device)
+        model = model.to(self.device)
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        return model
+
+    def _forward(self, model):
+        """What training and evaluation call: the model, or its torch.compile'd form."""
+        return torch.compile(model) if self.exp.compile else model
 
     def dense(self, seed: int) -> dict:
         """The trained dense model of `seed`, from the cache or trained now (then cached).
@@ -252,6 +282,7 @@ class Engine:
             leave=False,
             disable=self._quiet(),
         )
+        forward = self._forward(model)
         try:
             stats = train(
                 model,
@@ -260,10 +291,17 @@ class Engine:
                 seed_parts=(seed, "dense"),
                 on_epoch_end=snapshot,
                 progress=bar,
+                forward=forward,
             )
         finally:
             bar.close()
-        ev = evaluate(model, self.data)
+        ev = evaluate(model, self.data, precision=exp.train.precision, forward=forward)
+        self.log(
+            f"dense seed {seed}: {stats['seconds']:.1f} s, "
+            f"{stats['images_per_second']:,.0f} img/s training, "
+            f"{ev['eval_images_per_second']:,.0f} img/s evaluation, "
+            f"test accuracy {ev['confusion'].trace() / ev['confusion'].sum():.4f}"
+        )
         ckpt = {
             "key": store.stable_hash(key),
             "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
@@ -331,6 +369,7 @@ class Engine:
         try:
             dense = self.dense(seed)
             model = self._new_model(seed)
+            forward = self._forward(model)
             layers = prunable_layers(model, p.exclude)
             total = sum(w.numel() for w in layers.values())
             if last_done <= 0:
@@ -365,8 +404,8 @@ class Engine:
                     else contextlib.nullcontext()
                 )
                 with kernels:
-                    stats = self._retrain(model, layers, masks, dense, seed, i)
-                    ev = evaluate(model, self.data)
+                    stats = self._retrain(model, layers, masks, dense, seed, i, forward)
+                    ev = evaluate(model, self.data, precision=exp.train.precision, forward=forward)
                 if stats:
                     throughput.append(stats["images_per_second"])
                 remaining = sum(int(m.sum()) for m in masks.values())
@@ -431,13 +470,20 @@ class Engine:
         except ValueError as e:  # NaN scores: the gradient estimate blew up
             raise RunFailed(f"pruning to t={t:g} failed: {e}") from None
 
-    def _retrain(self, model, layers, masks, dense, seed, i):
+    def _retrain(self, model, layers, masks, dense, seed, i, forward):
         p, tr = self.exp.prune, self.exp.train
         by_param = {layers[k]: m for k, m in masks.items()}
         if p.retrain == "rewind":
             model.load_state_dict(dense["rewind"])
             apply_masks(layers, masks)
-            return train(model, self.data, tr, masks=by_param, seed_parts=(seed, i, "rewind"))
+            return train(
+                model,
+                self.data,
+                tr,
+                masks=by_param,
+                seed_parts=(seed, i, "rewind"),
+                forward=forward,
+            )
         if p.finetune_epochs == 0:
             return None
         return train(
@@ -448,6 +494,7 @@ class Engine:
             epochs=p.finetune_epochs,
             masks=by_param,
             seed_parts=(seed, i, "finetune"),
+            forward=forward,
         )
 
     def _write_step(self, run_dir, i, meta, cm, loss, t, remaining, total, seconds, state):

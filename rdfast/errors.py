@@ -13,3 +13,7 @@ class BadInput(ValueError):
 
 class RunFailed(RuntimeError):
     """A run stopped part-way; the message is stored in its manifest."""
+
+
+class DataWarning(UserWarning):
+    """The data loaded, but something about it deserves a look (e.g. not the official files)."""

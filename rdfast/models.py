@@ -41,13 +41,30 @@ def scaled(n: int, width: float) -> int:
     return max(1, round(n * width))
 
 
+def model_family(name: str) -> str:
+    """Preset family: resnet, vgg, mlp, lenet5, timm or torchvision."""
+    if ":" in name:
+        return name.split(":", 1)[0]
+    return name.rstrip("0123456789") if name.startswith(("resnet", "vgg")) else name
+
+
 def build_model(
     name: str, input_shape: tuple[int, ...], num_classes: int, width: float
 ) -> nn.Module:
-    if name not in MODELS:
-        raise BadInput(f"unknown model {name!r}; choose from {', '.join(sorted(MODELS))}")
     if not width > 0:
         raise BadInput(f"--width must be > 0, got {width}")
+    library, _, arch = name.partition(":")
+    if arch:
+        if library not in EXTERNAL:
+            raise BadInput(f"unknown model library {library!r}; use timm:NAME or torchvision:NAME")
+        if width != 1:
+            raise BadInput(f"--width scales rdfast's own models; {name} has its own sizes")
+        return EXTERNAL[library](arch, tuple(input_shape), num_classes)
+    if name not in MODELS:
+        raise BadInput(
+            f"unknown model {name!r}; choose from {', '.join(sorted(MODELS))}, timm:NAME or "
+            "torchvision:NAME"
+        )
     return MODELS[name].build(tuple(input_shape), num_classes, width)
 
 
@@ -128,3 +145,142 @@ def _lenet5(input_shape, num_classes, width):
             f"{'x'.join(map(str, input_shape))} (use --model mlp)"
         )
     return LeNet5(input_shape, num_classes, width)
+
+
+# --------------------------------------------------------------------------- CIFAR ResNets
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convs with batch norm; a 1x1 conv + BN shortcut where the shape changes (the
+    projection shortcut of OpenLTH's CIFAR ResNets, which the authors' pruning code uses)."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out)
+            )
+
+    def forward(self, x):
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return torch.relu(out + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    """He et al. 2016, section 4.2: depth 6n + 2, three stages of 16/32/64 channels * width."""
+
+    def __init__(self, depth: int, in_channels: int, num_classes: int, width: float):
+        super().__init__()
+        n = (depth - 2) // 6
+        widths = [scaled(16, width), scaled(32, width), scaled(64, width)]
+        self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        blocks, c_in = [], widths[0]
+        for stage, c_out in enumerate(widths):
+            for i in range(n):
+                blocks.append(BasicBlock(c_in, c_out, 2 if stage > 0 and i == 0 else 1))
+                c_in = c_out
+        self.blocks = nn.Sequential(*blocks)
+        self.fc = nn.Linear(c_in, num_classes)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = self.blocks(x)
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+def _image_channels(name, input_shape):
+    if len(input_shape) != 3:
+        raise BadInput(f"{name} needs images; this dataset's inputs have shape {input_shape}")
+    return input_shape[0]
+
+
+for _depth in (20, 32, 44, 56, 110):
+
+    def _resnet(input_shape, num_classes, width, depth=_depth):
+        return CifarResNet(
+            depth, _image_channels(f"resnet{depth}", input_shape), num_classes, width
+        )
+
+    register_model(f"resnet{_depth}", f"CIFAR ResNet-{_depth} (16/32/64 channels * width)")(_resnet)
+
+
+# --------------------------------------------------------------------------- CIFAR VGG
+
+VGG_CONFIGS = {
+    "vgg11": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512],
+    "vgg16": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512],
+}
+
+
+class CifarVGG(nn.Module):
+    """VGG with batch norm for 32x32 inputs (as in OpenLTH's cifar_vgg): the conv stack, global
+    average pooling, one linear classifier."""
+
+    def __init__(self, config, in_channels, num_classes, width):
+        super().__init__()
+        layers, c_in = [], in_channels
+        for item in config:
+            if item == "M":
+                layers.append(nn.MaxPool2d(2))
+            else:
+                c_out = scaled(item, width)
+                layers += [
+                    nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
+                    nn.BatchNorm2d(c_out),
+                    nn.ReLU(inplace=True),
+                ]
+                c_in = c_out
+        self.features = nn.Sequential(*layers)
+        self.fc = nn.Linear(c_in, num_classes)
+
+    def forward(self, x):
+        x = self.features(x)
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+for _name, _config in VGG_CONFIGS.items():
+
+    def _vgg(input_shape, num_classes, width, name=_name, config=_config):
+        return CifarVGG(config, _image_channels(name, input_shape), num_classes, width)
+
+    register_model(_name, f"{_name.upper()} with batch norm, CIFAR variant, channels * width")(_vgg)
+
+
+# --------------------------------------------------------------------------- other libraries
+
+
+def _timm(arch, input_shape, num_classes):
+    try:
+        import timm
+    except ImportError:
+        raise BadInput("timm:NAME needs the timm package: pip install timm") from None
+    try:
+        return timm.create_model(
+            arch,
+            pretrained=False,
+            num_classes=num_classes,
+            in_chans=_image_channels(f"timm:{arch}", input_shape),
+        )
+    except RuntimeError as e:  # timm: "Unknown model (...)"
+        raise BadInput(f"timm:{arch}: {' '.join(str(e).split())[:200]}") from None
+
+
+def _torchvision(arch, input_shape, num_classes):
+    import torchvision
+
+    if arch not in torchvision.models.list_models():
+        raise BadInput(f"torchvision:{arch} is not a torchvision model")
+    channels = _image_channels(f"torchvision:{arch}", input_shape)
+    if channels != 3:
+        raise BadInput(f"torchvision:{arch} takes 3-channel images; this dataset has {channels}")
+    return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+
+
+EXTERNAL = {"timm": _timm, "torchvision": _torchvision}

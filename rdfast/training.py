@@ -40,11 +40,16 @@ def train(
     seed_parts: tuple = (),
     on_epoch_end: Callable[[int], None] | None = None,
     progress=None,
+    forward: Callable | None = None,
 ) -> dict:
     """Train in place. Epoch e shuffles with a generator derived from `seed_parts + (e,)`.
 
-    Returns {"seconds", "images_per_second", "last_loss"}; raises RunFailed on a NaN/inf loss.
+    `forward` replaces `model(x)` (a torch.compile'd model, say); `settings.precision` bf16
+    runs forward and loss under bf16 autocast. Returns {"seconds", "images_per_second",
+    "last_loss"}; raises RunFailed on a NaN/inf loss.
     """
+    forward = forward or model
+    device = data.x_train.device
     lr = settings.lr if lr is None else lr
     epochs = settings.epochs if epochs is None else epochs
     params = [p for p in model.parameters() if p.requires_grad]
@@ -59,9 +64,10 @@ def train(
         for group in opt.param_groups:
             group["lr"] = lr_at(epoch, lr, epochs, settings.schedule)
         # Summed on the device and read once per epoch: no host sync per step.
-        loss_sum = torch.zeros((), device=data.x_train.device)
+        loss_sum = torch.zeros((), device=device)
         for x, y in data.train_batches(settings.batch_size, generator(*seed_parts, epoch)):
-            loss = F.cross_entropy(model(x), y)
+            with autocast(device, settings.precision):
+                loss = F.cross_entropy(forward(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if masked:
@@ -85,17 +91,30 @@ def train(
     }
 
 
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast where asked for; a no-op context for fp32."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, data: TensorData, batch_size: int = 4096) -> dict:
+def evaluate(
+    model: nn.Module,
+    data: TensorData,
+    batch_size: int = 4096,
+    precision: str = "fp32",
+    forward: Callable | None = None,
+) -> dict:
     """Test-set confusion matrix (int64, true x predicted) and mean cross-entropy."""
     model.eval()
+    forward = forward or model
     c = data.num_classes
-    cm = torch.zeros(c, c, dtype=torch.int64, device=data.x_test.device)
-    loss = torch.zeros((), dtype=torch.float64, device=data.x_test.device)
+    device = data.x_test.device
+    cm = torch.zeros(c, c, dtype=torch.int64, device=device)
+    loss = torch.zeros((), dtype=torch.float64, device=device)
     start = time.perf_counter()
-    for i in range(0, data.x_test.shape[0], batch_size):
-        x, y = data.x_test[i : i + batch_size], data.y_test[i : i + batch_size]
-        logits = model(x)
+    for x, y in data.test_batches(batch_size):
+        with autocast(device, precision):
+            logits = forward(x)
         loss += F.cross_entropy(logits.float(), y, reduction="sum").double()
         cm += confusion_matrix(logits, y, c)
     n = data.x_test.shape[0]

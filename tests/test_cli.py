@@ -273,3 +273,90 @@ def test_masked_kernels_need_cuda(tmp_path):
     assert res.exit_code == 2
     assert "--masked-kernels needs a CUDA device" in res.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_run_cifar100_resnet20_end_to_end(tmp_path, monkeypatch):
+    from tests.official_formats import write_cifar100
+
+    monkeypatch.setenv("RDFAST_OFFLINE", "1")
+    write_cifar100(tmp_path / "data", n_train=200, n_test=200)
+    out = tmp_path / "out"
+    res = CliRunner().invoke(
+        cli,
+        [
+            "run",
+            "--dataset",
+            "cifar100",
+            "--model",
+            "resnet20",
+            "--width",
+            "0.25",
+            "--epochs",
+            "1",
+            "--finetune-epochs",
+            "1",
+            "--ratios",
+            "2,4",
+            "--seeds",
+            "0",
+            "--grad-batches",
+            "2",
+            "--data-root",
+            str(tmp_path / "data"),
+            "--out",
+            str(out),
+            "--no-progress",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    assert "rdfast: warning: CIFAR-100 files in" in res.stderr
+    df = check_records(out, ["mp", "gp", "up", "rp"], [2.0, 4.0], 100)
+    assert df.groupby(["run_id", "step"])["support"].sum().eq(200).all()
+    manifest = store.read_json(next((out / "runs").iterdir()) / "manifest.json")
+    assert manifest["dense"]["train_images_per_second"] > 0
+    assert manifest["settings"]["train"]["precision"] == "fp32"
+
+
+def test_run_imagefolder_bf16_on_cpu(tmp_path):
+    from tests.official_formats import write_image_tree
+
+    tree = write_image_tree(tmp_path / "pets", per_class=8, size=10)
+    res = invoke(
+        "run",
+        *TINY,
+        "--dataset",
+        f"imagefolder:{tree}",
+        "--image-size",
+        "12",
+        "--model",
+        "lenet5",
+        "--strategy",
+        "mp",
+        "--precision",
+        "bf16",
+        "--data-root",
+        str(tmp_path / "cache"),
+        "--out",
+        str(tmp_path / "out"),
+    )
+    assert res.exit_code == 0, res.output
+    check_records(tmp_path / "out", ["mp"], [2.0, 4.0], 3)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--dataset", "mnist", "--image-size", "16"], "--image-size applies to image folders"),
+        (["--model", "torchvision:resnet18", "--dataset", "digits"], "takes 3-channel images"),
+        (["--model", "timm:resnet18", "--width", "0.5"], "--width scales rdfast's own models"),
+        (["--masked-kernels", "--compile"], "do not combine"),
+    ],
+)
+def test_more_bad_input(tmp_path, args, message, shared_data):
+    out = tmp_path / "out"
+    res = CliRunner().invoke(
+        cli, ["run", *args, "--data-root", str(shared_data), "--out", str(out)]
+    )
+    assert res.exit_code == 2, res.output
+    assert message in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert not out.exists()

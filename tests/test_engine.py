@@ -76,7 +76,7 @@ def test_records_recall_matches_sklearn_on_final_model(tmp_path):
     model.load_state_dict(store.load_torch(run_dir / "step-3.pt")["model"])
     data = load_dataset(exp.dataset)
     with torch.no_grad():
-        pred = model.eval()(data.x_test).argmax(1).numpy()
+        pred = model.eval()(data.prepare(data.x_test)).argmax(1).numpy()
     rec = pd.read_parquet(run_dir / "step-3.parquet")
     np.testing.assert_allclose(rec["recall"], recall_score(data.y_test.numpy(), pred, average=None))
     assert rec["accuracy"].iloc[0] == pytest.approx((pred == data.y_test.numpy()).mean())

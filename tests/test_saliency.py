@@ -31,7 +31,7 @@ def tiny():
         model.fc.weight.copy_(torch.tensor(W))
     x = torch.tensor([X])
     y = torch.tensor([0])
-    data = TensorData("tiny", x, y, x, y, ["a", "b"])
+    data = TensorData("tiny", x, y, x, y, ["a", "b"], torch.zeros(1, 2), torch.ones(1, 2))
     return model, {"fc": model.fc.weight}, data
 
 
@@ -82,7 +82,7 @@ def test_gradient_ignores_weight_decay_and_uses_train_mode():
     model = nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.5), nn.Linear(4, 2))
     model.eval()
     x, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
-    data = TensorData("d", x, y, x, y, ["a", "b"])
+    data = TensorData("d", x, y, x, y, ["a", "b"], torch.zeros(1, 3), torch.ones(1, 3))
     layers = {"0": model[0].weight, "2": model[2].weight}
     data_gradients(model, layers, data, batches=1, batch_size=8, seed_parts=(0,))
     assert model.training  # dropout active while estimating, as during training
