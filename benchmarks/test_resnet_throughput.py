@@ -38,8 +38,18 @@ def images():
 def data(images, augment, channels_last=False):
     x, y = images
     mean, std = channel_stats(x.cpu())
-    return TensorData("cifar-shaped", x, y, x[:256], y[:256], [str(i) for i in range(10)],
-                      mean.to(DEVICE), std.to(DEVICE), augment, channels_last)
+    return TensorData(
+        "cifar-shaped",
+        x,
+        y,
+        x[:256],
+        y[:256],
+        [str(i) for i in range(10)],
+        mean.to(DEVICE),
+        std.to(DEVICE),
+        augment,
+        channels_last,
+    )
 
 
 def model(channels_last=False):
@@ -80,8 +90,7 @@ def test_plain_loop(benchmark, images):
 def test_rdfast_train(benchmark, images, augment):
     d = data(images, augment)
     net = model()
-    settings = train_settings("cifar10", "resnet20", epochs=1, batch_size=BATCH,
-                              precision="fp32")
+    settings = train_settings("cifar10", "resnet20", epochs=1, batch_size=BATCH, precision="fp32")
 
     def epoch():
         train(net, d, settings, seed_parts=(0,))
@@ -96,8 +105,7 @@ def test_rdfast_train(benchmark, images, augment):
 def test_rdfast_train_gpu_fast(benchmark, images):
     d = data(images, "crop-flip", channels_last=True)
     net = model(channels_last=True)
-    settings = train_settings("cifar10", "resnet20", epochs=1, batch_size=BATCH,
-                              precision="bf16")
+    settings = train_settings("cifar10", "resnet20", epochs=1, batch_size=BATCH, precision="bf16")
     compiled = torch.compile(net)
 
     def epoch():

@@ -11,6 +11,7 @@ import hashlib
 import os
 import pickle
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -225,31 +226,69 @@ def _cifar_batch(path: Path, label_key: str, num_classes: int):
     )
 
 
-def _cifar(
-    root,
-    folder_name,
-    files,
-    train_files,
-    test_file,
-    meta_file,
-    label_key,
-    names_key,
-    num_classes,
-    what,
-    archive,
-    tv_class,
-):
-    folder = Path(root) / folder_name
+@dataclass(frozen=True)
+class CifarLayout:
+    """Where one CIFAR variant keeps what, as unpacked from its official archive."""
+
+    what: str
+    folder: str
+    archive: str
+    files: dict[str, str]  # name -> md5 of the official file
+    train_files: tuple[str, ...]
+    test_file: str
+    meta_file: str
+    label_key: str
+    names_key: str
+    num_classes: int
+
+
+CIFAR10 = CifarLayout(
+    "CIFAR-10",
+    "cifar-10-batches-py",
+    "cifar-10-python.tar.gz",
+    CIFAR10_FILES,
+    tuple(f"data_batch_{i}" for i in range(1, 6)),
+    "test_batch",
+    "batches.meta",
+    "labels",
+    "label_names",
+    10,
+)
+CIFAR100 = CifarLayout(
+    "CIFAR-100",
+    "cifar-100-python",
+    "cifar-100-python.tar.gz",
+    CIFAR100_FILES,
+    ("train",),
+    "test",
+    "meta",
+    "fine_labels",
+    "fine_label_names",
+    100,
+)
+
+
+def _cifar(root, layout: CifarLayout, tv_class):
+    folder = Path(root) / layout.folder
     _fetch(
-        lambda: tv_class(str(root), train=True, download=True), folder, list(files), what, archive
+        lambda: tv_class(str(root), train=True, download=True),
+        folder,
+        list(layout.files),
+        layout.what,
+        layout.archive,
     )
-    _check_official(folder, files, what)
-    parts = [_cifar_batch(folder / f, label_key, num_classes) for f in train_files]
-    x_te, y_te = _cifar_batch(folder / test_file, label_key, num_classes)
-    meta = _unpickle(folder / meta_file)
-    names = [n.decode() if isinstance(n, bytes) else str(n) for n in meta.get(names_key, [])]
-    if len(names) != num_classes:
-        raise BadInput(f"{folder / meta_file}: {names_key!r} must list {num_classes} names")
+    _check_official(folder, layout.files, layout.what)
+    parts = [
+        _cifar_batch(folder / f, layout.label_key, layout.num_classes) for f in layout.train_files
+    ]
+    x_te, y_te = _cifar_batch(folder / layout.test_file, layout.label_key, layout.num_classes)
+    meta = _unpickle(folder / layout.meta_file)
+    names = [n.decode() if isinstance(n, bytes) else str(n) for n in meta.get(layout.names_key, [])]
+    if len(names) != layout.num_classes:
+        raise BadInput(
+            f"{folder / layout.meta_file}: {layout.names_key!r} must list "
+            f"{layout.num_classes} names"
+        )
     return Raw(
         torch.cat([p[0] for p in parts]),
         torch.cat([p[1] for p in parts]),
@@ -263,49 +302,23 @@ def _cifar(
 @register_dataset(
     "cifar10",
     "CIFAR-10 (50,000 / 10,000 32x32 colour images, 10 classes); crop + flip augmentation",
-    files=tuple(f"cifar-10-batches-py/{f}" for f in CIFAR10_FILES),
+    files=tuple(f"{CIFAR10.folder}/{f}" for f in CIFAR10_FILES),
 )
 def _cifar10(root):
-    from torchvision.datasets import CIFAR10
+    from torchvision import datasets
 
-    return _cifar(
-        root,
-        "cifar-10-batches-py",
-        CIFAR10_FILES,
-        [f"data_batch_{i}" for i in range(1, 6)],
-        "test_batch",
-        "batches.meta",
-        "labels",
-        "label_names",
-        10,
-        "CIFAR-10",
-        "cifar-10-python.tar.gz",
-        CIFAR10,
-    )
+    return _cifar(root, CIFAR10, datasets.CIFAR10)
 
 
 @register_dataset(
     "cifar100",
     "CIFAR-100 (50,000 / 10,000 32x32 colour images, 100 classes); crop + flip augmentation",
-    files=tuple(f"cifar-100-python/{f}" for f in CIFAR100_FILES),
+    files=tuple(f"{CIFAR100.folder}/{f}" for f in CIFAR100_FILES),
 )
 def _cifar100(root):
-    from torchvision.datasets import CIFAR100
+    from torchvision import datasets
 
-    return _cifar(
-        root,
-        "cifar-100-python",
-        CIFAR100_FILES,
-        ["train"],
-        "test",
-        "meta",
-        "fine_labels",
-        "fine_label_names",
-        100,
-        "CIFAR-100",
-        "cifar-100-python.tar.gz",
-        CIFAR100,
-    )
+    return _cifar(root, CIFAR100, datasets.CIFAR100)
 
 
 # --------------------------------------------------------------------------- SVHN

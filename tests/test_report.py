@@ -117,11 +117,10 @@ def test_report_files_and_figures(digits_runs, tmp_path):
     assert "Settings of the runs" in md and "| run_id |" in md
 
 
-def test_report_split_by_width(digits_runs, tmp_path):
+def test_report_split_by_width(tmp_path):
     extra = tmp_path / "runs"
-    res = CliRunner().invoke(
-        cli,
-        [
+    for width in ("0.5", "1"):
+        args = [
             "run",
             "--seeds",
             "0,1",
@@ -134,34 +133,12 @@ def test_report_split_by_width(digits_runs, tmp_path):
             "--strategy",
             "mp",
             "--width",
-            "0.5",
+            width,
             "--no-progress",
             "--out",
             str(extra),
-        ],
-    )
-    assert res.exit_code == 0
-    res = CliRunner().invoke(
-        cli,
-        [
-            "run",
-            "--seeds",
-            "0,1",
-            "--ratios",
-            "2,8",
-            "--epochs",
-            "2",
-            "--finetune-epochs",
-            "1",
-            "--strategy",
-            "mp",
-            "--width",
-            "1",
-            "--no-progress",
-            "--out",
-            str(extra),
-        ],
-    )
+        ]
+        assert CliRunner().invoke(cli, args).exit_code == 0
     out = tmp_path / "report"
     res = CliRunner().invoke(cli, ["report", str(extra), "-o", str(out), "--scatter-t", "8"])
     assert res.exit_code == 0, res.output

@@ -95,15 +95,3 @@ def test_random_scores_are_seeded():
     s3 = random_scores(layers, seed_parts=(2, 2, "rp"))
     assert all(torch.equal(a, b) for a, b in zip(s1, s2))
     assert not torch.equal(s1[0], s3[0])
-
-
-def test_saliency_validates():
-    w = torch.ones(3)
-    with pytest.raises(ValueError, match="needs the gradient"):
-        saliency(w, strategy="gp")
-    with pytest.raises(ValueError, match="form"):
-        saliency(w, w, strategy="gp", form="bogus")
-    with pytest.raises(ValueError, match="shape"):
-        saliency(w, torch.ones(4), strategy="up")
-    out = saliency(w.half(), w.half(), strategy="up", eps=0.5)
-    assert out.dtype == torch.float32

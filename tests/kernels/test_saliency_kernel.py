@@ -45,3 +45,4 @@ def test_validation():
         saliency(w, strategy="rp")
     with pytest.raises(ValueError, match="floating-point"):
         saliency(torch.ones(3, dtype=torch.int64), strategy="mp")
+    assert saliency(w.half(), w.half(), strategy="up", eps=0.5).dtype == torch.float32
