@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import functools
 import platform
 import subprocess
 import time
@@ -79,6 +80,7 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+@functools.cache
 def _git_commit() -> str | None:
     try:
         here = Path(rdfast.__file__).resolve().parent
@@ -100,15 +102,12 @@ def device_name(device: torch.device) -> str:
 
 
 def environment(device: torch.device) -> dict:
-    import numpy
-    import pandas
-
     return {
         "versions": {
             "rdfast": rdfast.__version__,
             "torch": torch.__version__,
-            "numpy": numpy.__version__,
-            "pandas": pandas.__version__,
+            "numpy": np.__version__,
+            "pandas": pd.__version__,
             "python": platform.python_version(),
         },
         "device": device_name(device),
@@ -146,6 +145,9 @@ class Engine:
         self.log = log or (lambda msg: tqdm.write(msg))
         self.data: TensorData | None = None
         self._dense: dict[int, dict | RunFailed] = {}  # per seed: checkpoint or its failure
+        # Dense training saves its state at the end of an epoch when this many seconds have
+        # passed since the last save: a killed run repeats at most that much of it.
+        self.save_every = 60.0
 
     # ------------------------------------------------------------------ validation
     def prepare(self) -> None:
@@ -267,6 +269,14 @@ class Engine:
         exp = self.exp
         model = self._new_model(seed)
         rewind = {}
+        partial_path = path.with_name("partial.pt")
+        resume, last_save = None, time.perf_counter()
+        if partial_path.exists():  # an interrupted training: continue at its last epoch
+            partial = store.load_torch(partial_path)
+            model.load_state_dict(partial["model"])
+            rewind = partial["rewind"]
+            torch.set_rng_state(partial["rng"])
+            resume = {"epoch": partial["epoch"], "optimizer": partial["optimizer"]}
 
         def snapshot(epoch):
             if exp.prune.retrain == "rewind" and epoch == exp.prune.rewind_epoch:
@@ -274,9 +284,27 @@ class Engine:
                     k: v.detach().cpu().clone() for k, v in model.state_dict().items()
                 }
 
-        snapshot(0)
+        def on_epoch_end(epoch, opt):
+            nonlocal last_save
+            snapshot(epoch)
+            if epoch < exp.train.epochs and time.perf_counter() - last_save >= self.save_every:
+                store.save_torch(
+                    partial_path,
+                    {
+                        "epoch": epoch,
+                        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                        "optimizer": opt.state_dict(),
+                        "rewind": rewind,
+                        "rng": torch.get_rng_state(),
+                    },
+                )
+                last_save = time.perf_counter()
+
+        if resume is None:
+            snapshot(0)
         bar = tqdm(
             total=exp.train.epochs,
+            initial=0 if resume is None else resume["epoch"],
             desc=f"dense seed {seed}",
             unit="epoch",
             leave=False,
@@ -289,9 +317,10 @@ class Engine:
                 self.data,
                 exp.train,
                 seed_parts=(seed, "dense"),
-                on_epoch_end=snapshot,
+                on_epoch_end=on_epoch_end,
                 progress=bar,
                 forward=forward,
+                resume=resume,
             )
         finally:
             bar.close()
@@ -314,6 +343,7 @@ class Engine:
         }
         store.save_torch(path, ckpt)
         store.write_json(path.with_name("settings.json"), key)
+        partial_path.unlink(missing_ok=True)
         return ckpt
 
     def _quiet(self):
@@ -530,6 +560,7 @@ class Engine:
             for seed in exp.seeds:
                 for strategy in exp.strategies:
                     outcomes.append(self.run_one(seed, strategy, bar))
+                self._dense.pop(seed, None)  # its strategies are done: free the weights
         store.consolidate(self.out)
         return outcomes
 

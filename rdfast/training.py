@@ -38,14 +38,18 @@ def train(
     epochs: int | None = None,
     masks: dict[nn.Parameter, torch.Tensor] | None = None,
     seed_parts: tuple = (),
-    on_epoch_end: Callable[[int], None] | None = None,
+    on_epoch_end: Callable[[int, torch.optim.Optimizer], None] | None = None,
     progress=None,
     forward: Callable | None = None,
+    resume: dict | None = None,
 ) -> dict:
     """Train in place. Epoch e shuffles with a generator derived from `seed_parts + (e,)`.
 
     `forward` replaces `model(x)` (a torch.compile'd model, say); `settings.precision` bf16
-    runs forward and loss under bf16 autocast. Returns {"seconds", "images_per_second",
+    runs forward and loss under bf16 autocast. `resume` = {"epoch", "optimizer"} continues a
+    run whose model state is already loaded, at that epoch: with the data order derived per
+    epoch, the result is the uninterrupted one bit for bit. `on_epoch_end(epoch, optimizer)`
+    sees the number of finished epochs. Returns {"seconds", "images_per_second",
     "last_loss"}; raises RunFailed on a NaN/inf loss.
     """
     forward = forward or model
@@ -56,11 +60,15 @@ def train(
     opt = torch.optim.SGD(
         params, lr=lr, momentum=settings.momentum, weight_decay=settings.weight_decay
     )
+    first_epoch = 0
+    if resume is not None:
+        opt.load_state_dict(resume["optimizer"])
+        first_epoch = int(resume["epoch"])
     masked = [(p, m.to(p.dtype)) for p, m in (masks or {}).items()]
     masked_params, mask_values = [p for p, _ in masked], [m for _, m in masked]
     model.train()
     start, seen, last = time.perf_counter(), 0, float("nan")
-    for epoch in range(epochs):
+    for epoch in range(first_epoch, epochs):
         for group in opt.param_groups:
             group["lr"] = lr_at(epoch, lr, epochs, settings.schedule)
         # Summed on the device and read once per epoch: no host sync per step.
@@ -79,7 +87,7 @@ def train(
         if not math.isfinite(last):
             raise RunFailed(f"training loss became {last} in epoch {epoch + 1} (lr {lr:g})")
         if on_epoch_end is not None:
-            on_epoch_end(epoch + 1)
+            on_epoch_end(epoch + 1, opt)
         if progress is not None:
             progress.update(1)
             progress.set_postfix(loss=f"{last:.4f}", refresh=False)

@@ -193,3 +193,45 @@ def test_masked_kernels_through_the_interpreter(tmp_path):
         assert torch.all(state["model"][f"{name}.weight"][~mask] == 0)
     a, b = table(tmp_path / "plain"), table(tmp_path / "kern")
     assert (a["accuracy"] - b["accuracy"]).abs().max() <= 0.02
+
+
+@pytest.mark.parametrize("retrain", ["finetune", "rewind"])
+def test_interrupted_dense_training_resumes_bit_for_bit(tmp_path, monkeypatch, retrain):
+    ref = Engine(experiment(tmp_path / "a", strategies=("mp",), retrain=retrain), progress=False)
+    ref.execute()
+    real_train = engine_mod.train
+    resumed_at = []
+
+    def dying(*args, **kw):
+        if kw["seed_parts"][1] == "dense" and kw.get("resume") is None:
+            user = kw["on_epoch_end"]
+
+            def stop_after_two(epoch, opt):
+                user(epoch, opt)
+                if epoch == 2:
+                    raise Interrupt
+
+            kw["on_epoch_end"] = stop_after_two
+        if kw.get("resume"):
+            resumed_at.append(kw["resume"]["epoch"])
+        return real_train(*args, **kw)
+
+    monkeypatch.setattr(engine_mod, "train", dying)
+    eng = Engine(experiment(tmp_path / "b", strategies=("mp",), retrain=retrain), progress=False)
+    eng.save_every = 0  # save after every epoch
+    with pytest.raises(Interrupt):
+        eng.execute()
+    assert list((tmp_path / "b" / "dense").glob("*/partial.pt"))
+    eng = Engine(experiment(tmp_path / "b", strategies=("mp",), retrain=retrain), progress=False)
+    eng.save_every = 0
+    eng.execute()
+    assert resumed_at == [2]
+    assert not list((tmp_path / "b" / "dense").glob("*/partial.pt"))
+    a = store.load_torch(next((tmp_path / "a" / "dense").glob("*/checkpoint.pt")))
+    b = store.load_torch(next((tmp_path / "b" / "dense").glob("*/checkpoint.pt")))
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    if retrain == "rewind":
+        for k in a["rewind"]:
+            assert torch.equal(a["rewind"][k], b["rewind"][k]), k
+    pd.testing.assert_frame_equal(table(tmp_path / "a"), table(tmp_path / "b"))
