@@ -52,7 +52,7 @@ def train(
     sees the number of finished epochs. Returns {"seconds", "images_per_second",
     "last_loss"}; raises RunFailed on a NaN/inf loss.
     """
-    forward = forward or model
+    forward = model if forward is None else forward
     device = data.x_train.device
     lr = settings.lr if lr is None else lr
     epochs = settings.epochs if epochs is None else epochs
@@ -114,7 +114,7 @@ def evaluate(
 ) -> dict:
     """Test-set confusion matrix (int64, true x predicted) and mean cross-entropy."""
     model.eval()
-    forward = forward or model
+    forward = model if forward is None else forward
     c = data.num_classes
     device = data.x_test.device
     cm = torch.zeros(c, c, dtype=torch.int64, device=device)
