@@ -242,9 +242,12 @@ def datasets(data_root):
     root = data_root or DEFAULT_DATA_ROOT
     click.echo(f"data root: {root}")
     for entry in DATASETS.values():
-        state = "present" if entry.present(root) else "missing (download when online)"
-        if not entry.files:
+        if entry.positional:
+            state = f"reads {entry.name}:<{entry.positional}>"
+        elif not entry.files:
             state = "built in"
+        else:
+            state = "present" if entry.present(root) else "missing (download when online)"
         click.echo(f"  {entry.name:<14} {state:<32} {entry.description}")
         for k, o in {**entry.options, **COMMON_OPTIONS}.items():
             click.echo(f"      {k}={o.default!s:<8} {o.help}")

@@ -280,13 +280,15 @@ def _check_replicates(records, by):
 
 
 def _note_differing_t(runs, by, notes):
-    ts = runs.groupby("run_id")["t"].apply(lambda s: tuple(sorted(s)))
-    meta = runs.drop_duplicates("run_id").set_index("run_id")[list(by)]
-    meta = meta.assign(ts=ts)
-    differing = meta.groupby(list(by), dropna=False)["ts"].nunique()
-    if (differing > 1).any():
+    """A group whose runs did not all reach the same t values (a run lacks some t)."""
+    keys = list(by)
+    per_group = runs.groupby(keys, dropna=False)["run_id"].nunique()
+    per_t = runs.groupby([*keys, "t"], dropna=False)["run_id"].nunique()
+    short = per_t < per_group.reindex(per_t.index.droplevel("t")).to_numpy()
+    n = short.groupby(level=keys, dropna=False).any().sum()
+    if n:
         notes.append(
-            f"{int((differing > 1).sum())} group(s) hold runs with different t values; "
+            f"{int(n)} group(s) hold runs with different t values; "
             "each t is summarized over the runs that reached it"
         )
 
