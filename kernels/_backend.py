@@ -2,7 +2,8 @@
 
 `backend="triton"` also runs on CPU tensors when Triton's interpreter is on
 (`TRITON_INTERPRET=1` set before `rdfast.kernels` is imported): that is how the kernels are
-tested on machines without a GPU.
+tested on machines without a GPU. `RDFAST_KERNELS=torch` makes `auto` choose the torch
+references on CUDA too (to rule the kernels out when a result looks wrong).
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ def pick(backend: str, *tensors: torch.Tensor) -> str:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     on_cuda = any(t.is_cuda for t in tensors)
     if backend == "auto":
-        return "triton" if on_cuda and HAS_TRITON else "torch"
+        forced_torch = os.environ.get("RDFAST_KERNELS", "auto") == "torch"
+        return "triton" if on_cuda and HAS_TRITON and not forced_torch else "torch"
     if backend == "torch":
         return "torch"
     if not HAS_TRITON:

@@ -365,8 +365,23 @@ def test_more_bad_input(tmp_path, args, message, shared_data):
 @pytest.mark.slow
 def test_run_with_compile(tmp_path):
     """torch.compile in the loop (about 30 s of compiling on the CPU)."""
-    res = invoke("run", "--seeds", "0", "--ratios", "2", "--epochs", "2", "--finetune-epochs",
-                 "1", "--strategy", "mp", "--compile", "--no-progress", "--out", str(tmp_path))
+    res = invoke(
+        "run",
+        "--seeds",
+        "0",
+        "--ratios",
+        "2",
+        "--epochs",
+        "2",
+        "--finetune-epochs",
+        "1",
+        "--strategy",
+        "mp",
+        "--compile",
+        "--no-progress",
+        "--out",
+        str(tmp_path),
+    )
     assert res.exit_code == 0, res.output
     df = check_records(tmp_path, ["mp"], [2.0], 10)
     assert df["accuracy"].min() > 0.5

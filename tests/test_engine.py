@@ -235,3 +235,16 @@ def test_interrupted_dense_training_resumes_bit_for_bit(tmp_path, monkeypatch, r
         for k in a["rewind"]:
             assert torch.equal(a["rewind"][k], b["rewind"][k]), k
     pd.testing.assert_frame_equal(table(tmp_path / "a"), table(tmp_path / "b"))
+
+
+def test_learning_rate_schedules():
+    from rdfast.training import lr_at
+
+    # Cosine: lr * (1 + cos(pi * e / E)) / 2 -> 0.1, 0.05, 0 over E = 4 at e = 0, 2, 4.
+    assert lr_at(0, 0.1, 4, "cosine") == pytest.approx(0.1)
+    assert lr_at(2, 0.1, 4, "cosine") == pytest.approx(0.05)
+    assert lr_at(3, 0.1, 4, "cosine") == pytest.approx(0.1 * (1 - 0.5**0.5) / 2)
+    # Step: x0.1 from 50 % of the epochs, x0.01 from 75 %.
+    assert [lr_at(e, 1.0, 8, "step") for e in range(8)] == pytest.approx(
+        [1, 1, 1, 1, 0.1, 0.1, 0.01, 0.01]
+    )
