@@ -427,6 +427,9 @@ class Engine:
             for i in range(last_done + 1, len(p.ratios) + 1):
                 t = p.ratios[i - 1]
                 start = time.perf_counter()
+                # Dropout and other draws from the global generator start from a state of
+                # this step's own, so a resumed run repeats them exactly.
+                torch.manual_seed(derive_seed(seed, strategy, i, "step"))
                 masks = self._prune_step(model, layers, masks, strategy, seed, i, t)
                 kernels = (
                     masked_linear_layers(model, masks)

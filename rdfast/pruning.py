@@ -47,8 +47,11 @@ def data_gradients(
 ) -> dict[str, torch.Tensor]:
     """Mean over `batches` training batches of d(cross-entropy)/dw, model in train mode.
 
-    The data loss alone: weight decay lives in the optimizer, never in this loss.
+    The data loss alone: weight decay lives in the optimizer, never in this loss. Forward
+    passes in train mode would move batch-norm running statistics; they are put back, so
+    measuring the gradient leaves the model as it was.
     """
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
     model.train()
     for p in model.parameters():
         p.grad = None
@@ -59,6 +62,9 @@ def data_gradients(
     grads = {name: w.grad.detach() / batches for name, w in layers.items()}
     for p in model.parameters():
         p.grad = None
+    with torch.no_grad():
+        for n, b in model.named_buffers():
+            b.copy_(buffers[n])
     return grads
 
 

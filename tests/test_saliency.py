@@ -95,3 +95,14 @@ def test_random_scores_are_seeded():
     s3 = random_scores(layers, seed_parts=(2, 2, "rp"))
     assert all(torch.equal(a, b) for a, b in zip(s1, s2))
     assert not torch.equal(s1[0], s3[0])
+
+
+def test_gradient_estimate_leaves_batch_norm_statistics_alone():
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    x, y = torch.randn(16, 3), torch.randint(0, 2, (16,))
+    data = TensorData("d", x, y, x, y, ["a", "b"], torch.zeros(1, 3), torch.ones(1, 3))
+    before = {n: b.clone() for n, b in model.named_buffers()}
+    layers = {"0": model[0].weight, "2": model[2].weight}
+    grads = data_gradients(model, layers, data, batches=4, batch_size=8, seed_parts=(0,))
+    assert all(torch.equal(before[n], b) for n, b in model.named_buffers())
+    assert grads["0"].abs().sum() > 0
