@@ -31,3 +31,22 @@ TINY = [
     "1",
     "--no-progress",
 ]
+
+
+def run_args(out, *, seeds="0", ratios="2,4", epochs="3", finetune="1", extra=()):
+    """`rdfast run` arguments for a small run into `out`."""
+    return [
+        "run",
+        "--seeds",
+        seeds,
+        "--ratios",
+        ratios,
+        "--epochs",
+        epochs,
+        "--finetune-epochs",
+        finetune,
+        "--no-progress",
+        "--out",
+        str(out),
+        *extra,
+    ]

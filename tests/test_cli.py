@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from rdfast import store
 from rdfast.cli.main import cli
-from tests.conftest import TINY
+from tests.conftest import TINY, run_args
 
 RECORD_COLUMNS = {
     "dataset",
@@ -366,21 +366,7 @@ def test_more_bad_input(tmp_path, args, message, shared_data):
 def test_run_with_compile(tmp_path):
     """torch.compile in the loop (about 30 s of compiling on the CPU)."""
     res = invoke(
-        "run",
-        "--seeds",
-        "0",
-        "--ratios",
-        "2",
-        "--epochs",
-        "2",
-        "--finetune-epochs",
-        "1",
-        "--strategy",
-        "mp",
-        "--compile",
-        "--no-progress",
-        "--out",
-        str(tmp_path),
+        *run_args(tmp_path, ratios="2", epochs="2", extra=["--strategy", "mp", "--compile"])
     )
     assert res.exit_code == 0, res.output
     df = check_records(tmp_path, ["mp"], [2.0], 10)

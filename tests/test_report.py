@@ -10,28 +10,14 @@ from click.testing import CliRunner
 
 from rdfast import analysis, store
 from rdfast.cli.main import cli
+from tests.conftest import run_args
 
 
 @pytest.fixture(scope="module")
 def digits_runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
-    res = CliRunner().invoke(
-        cli,
-        [
-            "run",
-            "--seeds",
-            "0-2",
-            "--ratios",
-            "2,8,32",
-            "--epochs",
-            "4",
-            "--finetune-epochs",
-            "1",
-            "--no-progress",
-            "--out",
-            str(out),
-        ],
-    )
+    args = run_args(out, seeds="0-2", ratios="2,8,32", epochs="4")
+    res = CliRunner().invoke(cli, args)
     assert res.exit_code == 0, res.output
     assert "E[alpha_t] over seeds" in res.output  # run ends with the alpha table
     return out
@@ -120,24 +106,13 @@ def test_report_files_and_figures(digits_runs, tmp_path):
 def test_report_split_by_width(tmp_path):
     extra = tmp_path / "runs"
     for width in ("0.5", "1"):
-        args = [
-            "run",
-            "--seeds",
-            "0,1",
-            "--ratios",
-            "2,8",
-            "--epochs",
-            "2",
-            "--finetune-epochs",
-            "1",
-            "--strategy",
-            "mp",
-            "--width",
-            width,
-            "--no-progress",
-            "--out",
-            str(extra),
-        ]
+        args = run_args(
+            extra,
+            seeds="0,1",
+            ratios="2,8",
+            epochs="2",
+            extra=["--strategy", "mp", "--width", width],
+        )
         assert CliRunner().invoke(cli, args).exit_code == 0
     out = tmp_path / "report"
     res = CliRunner().invoke(cli, ["report", str(extra), "-o", str(out), "--scatter-t", "8"])
@@ -147,23 +122,7 @@ def test_report_split_by_width(tmp_path):
 
 def test_single_seed_shows_n1(tmp_path):
     res = CliRunner().invoke(
-        cli,
-        [
-            "run",
-            "--seeds",
-            "0",
-            "--ratios",
-            "2",
-            "--epochs",
-            "2",
-            "--finetune-epochs",
-            "1",
-            "--strategy",
-            "mp",
-            "--no-progress",
-            "--out",
-            str(tmp_path),
-        ],
+        cli, run_args(tmp_path, ratios="2", epochs="2", extra=["--strategy", "mp"])
     )
     assert res.exit_code == 0
     res = CliRunner().invoke(cli, ["analyze", str(tmp_path)])
