@@ -84,7 +84,7 @@ def alpha_boxplot(runs: pd.DataFrame, path: Path, panel: str | None = None, titl
                     box.set_alpha(0.6)
         ax.axhline(1.0, ls="--", color="black", lw=1)
         ax.set_xticks(np.arange(len(ts)), [f"{t:g}" for t in ts])
-        ax.set_xlabel("pruning ratio t (total / remaining weights)")
+        ax.set_xlabel("pruning ratio t")
         ax.set_title(f"{panel} = {pv}" if panel else "all runs")
         lim = _robust_ylim(sub["alpha"].to_numpy())
         if lim:
@@ -98,7 +98,8 @@ def alpha_boxplot(runs: pd.DataFrame, path: Path, panel: str | None = None, titl
     fig.suptitle(
         (title or "Model-level intensification alpha_t per strategy")
         + note
-        + "\nabove 1: intensification, below 1: de-intensification",
+        + "\nt = total / remaining weights; above 1: intensification, below 1: "
+        "de-intensification",
         fontsize=10,
     )
     fig.tight_layout()
