@@ -10,6 +10,7 @@ from rdfast.kernels.confusion import confusion_matrix_ref
 from tests.kernels.conftest import DEVICE
 
 
+@pytest.mark.filterwarnings("ignore:A single label was found")  # c = 1: sklearn's note
 @pytest.mark.parametrize(
     "n,c", [(0, 3), (1, 1), (6, 2), (42, 10), (431, 100), (123, 1000), (37, 1030)]
 )
