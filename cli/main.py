@@ -353,6 +353,18 @@ def report(runs_dir, out, by, ci, ci_method, run_id, scatter_t):
     )
 
 
+@cli.command()
+@click.argument("runs_dir", type=click.Path(path_type=Path), default="runs")
+def status(runs_dir):
+    """Each run's state: complete, running or stopped part-way, or failed (with the reason).
+
+    Steps count the pruning ratios recorded so far. Exit code 1 when a run failed.
+    """
+    from rdfast.commands import status_command
+
+    return status_command(runs_dir=runs_dir, echo=click.echo)
+
+
 def main():
     cli()
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pandas as pd
+
 from rdfast import store
 from rdfast.config import PruneSettings, preset, train_settings
 from rdfast.data import DATASETS, parse_spec
@@ -166,3 +170,45 @@ def report_command(*, runs_dir, out, by, ci, ci_method, run_id, scatter_ts, echo
     path = build_report(a, runs_dir, out, run_id=run_id, scatter_ts=scatter_ts)
     echo(f"report: {path / 'index.html'} and {path / 'report.md'}")
     return 0
+
+
+def status_table(runs_dir) -> pd.DataFrame:
+    """One row per run under `runs_dir`, from its manifest and recorded steps."""
+    rows = []
+    for manifest in sorted(Path(runs_dir).glob("runs/*/manifest.json")):
+        m = store.read_json(manifest)
+        s = m.get("settings", {})
+        done = len(store.step_files(manifest.parent))
+        rows.append(
+            {
+                "run_id": m.get("run_id"),
+                "dataset": m.get("dataset"),
+                "model": m.get("model"),
+                "width": m.get("width"),
+                "seed": m.get("seed"),
+                "strategy": s.get("strategy"),
+                "saliency": s.get("saliency"),
+                "status": m.get("status"),
+                "steps": f"{max(done - 1, 0)}/{len(s.get('ratios', []))}",
+                "error": m.get("error") or "",
+            }
+        )
+    table = pd.DataFrame(rows)
+    if table.empty:
+        return table
+    order = table["strategy"].map({"mp": 0, "gp": 1, "up": 2, "rp": 3})
+    keys = ["dataset", "model", "width", "seed", "_order", "run_id"]
+    return table.assign(_order=order).sort_values(keys).drop(columns="_order")
+
+
+def status_command(*, runs_dir, echo=print) -> int:
+    """Print every run's status; exit code 1 when any failed."""
+    if not Path(runs_dir).is_dir():
+        raise BadInput(f"{runs_dir} is not a directory")
+    table = status_table(runs_dir)
+    if table.empty:
+        raise BadInput(f"no runs under {runs_dir} (start some with `rdfast run --out {runs_dir}`)")
+    echo(table.to_string(index=False))
+    counts = table["status"].value_counts()
+    echo("\n" + ", ".join(f"{n} {k}" for k, n in counts.items()))
+    return 1 if "failed" in counts else 0

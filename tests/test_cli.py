@@ -224,6 +224,22 @@ def test_nan_loss_fails_runs_with_exit_code_1(tmp_path):
         manifest = store.read_json(run_dir / "manifest.json")
         assert manifest["status"] == "failed"
         assert "loss became nan" in manifest["error"]
+    res = invoke("status", str(tmp_path))
+    assert res.exit_code == 1
+    assert res.stdout.count("failed") >= 2 and "loss became nan" in res.stdout
+
+
+def test_status(tmp_path):
+    res = invoke("run", *TINY, "--strategy", "mp,up", "--out", str(tmp_path))
+    assert res.exit_code == 0
+    res = invoke("status", str(tmp_path))
+    assert res.exit_code == 0
+    lines = res.stdout.splitlines()
+    assert "status" in lines[0] and "steps" in lines[0]
+    assert " mp " in lines[1] and " up " in lines[2] and "complete" in lines[1]
+    assert "2/2" in lines[1] and lines[-1] == "2 complete"
+    res = CliRunner().invoke(cli, ["status", str(tmp_path / "none")])
+    assert res.exit_code == 2 and "is not a directory" in res.stderr
 
 
 @pytest.mark.slow
