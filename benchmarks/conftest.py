@@ -1,7 +1,7 @@
-"""Shared benchmark plumbing: every session appends its figures to results/<suite>.csv.
+"""Shared benchmark plumbing: every run of a suite appends its figures to results/<suite>.csv.
 
 Each row carries the device, the commit and the date, because an absolute time holds only
-for the machine it was taken on; compare rows of one session (side by side) by their ratio.
+for the machine it was taken on; compare rows of one run (side by side) by their ratio.
 """
 
 from __future__ import annotations

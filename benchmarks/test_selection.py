@@ -1,6 +1,6 @@
 """Global selection at 50 % over 1e6 and 1e8 weights in 100 tensors (CPU).
 
-Time: pytest-benchmark, side by side in one session. Extra peak memory: each case once more
+Time: pytest-benchmark, side by side in one run. Extra peak memory: each case once more
 in a fresh process (benchmarks/selection_cases.py), recorded as `extra_peak_mb`.
 
     pytest benchmarks/test_selection.py --benchmark-columns=median,min,rounds

@@ -1,6 +1,6 @@
 """One MNIST epoch of LeNet-300-100, batch 128: rdfast's loop against the loops users write.
 
-Peers, side by side in one session:
+Peers, side by side in one run:
 - `plain_loop`: a plain PyTorch loop over device-resident tensors (the floor to match);
 - `per_sample_dataloader`: torchvision's MNIST with per-sample ToTensor + Normalize through a
   DataLoader -- the data path of OpenLTH's training loop.
