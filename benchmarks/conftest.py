@@ -26,6 +26,27 @@ def device_name() -> str:
     return f"cpu {platform.machine()} x{os.cpu_count()} ({torch.get_num_threads()} threads)"
 
 
+def peak_bandwidth_gbs() -> float | None:
+    """The GPU's theoretical memory bandwidth: 2 transfers per clock (DDR) x bus width.
+    memory_clock_rate is in kHz, memory_bus_width in bits. None on the CPU."""
+    if not torch.cuda.is_available():
+        return None
+    p = torch.cuda.get_device_properties(0)
+    return 2 * p.memory_clock_rate * 1e3 * p.memory_bus_width / 8 / 1e9
+
+
+def bandwidth_info(benchmark, bytes_moved: int) -> None:
+    """GB/s of a bandwidth-bound case, and its share of the GPU's peak when there is one."""
+    if benchmark.stats is None:  # --benchmark-disable: the case ran once, untimed
+        return
+    gbs = bytes_moved / benchmark.stats.stats.median / 1e9
+    benchmark.extra_info["bytes_moved"] = bytes_moved
+    benchmark.extra_info["gb_per_s"] = round(gbs, 2)
+    peak = peak_bandwidth_gbs()
+    if peak:
+        benchmark.extra_info["pct_of_peak"] = round(100 * gbs / peak, 1)
+
+
 def commit() -> str:
     out = subprocess.run(
         ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from benchmarks.conftest import ROOT
+from benchmarks.conftest import ROOT, bandwidth_info
 from benchmarks.selection_cases import CASES, make_scores, state_for
 
 SIZES = {"1e6": 10**6, "1e8": 10**8}
@@ -79,6 +79,4 @@ def test_gpu_selection_1e9(benchmark, case):
         return v
 
     benchmark.pedantic(fused if case == "rdfast_fused_up" else kth, rounds=5, warmup_rounds=1)
-    moved = 10**9 * (5 * 9 + 1)
-    benchmark.extra_info["bytes_moved"] = moved
-    benchmark.extra_info["gb_per_s"] = round(moved / benchmark.stats.stats.median / 1e9, 1)
+    bandwidth_info(benchmark, 10**9 * (5 * 9 + 1))
