@@ -248,6 +248,25 @@ if HAS_TRITON:
         return x
 
     @triton.jit
+    def _block_keys(
+        s_ptr,
+        g_ptr,
+        m_ptr,
+        pid,
+        n,
+        eps,
+        SOURCE: tl.constexpr,
+        FORM: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        """Offsets, kept flags (False past the end) and keys of block `pid` of one tensor."""
+        offs = pid * BLOCK + tl.arange(0, BLOCK)
+        valid = offs < n
+        x = _load_score(s_ptr, g_ptr, offs, valid, eps, SOURCE, FORM)
+        kept = valid & (tl.load(m_ptr + offs, mask=valid, other=0) != 0)
+        return offs, kept, _key_of(x)
+
+    @triton.jit
     def _histogram_kernel(
         s_ptr,
         g_ptr,
@@ -303,11 +322,8 @@ if HAS_TRITON:
     ):
         """Entries equal to T among the kept: per tensor (atomic) or per block (for ranks)."""
         pid = tl.program_id(0).to(tl.int64)
-        offs = pid * BLOCK + tl.arange(0, BLOCK)
-        valid = offs < n
-        x = _load_score(s_ptr, g_ptr, offs, valid, eps, SOURCE, FORM)
-        kept = tl.load(m_ptr + offs, mask=valid, other=0) != 0
-        c = tl.sum((valid & kept & (_key_of(x) == T)).to(tl.int64), axis=0)
+        offs, kept, ks = _block_keys(s_ptr, g_ptr, m_ptr, pid, n, eps, SOURCE, FORM, BLOCK)
+        c = tl.sum((kept & (ks == T)).to(tl.int64), axis=0)
         if PER_BLOCK:
             tl.store(cnt_ptr + pid, c)
         else:
@@ -331,11 +347,7 @@ if HAS_TRITON:
     ):
         """TIES 0: keep every entry equal to T; 1: remove them all; 2: remove rank < r."""
         pid = tl.program_id(0).to(tl.int64)
-        offs = pid * BLOCK + tl.arange(0, BLOCK)
-        valid = offs < n
-        x = _load_score(s_ptr, g_ptr, offs, valid, eps, SOURCE, FORM)
-        kept = tl.load(m_ptr + offs, mask=valid, other=0) != 0
-        ks = _key_of(x)
+        offs, kept, ks = _block_keys(s_ptr, g_ptr, m_ptr, pid, n, eps, SOURCE, FORM, BLOCK)
         keep = kept & (ks > T)
         eq = kept & (ks == T)
         if TIES == 0:
@@ -344,7 +356,7 @@ if HAS_TRITON:
             e = eq.to(tl.int64)
             rank = tl.load(off_ptr + pid) + tl.cumsum(e, axis=0) - e
             keep = keep | (eq & (rank >= r))
-        tl.store(out_ptr + offs, keep.to(tl.uint8), mask=valid)
+        tl.store(out_ptr + offs, keep.to(tl.uint8), mask=offs < n)
 
 
 def _dummy_mask(device):
