@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 
 from rdfast.errors import BadInput
 
@@ -145,7 +145,3 @@ def train_settings(dataset_name: str, model: str = "mlp", **overrides) -> TrainS
     s = replace(s, **{k: v for k, v in overrides.items() if v is not None})
     s.validate()
     return s
-
-
-def as_dict(obj) -> dict:
-    return asdict(obj)

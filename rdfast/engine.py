@@ -192,8 +192,7 @@ class Engine:
         # change the arithmetic order and with it the bit-identical records.
         self.channels_last = self.device.type == "cuda" and self.convolutional
         data.channels_last = self.channels_last
-        self.total = sum(w.numel() for w in layers.values())
-        check_ratios(self.total, exp.prune.ratios)
+        check_ratios(sum(w.numel() for w in layers.values()), exp.prune.ratios)
         self.data = data.to(self.device)
         self.out = Path(exp.out)
         if self.out.exists() and not self.out.is_dir():
