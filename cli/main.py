@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 import rdfast
+from rdfast.config import PRECISIONS
 from rdfast.errors import BadInput
 
 
@@ -197,7 +198,7 @@ def parse_strategies(text: str) -> tuple[str, ...]:
     "--precision",
     default="auto",
     show_default=True,
-    type=click.Choice(["auto", "fp32", "bf16"]),
+    type=click.Choice(["auto", *PRECISIONS]),
     help="Training arithmetic: bf16 autocast on CUDA with auto, fp32 on the CPU.",
 )
 @click.option("--compile", is_flag=True, help="torch.compile the model (CUDA; first steps slower).")

@@ -23,14 +23,12 @@ def confusion_matrix_ref(logits_or_labels, targets, num_classes):
 
 
 if HAS_TRITON:
+    from rdfast.kernels._float_key import float_key
 
     @triton.jit
     def _order_key(x):
-        """int32 keys ordering as the floats, -0.0 == +0.0, every NaN above +inf."""
-        x = tl.where(x == 0.0, 0.0, x)
-        b = x.to(tl.int32, bitcast=True)
-        k = b ^ ((b >> 31) & 0x7FFFFFFF)
-        return tl.where(x != x, 0x7FFFFFFF, k)
+        """The float's key, with every NaN above +inf (torch.argmax picks NaN)."""
+        return tl.where(x != x, 0x7FFFFFFF, float_key(x))
 
     @triton.jit
     def _confusion_kernel(

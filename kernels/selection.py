@@ -28,6 +28,7 @@ from collections.abc import Sequence
 import torch
 
 from rdfast.kernels._backend import HAS_TRITON, grid_size, pick, tl, triton
+from rdfast.kernels._float_key import float_key_torch
 from rdfast.kernels.saliency import FORM_CODES, STRATEGY_CODES, saliency_ref
 
 FLOAT_TYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -174,18 +175,12 @@ def _find_nan(src: _Source, masks, names):
 # --------------------------------------------------------------------------- torch path
 
 
-def _keys(x: torch.Tensor) -> torch.Tensor:
-    """Signed int32 keys that order as the float32 values; -0.0 and +0.0 share key 0."""
-    b = (x + 0.0).view(torch.int32)  # -0.0 + 0.0 = +0.0
-    return b ^ ((b >> 31) & 0x7FFFFFFF)
-
-
 def _torch_histogram(src, masks, consumed, bits, lo):
     """Histogram of the next `bits` bits of the keys in [lo, lo + 2^(32-consumed))."""
     hist = torch.zeros(1 << bits, dtype=torch.int64)
     shift = 32 - consumed - bits
     for x, kept, _ in src.pieces(masks):
-        ks = _keys(x)
+        ks = float_key_torch(x)
         if consumed == 0:
             # Unsigned key >> shift == (signed key >> shift) + 2^(bits - 1).
             d = (ks >> shift) + (1 << (bits - 1))
@@ -206,7 +201,7 @@ def _torch_masks(src, masks, T, r):
     out = [torch.empty_like(m).reshape(-1) for m in masks]
     budget = r
     for x, kept, segments in src.pieces(masks):
-        ks = _keys(x)
+        ks = float_key_torch(x)
         keep = kept & (ks > T)
         eq = kept & (ks == T)
         if budget:
@@ -226,13 +221,8 @@ def _torch_masks(src, masks, T, r):
 # --------------------------------------------------------------------------- Triton path
 
 if HAS_TRITON:
+    from rdfast.kernels._float_key import float_key
     from rdfast.kernels.saliency import score_of
-
-    @triton.jit
-    def _key_of(x):
-        x = tl.where(x == 0.0, 0.0, x)  # -0.0 -> +0.0
-        b = x.to(tl.int32, bitcast=True)
-        return b ^ ((b >> 31) & 0x7FFFFFFF)
 
     @triton.jit
     def _load_score(s_ptr, g_ptr, offs, valid, eps, SOURCE: tl.constexpr, FORM: tl.constexpr):
@@ -264,7 +254,7 @@ if HAS_TRITON:
         valid = offs < n
         x = _load_score(s_ptr, g_ptr, offs, valid, eps, SOURCE, FORM)
         kept = valid & (tl.load(m_ptr + offs, mask=valid, other=0) != 0)
-        return offs, kept, _key_of(x)
+        return offs, kept, float_key(x)
 
     @triton.jit
     def _histogram_kernel(
@@ -293,7 +283,7 @@ if HAS_TRITON:
             x = _load_score(s_ptr, g_ptr, offs, sel, eps, SOURCE, FORM)
             if HAS_MASK:
                 sel = sel & (tl.load(m_ptr + offs, mask=sel, other=0) != 0)
-            ks = _key_of(x)
+            ks = float_key(x)
             if CONSUMED == 0:
                 digit = (ks >> (32 - BITS)) + (1 << (BITS - 1))
                 nan += ((x != x) & sel).to(tl.int64)

@@ -21,6 +21,7 @@ import pandas as pd
 from scipy import stats
 
 from rdfast import store
+from rdfast.config import STRATEGY_ORDER
 from rdfast.errors import BadInput
 
 DEFAULT_BY = ("strategy", "saliency", "dataset", "model", "width")
@@ -50,7 +51,6 @@ SETTING_COLUMNS = (
     "dense_id",
 )
 CI_METHODS = ("t", "bootstrap")
-STRATEGY_ORDER = {"mp": 0, "gp": 1, "up": 2, "rp": 3}
 
 
 @dataclass

@@ -7,9 +7,9 @@ from pathlib import Path
 import pandas as pd
 
 from rdfast import store
-from rdfast.config import PruneSettings, preset, train_settings
+from rdfast.config import STRATEGY_ORDER, PruneSettings, preset, train_settings
 from rdfast.data import DATASETS, parse_spec
-from rdfast.engine import Engine, Experiment, accuracy_table
+from rdfast.engine import Engine, Experiment
 from rdfast.errors import BadInput
 
 
@@ -99,20 +99,21 @@ def run_command(
     engine = Engine(exp, progress=progress)
     engine.prepare()  # raises BadInput before anything is written
     outcomes = engine.execute()
-    records = store.load_records(engine.out)
+    records = store.load_records(engine.out, prefer_consolidated=True)  # just consolidated
     ids = {o.run_id for o in outcomes}
     mine = records[records["run_id"].isin(ids)] if not records.empty else records
     if not mine.empty:
         from rdfast import analysis
 
-        echo("\nmean test accuracy (over seeds) by strategy and pruning ratio t:")
-        echo(accuracy_table(mine).to_string(float_format=lambda v: f"{v:.4f}"))
         try:
             a = analysis.analyze(mine)
+            alpha_tab, acc_tab = analysis.paper_tables(a)
+            echo("\nmean test accuracy (over seeds) by strategy and pruning ratio t:")
+            echo(acc_tab.to_string())
             echo(f"\n{analysis.legend(a)}:")
-            echo(analysis.paper_tables(a)[0].to_string())
+            echo(alpha_tab.to_string())
         except BadInput as e:  # the records are written; only the summary cannot be made
-            echo(f"\nno E[alpha_t] table: {e}")
+            echo(f"\nno summary tables: {e}")
     failed = [o for o in outcomes if o.status == "failed"]
     for o in failed:
         echo(f"failed: seed {o.seed} {o.strategy} ({o.run_id}): {o.error}")
@@ -196,7 +197,7 @@ def status_table(runs_dir) -> pd.DataFrame:
     table = pd.DataFrame(rows)
     if table.empty:
         return table
-    order = table["strategy"].map({"mp": 0, "gp": 1, "up": 2, "rp": 3})
+    order = table["strategy"].map(STRATEGY_ORDER)
     keys = ["dataset", "model", "width", "seed", "_order", "run_id"]
     return table.assign(_order=order).sort_values(keys).drop(columns="_order")
 

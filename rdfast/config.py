@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, replace
 from rdfast.errors import BadInput
 
 STRATEGIES = ("mp", "gp", "up", "rp")
+STRATEGY_ORDER = {s: i for i, s in enumerate(STRATEGIES)}  # the order tables and plots use
 RETRAIN_MODES = ("finetune", "rewind")
 SCHEDULES = ("cosine", "step")
 PRECISIONS = ("fp32", "bf16")

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 import rdfast
 from rdfast import store
-from rdfast.config import STRATEGIES, PruneSettings, TrainSettings
+from rdfast.config import PRECISIONS, STRATEGIES, PruneSettings, TrainSettings
 from rdfast.data import TensorData, load_dataset
 from rdfast.errors import BadInput, RunFailed
 from rdfast.kernels._backend import interpreting
@@ -170,8 +170,10 @@ class Engine:
             raise BadInput("--masked-kernels needs a CUDA device (--device cuda)")
         if exp.masked_kernels and exp.compile:
             raise BadInput("--masked-kernels and --compile do not combine yet; choose one")
-        if exp.precision not in ("auto", "fp32", "bf16"):
-            raise BadInput(f"unknown precision {exp.precision!r}; choose from auto, fp32, bf16")
+        if exp.precision not in ("auto", *PRECISIONS):
+            raise BadInput(
+                f"unknown precision {exp.precision!r}; choose from auto, {', '.join(PRECISIONS)}"
+            )
         precision = exp.precision
         if precision == "auto":
             precision = "bf16" if self.device.type == "cuda" else "fp32"
@@ -569,16 +571,3 @@ class Engine:
 
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def accuracy_table(records: pd.DataFrame) -> pd.DataFrame:
-    """Mean test accuracy over seeds: rows strategy, columns t."""
-    per_run = records.drop_duplicates(["run_id", "step"])
-    table = per_run.pivot_table(
-        index="strategy", columns="t_target", values="accuracy", aggfunc="mean"
-    )
-    order = [s for s in STRATEGIES if s in table.index]
-    table = table.loc[order]
-    table.columns = [f"{c:g}" for c in table.columns]
-    table.columns.name = "t"
-    return table

@@ -25,6 +25,7 @@ from rdfast.analysis import (  # noqa: E402
     paper_tables,
     sorted_groups,
 )
+from rdfast.config import STRATEGY_ORDER  # noqa: E402
 from rdfast.errors import BadInput  # noqa: E402
 
 COLORS = {"mp": "tab:blue", "gp": "tab:orange", "up": "tab:green", "rp": "tab:red"}
@@ -49,9 +50,7 @@ def alpha_boxplot(runs: pd.DataFrame, path: Path, panel: str | None = None, titl
     """Boxes of alpha_t(m) against t, one colour per strategy; a panel per value of `panel`."""
     runs = runs[runs["t"] > 1]
     panels = sorted(runs[panel].unique()) if panel else [None]
-    strategies = [s for s in ("mp", "gp", "up", "rp") if s in set(runs["strategy"])] + sorted(
-        set(runs["strategy"]) - {"mp", "gp", "up", "rp"}
-    )
+    strategies = sorted(set(runs["strategy"]), key=lambda s: (STRATEGY_ORDER.get(s, 9), s))
     ts = sorted(runs["t"].unique())
     fig, axes = plt.subplots(
         1,
@@ -262,9 +261,7 @@ def build_report(
     if run_id is None:
         first = a.runs.sort_values(
             ["strategy", "seed", "run_id"],
-            key=lambda s: (
-                s.map({"mp": 0, "gp": 1, "up": 2, "rp": 3}) if s.name == "strategy" else s
-            ),
+            key=lambda s: s.map(STRATEGY_ORDER) if s.name == "strategy" else s,
         )
         run_id = first["run_id"].iloc[0]
     elif run_id not in set(a.runs["run_id"]):
