@@ -13,7 +13,14 @@ import torch
 from rdfast.kernels._backend import HAS_TRITON, pick, tl, triton
 
 MAX_CLASSES = 1 << 16
+# Tiles, from ptxas's report of the compiled kernel (benchmarks/README.md, "Compiled kernels"):
+# the argmax keeps a key and an index per logit in registers, so a program takes 16 rows and
+# at most 256 columns at a time -- 121-127 registers at 4 warps for C = 100 and 1000, where a
+# whole 1000-class row (1024 columns) needed 168 (fp32) to 254 (bf16) and 32 rows of 128
+# already spill. Labels cost 2 loads per row: 1024 rows a program (34 registers).
 BLOCK_N = 16
+BLOCK_N_LABELS = 1024
+MAX_BLOCK_C = 256
 
 
 def confusion_matrix_ref(logits_or_labels, targets, num_classes):
@@ -98,8 +105,9 @@ def confusion_matrix(
     cm = torch.zeros(num_classes * num_classes, dtype=torch.int32, device=x.device)
     if n:
         x = x if x.dim() == 1 or x.stride(1) == 1 else x.contiguous()
-        block_c = min(triton.next_power_of_2(num_classes), 1024)
-        _confusion_kernel[(triton.cdiv(n, BLOCK_N),)](
+        block_n = BLOCK_N_LABELS if x.dim() == 1 else BLOCK_N
+        block_c = min(triton.next_power_of_2(num_classes), MAX_BLOCK_C)
+        _confusion_kernel[(triton.cdiv(n, block_n),)](
             x,
             targets.contiguous(),
             cm,
@@ -107,7 +115,7 @@ def confusion_matrix(
             x.stride(0) if x.dim() == 2 else 1,
             num_classes,
             IS_LABELS=x.dim() == 1,
-            BLOCK_N=BLOCK_N,
+            BLOCK_N=block_n,
             BLOCK_C=block_c,
         )
     return cm.view(num_classes, num_classes).long()

@@ -24,9 +24,20 @@ from torch.nn import functional as F
 
 from rdfast.kernels._backend import HAS_TRITON, interpreting, pick, tl, triton
 
-# Fixed tiles: 64 x 64 outputs, K in steps of 32 -- a conventional starting point for fp16/bf16
-# and fp32 GEMMs, not tuned on a GPU yet.
-BLOCK_M, BLOCK_N, BLOCK_K = 64, 64, 32
+
+def _tiles(precision: str) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps) for the dot's input precision.
+
+    Chosen from ptxas's report of the compiled kernels (benchmarks/README.md, "Compiled
+    kernels"), not from GPU timings. 64 x 64 x 32 with 4 warps puts the 16-bit and TF32 dots on
+    the tensor cores (wgmma on sm_90, mma.sync on sm_80) in 64-142 registers without spills.
+    An exact fp32 ("ieee") dot runs on the FMA units and holds both operand tiles in registers:
+    at that tile it needs 255 registers and spills 550-680 bytes per thread with the mask on B,
+    so it takes K in steps of 16 with 8 warps (128 registers, no spills).
+    """
+    if precision == "ieee":
+        return 64, 64, 16, 8
+    return 64, 64, 32, 4
 
 
 def masked_linear_ref(x, w, mask, bias=None):
@@ -130,7 +141,9 @@ def _matmul(a, b, mask, *, mask_b=False, mask_out=False, bias=None, out_dtype=No
     if K == 0:
         c.zero_()
         return c if bias is None else c.add_(bias)
-    grid = (triton.cdiv(M, BLOCK_M), triton.cdiv(N, BLOCK_N))
+    precision = _precision(a.dtype)
+    block_m, block_n, block_k, num_warps = _tiles(precision)
+    grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
     _masked_matmul_kernel[grid](
         a,
         b,
@@ -151,14 +164,15 @@ def _matmul(a, b, mask, *, mask_b=False, mask_out=False, bias=None, out_dtype=No
         MASK_B=mask_b,
         MASK_OUT=mask_out,
         HAS_BIAS=bias is not None,
-        PRECISION=_precision(a.dtype),
+        PRECISION=precision,
         # Triton 3.8's interpreter gets bf16 tl.dot wrong (errors ~1e10 on a 16 x 16 product,
         # fp16 and fp32 exact), so there bf16 tiles are widened first; compiled kernels keep
         # the bf16 tensor-core dot.
         WIDEN=interpreting() and a.dtype == torch.bfloat16,
-        BLOCK_M=BLOCK_M,
-        BLOCK_N=BLOCK_N,
-        BLOCK_K=BLOCK_K,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        num_warps=num_warps,
     )
     return c
 

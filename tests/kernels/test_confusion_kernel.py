@@ -50,6 +50,14 @@ def test_labels_input(backend):
     assert cm.tolist() == [[1, 0, 0], [0, 1, 1], [0, 0, 1]]
 
 
+def test_labels_over_several_programs(backend):
+    # 2500 labels: three programs of 1024 rows, the last one partly masked.
+    gen = torch.Generator().manual_seed(3)
+    pred, y = torch.randint(0, 7, (2, 2500), generator=gen)
+    cm = confusion_matrix(pred.to(DEVICE), y.to(DEVICE), 7, backend=backend)
+    np.testing.assert_array_equal(cm.cpu().numpy(), sk_confusion(y, pred, labels=range(7)))
+
+
 def test_validation():
     with pytest.raises(ValueError, match="columns"):
         confusion_matrix(torch.zeros(3, 4), torch.zeros(3, dtype=torch.long), 5)
