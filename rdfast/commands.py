@@ -115,12 +115,16 @@ def run_command(
         except BadInput as e:  # the records are written; only the summary cannot be made
             echo(f"\nno summary tables: {e}")
     failed = [o for o in outcomes if o.status == "failed"]
-    for o in failed:
-        echo(f"failed: seed {o.seed} {o.strategy} ({o.run_id}): {o.error}")
+    busy = [o for o in outcomes if o.status == "busy"]
+    for o in failed + busy:
+        echo(f"{o.status}: seed {o.seed} {o.strategy} ({o.run_id}): {o.error}")
+    complete = sum(o.status == "complete" for o in outcomes)
+    note = f"; {len(busy)} left to the other process" if busy else ""
     echo(
         f"\nrecords: {engine.out / 'records.parquet'}  "
-        f"({len(outcomes) - len(failed)}/{len(outcomes)} runs complete)"
+        f"({complete}/{len(outcomes)} runs complete{note})"
     )
+    # Runs another process is writing are its work, not a failure of this command.
     return 1 if failed else 0
 
 
@@ -173,6 +177,14 @@ def report_command(*, runs_dir, out, by, ci, ci_method, run_id, scatter_ts, echo
     return 0
 
 
+def _live_status(status: str | None, run_dir: Path) -> str | None:
+    """A manifest says "running" from the start of a run; whether a process still writes it
+    is told by the run's lock: otherwise the run was interrupted (rerun to resume it)."""
+    if status == "running" and store.lock_holder(run_dir / ".lock") is None:
+        return "interrupted"
+    return status
+
+
 def status_table(runs_dir) -> pd.DataFrame:
     """One row per run under `runs_dir`, from its manifest and recorded steps."""
     rows = []
@@ -189,7 +201,7 @@ def status_table(runs_dir) -> pd.DataFrame:
                 "seed": m.get("seed"),
                 "strategy": s.get("strategy"),
                 "saliency": s.get("saliency"),
-                "status": m.get("status"),
+                "status": _live_status(m.get("status"), manifest.parent),
                 "steps": f"{max(done - 1, 0)}/{len(s.get('ratios', []))}",
                 "error": m.get("error") or "",
             }

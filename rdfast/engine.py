@@ -267,6 +267,18 @@ class Engine:
         path = self.out / "dense" / store.stable_hash(key) / "checkpoint.pt"
         if path.exists():
             return store.load_torch(path)
+        lock = path.with_name(".lock")
+        with store.locked(lock, wait=False) as held:
+            if held:
+                return self._train_dense(seed, key, path)
+        self.log(f"dense seed {seed}: waiting for {store.lock_holder(lock) or 'another process'}")
+        with store.locked(lock, wait=True):
+            if path.exists():  # trained by the other process
+                return store.load_torch(path)
+            return self._train_dense(seed, key, path)  # it stopped before finishing
+
+    def _train_dense(self, seed: int, key: dict, path: Path) -> dict:
+        """Train the dense model of `seed` (resuming partial.pt) and cache it at `path`."""
         exp = self.exp
         model = self._new_model(seed)
         rewind = {}
@@ -351,13 +363,27 @@ class Engine:
         return None if self.progress is None else not self.progress
 
     # ------------------------------------------------------------------ one run
-    def run_one(self, seed: int, strategy: str, bar) -> RunOutcome:
-        exp, p = self.exp, self.exp.prune
+    def run_id(self, seed: int, strategy: str) -> str:
         settings = self.run_settings(seed, strategy)
-        run_id = store.stable_hash(
+        return store.stable_hash(
             {"dense": self.dense_key(seed), **settings, "records": store.RECORDS_VERSION}
         )
+
+    def run_one(self, seed: int, strategy: str, bar) -> RunOutcome:
+        settings = self.run_settings(seed, strategy)
+        run_id = self.run_id(seed, strategy)
         run_dir = self.out / "runs" / run_id
+        with store.locked(run_dir / ".lock", wait=False) as held:
+            if held:
+                return self._run_locked(seed, strategy, settings, run_id, run_dir, bar)
+        holder = store.lock_holder(run_dir / ".lock") or "another process"
+        self.log(f"run {run_id} (seed {seed}, {strategy}) is being written by {holder}: skipped")
+        bar.update(len(self.exp.prune.ratios))
+        return RunOutcome(run_id, seed, strategy, "busy", f"being written by {holder}")
+
+    def _run_locked(self, seed, strategy, settings, run_id, run_dir, bar) -> RunOutcome:
+        """One run, resumed from its recorded steps; the caller holds the run's lock."""
+        exp, p = self.exp, self.exp.prune
         for stale in run_dir.glob(".*.tmp"):  # a write the last process did not finish
             stale.unlink()
         done = store.step_files(run_dir)

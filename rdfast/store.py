@@ -7,25 +7,37 @@
       runs/<key>/step-<i>.parquet    records of step i (one row per class)
       runs/<key>/step-<i>.npy        confusion matrix of step i (true x predicted)
       records.parquet / confusion.parquet   all runs, consolidated after each command
+      dense/<key>/.lock, runs/<key>/.lock, .consolidate.lock   held while being written
 
 Every file is written to a temporary name in the same directory and renamed into place, so
-a killed process leaves either the old file or the new one, never half of one.
+a killed process leaves either the old file or the new one, never half of one. Several
+processes may share one OUT (a grid split over seeds or strategies, or identical commands
+sharing the work): a run is written by one process at a time, a dense model is trained once
+while the others wait for it, and consolidations take turns. The locks are `flock` locks,
+which the kernel drops when their process dies, so a killed run never leaves one behind.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import os
+import socket
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: no advisory locks, one process per OUT
+    fcntl = None
 
 RECORDS_VERSION = 1
 
@@ -50,6 +62,44 @@ def atomic_write(path: Path, write: Callable[[io.BufferedWriter], None]) -> None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def locked(path: Path, *, wait: bool) -> Iterator[bool]:
+    """Hold an exclusive lock on the file `path` (created if missing) inside the block.
+
+    Yields True once it is held; with `wait=False`, yields False at once (and holds nothing)
+    when another process has it. The holder's pid and host are written into the file for
+    `lock_holder`.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                yield False
+                return
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+        yield True
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
+def lock_holder(path: Path) -> str | None:
+    """ "pid N on HOST" while another process holds the lock on `path`, else None."""
+    path = Path(path)
+    if fcntl is None or not path.exists():
+        return None
+    with open(path, "rb") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return f.read().decode(errors="replace").strip() or "another process"
+    return None
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -134,9 +184,11 @@ def load_confusion(out_dir: Path) -> pd.DataFrame:
 def consolidate(out_dir: Path) -> Path | None:
     """Rewrite OUT/records.parquet and OUT/confusion.parquet from the per-step files."""
     out_dir = Path(out_dir)
-    records = load_records(out_dir)
-    if records.empty:
-        return None
-    write_parquet(out_dir / "records.parquet", records)
-    write_parquet(out_dir / "confusion.parquet", load_confusion(out_dir))
+    # One at a time: the last to take the lock reads the most complete set of steps.
+    with locked(out_dir / ".consolidate.lock", wait=True):
+        records = load_records(out_dir)
+        if records.empty:
+            return None
+        write_parquet(out_dir / "records.parquet", records)
+        write_parquet(out_dir / "confusion.parquet", load_confusion(out_dir))
     return out_dir / "records.parquet"

@@ -1,0 +1,169 @@
+"""Several processes on one output folder: locks, skipped runs, a dense model trained once."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+
+import pandas as pd
+import pytest
+
+import rdfast.engine as engine_mod
+from rdfast import store
+from rdfast.engine import Engine
+from tests.test_engine import VOLATILE, experiment, table
+
+
+def test_lock_is_exclusive_and_names_its_holder(tmp_path):
+    lock = tmp_path / "sub" / ".lock"
+    assert store.lock_holder(lock) is None  # no file yet
+    with store.locked(lock, wait=True) as held:
+        assert held
+        # flock conflicts between open file descriptions, even in one process.
+        with store.locked(lock, wait=False) as second:
+            assert second is False
+        assert store.lock_holder(lock).startswith(f"pid {os.getpid()} on ")
+    assert store.lock_holder(lock) is None
+    with store.locked(lock, wait=False) as again:
+        assert again
+
+
+def test_lock_of_a_killed_process_is_released(tmp_path):
+    lock = tmp_path / ".lock"
+    code = (
+        "import sys, time\n"
+        "from rdfast import store\n"
+        f"with store.locked({str(lock)!r}, wait=True):\n"
+        "    print('held', flush=True)\n"
+        "    time.sleep(60)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        assert store.lock_holder(lock) == f"pid {proc.pid} on {os.uname().nodename}"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert store.lock_holder(lock) is None
+
+
+def test_run_held_by_another_process_is_skipped_then_resumed(tmp_path):
+    Engine(experiment(tmp_path / "ref"), progress=False).execute()
+    reference = table(tmp_path / "ref")
+
+    out = tmp_path / "shared"
+    messages = []
+    engine = Engine(experiment(out), progress=False, log=messages.append)
+    engine.prepare()
+    busy_id = engine.run_id(0, "gp")
+    with store.locked(out / "runs" / busy_id / ".lock", wait=True):
+        outcomes = engine.execute()
+        status = {o.strategy: o.status for o in outcomes}
+        assert status == {"mp": "complete", "gp": "busy", "up": "complete", "rp": "complete"}
+        assert any(f"run {busy_id}" in m and "being written by pid" in m for m in messages)
+        assert not list((out / "runs" / busy_id).glob("step-*"))  # nothing written to it
+        assert busy_id not in set(store.load_records(out)["run_id"])
+    outcomes = Engine(experiment(out), progress=False).execute()
+    assert all(o.status == "complete" for o in outcomes)
+    pd.testing.assert_frame_equal(table(out), reference)
+
+
+def test_dense_model_in_training_elsewhere_is_waited_for(tmp_path, monkeypatch):
+    # A finished dense model to hand over, as the other process would write it.
+    Engine(experiment(tmp_path / "ref", strategies=("mp",)), progress=False).execute()
+    reference = table(tmp_path / "ref")
+    out = tmp_path / "shared"
+    engine = Engine(experiment(out, strategies=("mp",)), progress=False)
+    engine.prepare()
+    dense_dir = store.stable_hash(engine.dense_key(0))
+    held, release = threading.Event(), threading.Event()
+
+    def other_process():
+        with store.locked(out / "dense" / dense_dir / ".lock", wait=True):
+            held.set()
+            release.wait(30)
+            shutil.copytree(
+                tmp_path / "ref" / "dense" / dense_dir,
+                out / "dense" / dense_dir,
+                ignore=shutil.ignore_patterns(".lock"),
+                dirs_exist_ok=True,
+            )
+
+    thread = threading.Thread(target=other_process)
+    thread.start()
+    held.wait(30)
+    real_train = engine_mod.train
+
+    def spy(*args, **kw):
+        assert kw.get("seed_parts")[1] != "dense", "trained the dense model a second time"
+        return real_train(*args, **kw)
+
+    messages = []
+
+    def log(msg):
+        messages.append(msg)
+        if "waiting for pid" in msg:
+            release.set()  # the other process finishes only once this one waits
+
+    monkeypatch.setattr(engine_mod, "train", spy)
+    engine.log = log
+    try:
+        engine.execute()
+    finally:
+        release.set()
+        thread.join()
+    assert any(m.startswith("dense seed 0: waiting for pid") for m in messages)
+    pd.testing.assert_frame_equal(table(out), reference)
+
+
+def test_status_tells_interrupted_from_running(tmp_path):
+    from rdfast.commands import status_table
+
+    out = tmp_path / "o"
+    Engine(experiment(out, strategies=("mp",)), progress=False).execute()
+    (manifest,) = out.glob("runs/*/manifest.json")
+    m = store.read_json(manifest)
+    store.write_json(manifest, {**m, "status": "running"})  # as a killed process leaves it
+    assert status_table(out)["status"].tolist() == ["interrupted"]
+    with store.locked(manifest.parent / ".lock", wait=True):
+        assert status_table(out)["status"].tolist() == ["running"]
+
+
+@pytest.mark.slow
+def test_identical_commands_in_parallel_share_the_work(tmp_path):
+    """Two processes, one command, one folder: the records of a single process, each dense
+    model trained once, nothing left half-written."""
+    args = [
+        sys.executable,
+        "-m",
+        "rdfast.cli.main",
+        "run",
+        "--seeds",
+        "0,1",
+        "--ratios",
+        "2,4,8",
+        "--epochs",
+        "4",
+        "--finetune-epochs",
+        "2",
+        "--no-progress",
+    ]
+    ref, out = tmp_path / "ref", tmp_path / "shared"
+    subprocess.run([*args, "--out", str(ref)], check=True, capture_output=True)
+    procs = [
+        subprocess.Popen(
+            [*args, "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        for _ in range(2)
+    ]
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs
+    trained = [line for log in logs for line in log.splitlines() if " img/s training" in line]
+    assert sorted(line.split(":")[0] for line in trained) == ["dense seed 0", "dense seed 1"]
+    a = pd.read_parquet(ref / "records.parquet").drop(columns=VOLATILE)
+    b = pd.read_parquet(out / "records.parquet").drop(columns=VOLATILE)
+    pd.testing.assert_frame_equal(a, b)
+    assert not list(out.rglob("*.tmp"))
+    assert all(store.lock_holder(p) is None for p in out.rglob(".lock"))
