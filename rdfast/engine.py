@@ -262,9 +262,17 @@ class Engine:
             raise RunFailed(f"dense training failed: {self._dense[seed]}")
         return self._dense[seed]
 
+    def _dense_path(self, seed: int) -> Path:
+        return self.out / "dense" / store.stable_hash(self.dense_key(seed)) / "checkpoint.pt"
+
+    def _dense_elsewhere(self, seed: int) -> bool:
+        """Whether another process is training this seed's dense model right now."""
+        path = self._dense_path(seed)
+        return not path.exists() and store.lock_holder(path.with_name(".lock")) is not None
+
     def _load_or_train_dense(self, seed: int) -> dict:
         key = self.dense_key(seed)
-        path = self.out / "dense" / store.stable_hash(key) / "checkpoint.pt"
+        path = self._dense_path(seed)
         if path.exists():
             return store.load_torch(path)
         lock = path.with_name(".lock")
@@ -586,8 +594,16 @@ class Engine:
         exp = self.exp
         n_steps = len(exp.seeds) * len(exp.strategies) * len(exp.prune.ratios)
         outcomes = []
+        queue, deferred = list(exp.seeds), set()
         with tqdm(total=n_steps, desc="prune+retrain", unit="step", disable=self._quiet()) as bar:
-            for seed in exp.seeds:
+            while queue:
+                seed = queue.pop(0)
+                # A seed whose dense model another process is training goes to the back of
+                # the queue once: its runs would only wait for that model.
+                if queue and seed not in deferred and self._dense_elsewhere(seed):
+                    deferred.add(seed)
+                    queue.append(seed)
+                    continue
                 for strategy in exp.strategies:
                     outcomes.append(self.run_one(seed, strategy, bar))
                 self._dense.pop(seed, None)  # its strategies are done: free the weights

@@ -118,6 +118,42 @@ def test_dense_model_in_training_elsewhere_is_waited_for(tmp_path, monkeypatch):
     pd.testing.assert_frame_equal(table(out), reference)
 
 
+def test_seed_whose_dense_model_trains_elsewhere_goes_last(tmp_path):
+    exp = dict(strategies=("mp",), seeds=(0, 1))
+    Engine(experiment(tmp_path / "ref", **exp), progress=False).execute()
+    reference = table(tmp_path / "ref")
+    out = tmp_path / "shared"
+    engine = Engine(experiment(out, **exp), progress=False)
+    engine.prepare()
+    lock = out / "dense" / store.stable_hash(engine.dense_key(0)) / ".lock"
+    held, release = threading.Event(), threading.Event()
+    seed1_done_first = []
+
+    def other_process():  # trains seed 0 and dies before saving it
+        with store.locked(lock, wait=True):
+            held.set()
+            release.wait(60)
+
+    def log(msg):
+        if msg.startswith("dense seed 0: waiting"):
+            recs = store.load_records(out)
+            seed1_done_first.append(set(recs["seed"]) == {1} and recs["step"].max() == 3)
+            release.set()
+
+    thread = threading.Thread(target=other_process)
+    thread.start()
+    held.wait(30)
+    engine.log = log
+    try:
+        outcomes = engine.execute()
+    finally:
+        release.set()
+        thread.join()
+    assert seed1_done_first == [True]  # seed 1 ran while seed 0's model was elsewhere
+    assert [o.seed for o in outcomes] == [1, 0]
+    pd.testing.assert_frame_equal(table(out), reference)  # then seed 0 trained here
+
+
 def test_status_tells_interrupted_from_running(tmp_path):
     from rdfast.commands import status_table
 
