@@ -224,8 +224,9 @@ def _ptx_features(ptx: str) -> dict:
         "ld_global_v4": len(re.findall(r"ld\.global(?:\.\w+)*\.v4\.", ptx)),
         "ld_global": len(re.findall(r"ld\.global\.", ptx)),
         "st_global_v4": len(re.findall(r"st\.global(?:\.\w+)*\.v4\.", ptx)),
-        "atom_global": len(re.findall(r"\b(?:atom|red)\.global\.", ptx)),
-        "atom_shared": len(re.findall(r"\b(?:atom|red)\.shared\.", ptx)),
+        "atom_global": len(re.findall(r"\b(?:atom|red)\.(?:\w+\.)*global\.", ptx)),
+        # e.g. atom.relaxed.sys.shared.add.u32: memory-order and scope qualifiers come first.
+        "atom_shared": len(re.findall(r"\b(?:atom|red)\.(?:\w+\.)*shared\.", ptx)),
         "mma": len(re.findall(r"\bmma\.sync\.", ptx)),
         "wgmma": len(re.findall(r"\bwgmma\.mma_async\.", ptx)),
     }

@@ -95,6 +95,14 @@ def test_streaming_kernels_load_128_bits_at_a_time(compiled):
     assert (ragged["ld_global_v4"] == 0).all()
 
 
+def test_selection_histograms_count_in_shared_memory(compiled):
+    # tl.histogram privatizes the 2^11 bins per program in shared memory; global memory sees
+    # one atomic flush per program, not one atomic per weight.
+    hist = compiled[compiled["kernel"] == "_histogram_kernel"]
+    assert (hist["atom_shared"] > 0).all()
+    assert (hist["shared"] >= 4 * 2**10).all()
+
+
 def test_low_precision_and_tf32_gemms_run_on_tensor_cores(compiled):
     gemm = compiled[compiled["kernel"] == "_masked_matmul_kernel"]
     precision = gemm["constexprs"].map(lambda c: c["PRECISION"])
