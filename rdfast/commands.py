@@ -102,6 +102,13 @@ def run_command(
     records = store.load_records(engine.out, prefer_consolidated=True)  # just consolidated
     ids = {o.run_id for o in outcomes}
     mine = records[records["run_id"].isin(ids)] if not records.empty else records
+    busy = [o for o in outcomes if o.status == "busy"]
+    if busy and not mine.empty:
+        echo(
+            f"\nnote: {len(busy)} run(s) still being written by another process; "
+            "the tables hold only the steps recorded so far (the last process to finish "
+            "prints them whole, as does `rdfast analyze` later)"
+        )
     if not mine.empty:
         from rdfast import analysis
 
@@ -115,7 +122,6 @@ def run_command(
         except BadInput as e:  # the records are written; only the summary cannot be made
             echo(f"\nno summary tables: {e}")
     failed = [o for o in outcomes if o.status == "failed"]
-    busy = [o for o in outcomes if o.status == "busy"]
     for o in failed + busy:
         echo(f"{o.status}: seed {o.seed} {o.strategy} ({o.run_id}): {o.error}")
     complete = sum(o.status == "complete" for o in outcomes)

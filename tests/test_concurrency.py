@@ -203,3 +203,26 @@ def test_identical_commands_in_parallel_share_the_work(tmp_path):
     pd.testing.assert_frame_equal(a, b)
     assert not list(out.rglob("*.tmp"))
     assert all(store.lock_holder(p) is None for p in out.rglob(".lock"))
+
+
+def test_cli_leaves_a_busy_run_to_its_writer(tmp_path):
+    from click.testing import CliRunner
+
+    from rdfast.cli.main import cli
+    from tests.conftest import run_args
+
+    def args(out):
+        return run_args(out, extra=("--strategy", "mp,gp"))
+
+    assert CliRunner().invoke(cli, args(tmp_path / "first")).exit_code == 0
+    ids = {
+        store.read_json(m)["settings"]["strategy"]: m.parent.name
+        for m in (tmp_path / "first").glob("runs/*/manifest.json")
+    }
+    out = tmp_path / "second"
+    with store.locked(out / "runs" / ids["gp"] / ".lock", wait=True):
+        res = CliRunner().invoke(cli, args(out))
+    assert res.exit_code == 0, res.output
+    assert "note: 1 run(s) still being written by another process" in res.stdout
+    assert f"busy: seed 0 gp ({ids['gp']}): being written by pid {os.getpid()}" in res.stdout
+    assert "(1/2 runs complete; 1 left to the other process)" in res.stdout
