@@ -30,7 +30,7 @@ def _tiles(precision: str) -> tuple[int, int, int, int]:
 
     Chosen from ptxas's report of the compiled kernels (benchmarks/README.md, "Compiled
     kernels"), not from GPU timings. 64 x 64 x 32 with 4 warps puts the 16-bit and TF32 dots on
-    the tensor cores (wgmma on sm_90, mma.sync on sm_80) in 64-142 registers without spills.
+    the tensor cores (wgmma on sm_90, mma.sync on sm_80) in 64-158 registers without spills.
     An exact fp32 ("ieee") dot runs on the FMA units and holds both operand tiles in registers:
     at that tile it needs 255 registers and spills 550-680 bytes per thread with the mask on B,
     so it takes K in steps of 16 with 8 warps (128 registers, no spills).
