@@ -1,4 +1,5 @@
 import os
+import sys
 
 # Triton kernels run on CPU tensors through the interpreter; it must be on before
 # rdfast.kernels is imported. A GPU run sets TRITON_INTERPRET=0 to compile them instead.
@@ -31,6 +32,11 @@ TINY = [
     "1",
     "--no-progress",
 ]
+
+
+def process_args(out, **kw):
+    """`rdfast run` as a separate Python process, with `run_args`'s arguments."""
+    return [sys.executable, "-m", "rdfast.cli.main", *run_args(out, **kw)]
 
 
 def run_args(out, *, seeds="0", ratios="2,4", epochs="3", finetune="1", extra=()):

@@ -3,7 +3,6 @@
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pandas as pd
@@ -12,7 +11,7 @@ from click.testing import CliRunner
 
 from rdfast import store
 from rdfast.cli.main import cli
-from tests.conftest import TINY, run_args
+from tests.conftest import TINY, process_args, run_args
 
 RECORD_COLUMNS = {
     "dataset",
@@ -245,26 +244,12 @@ def test_status(tmp_path):
 @pytest.mark.slow
 def test_killed_process_resumes_to_identical_table(tmp_path):
     """SIGKILL at an arbitrary moment, then the same command again: the same records."""
-    args = [
-        sys.executable,
-        "-m",
-        "rdfast.cli.main",
-        "run",
-        "--seeds",
-        "0,1",
-        "--ratios",
-        "2,4,8",
-        "--epochs",
-        "4",
-        "--finetune-epochs",
-        "2",
-        "--no-progress",
-    ]
+    small = dict(seeds="0,1", ratios="2,4,8", epochs="4", finetune="2")
     ref, killed = tmp_path / "ref", tmp_path / "killed"
-    subprocess.run([*args, "--out", str(ref)], check=True, capture_output=True)
+    subprocess.run(process_args(ref, **small), check=True, capture_output=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
-        [*args, "--out", str(killed)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        process_args(killed, **small), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     # Wait until a few steps are on disk, then kill without warning.
     deadline = time.time() + 120
@@ -273,7 +258,7 @@ def test_killed_process_resumes_to_identical_table(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (killed / "records.parquet").exists()  # it really stopped part-way
-    subprocess.run([*args, "--out", str(killed)], check=True, capture_output=True)
+    subprocess.run(process_args(killed, **small), check=True, capture_output=True)
     a = pd.read_parquet(ref / "records.parquet").drop(columns=["seconds"])
     b = pd.read_parquet(killed / "records.parquet").drop(columns=["seconds"])
     pd.testing.assert_frame_equal(a, b)

@@ -13,6 +13,7 @@ import pytest
 import rdfast.engine as engine_mod
 from rdfast import store
 from rdfast.engine import Engine
+from tests.conftest import process_args
 from tests.test_engine import VOLATILE, experiment, table
 
 
@@ -171,26 +172,12 @@ def test_status_tells_interrupted_from_running(tmp_path):
 def test_identical_commands_in_parallel_share_the_work(tmp_path):
     """Two processes, one command, one folder: the records of a single process, each dense
     model trained once, nothing left half-written."""
-    args = [
-        sys.executable,
-        "-m",
-        "rdfast.cli.main",
-        "run",
-        "--seeds",
-        "0,1",
-        "--ratios",
-        "2,4,8",
-        "--epochs",
-        "4",
-        "--finetune-epochs",
-        "2",
-        "--no-progress",
-    ]
+    small = dict(seeds="0,1", ratios="2,4,8", epochs="4", finetune="2")
     ref, out = tmp_path / "ref", tmp_path / "shared"
-    subprocess.run([*args, "--out", str(ref)], check=True, capture_output=True)
+    subprocess.run(process_args(ref, **small), check=True, capture_output=True)
     procs = [
         subprocess.Popen(
-            [*args, "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            process_args(out, **small), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )
         for _ in range(2)
     ]
