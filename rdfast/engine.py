@@ -595,18 +595,25 @@ class Engine:
         n_steps = len(exp.seeds) * len(exp.strategies) * len(exp.prune.ratios)
         outcomes = []
         queue, deferred = list(exp.seeds), set()
+        todo = {seed: list(exp.strategies) for seed in exp.seeds}
         with tqdm(total=n_steps, desc="prune+retrain", unit="step", disable=self._quiet()) as bar:
             while queue:
                 seed = queue.pop(0)
-                # A seed whose dense model another process is training goes to the back of
-                # the queue once: its runs would only wait for that model.
-                if queue and seed not in deferred and self._dense_elsewhere(seed):
-                    deferred.add(seed)
-                    queue.append(seed)
-                    continue
-                for strategy in exp.strategies:
-                    outcomes.append(self.run_one(seed, strategy, bar))
-                self._dense.pop(seed, None)  # its strategies are done: free the weights
+                while todo[seed]:
+                    # While another process trains this seed's dense model, the seed's runs
+                    # would only wait for it: once, the rest of them go to the back.
+                    if (
+                        queue
+                        and seed not in deferred
+                        and seed not in self._dense
+                        and self._dense_elsewhere(seed)
+                    ):
+                        deferred.add(seed)
+                        queue.append(seed)
+                        break
+                    outcomes.append(self.run_one(seed, todo[seed].pop(0), bar))
+                else:
+                    self._dense.pop(seed, None)  # its strategies are done: free the weights
         store.consolidate(self.out)
         return outcomes
 

@@ -155,6 +155,36 @@ def test_seed_whose_dense_model_trains_elsewhere_goes_last(tmp_path):
     pd.testing.assert_frame_equal(table(out), reference)  # then seed 0 trained here
 
 
+def test_runs_left_of_a_seed_wait_when_its_dense_model_starts_elsewhere(tmp_path):
+    """The other process takes (seed 0, mp) and then starts training seed 0's model: this one
+    skips that run, finds the model in training before (seed 0, gp), does seed 1 first."""
+    import contextlib
+
+    exp = dict(strategies=("mp", "gp"), seeds=(0, 1))
+    out = tmp_path / "shared"
+    engine = Engine(experiment(out, **exp), progress=False)
+    engine.prepare()
+    dense_lock = out / "dense" / store.stable_hash(engine.dense_key(0)) / ".lock"
+    other = contextlib.ExitStack()
+
+    def log(msg):
+        if "(seed 0, mp) is being written" in msg:
+            other.enter_context(store.locked(dense_lock, wait=True))  # its dense training
+        if msg.startswith("dense seed 0: waiting"):
+            other.close()  # it stops; this process trains the model itself
+
+    engine.log = log
+    with store.locked(out / "runs" / engine.run_id(0, "mp") / ".lock", wait=True):
+        outcomes = engine.execute()
+    other.close()
+    assert [(o.seed, o.strategy, o.status) for o in outcomes] == [
+        (0, "mp", "busy"),
+        (1, "mp", "complete"),
+        (1, "gp", "complete"),
+        (0, "gp", "complete"),
+    ]
+
+
 def test_status_tells_interrupted_from_running(tmp_path):
     from rdfast.commands import status_table
 
