@@ -101,8 +101,14 @@ def alpha_boxplot(runs: pd.DataFrame, path: Path, panel: str | None = None, titl
         "de-intensification",
         fontsize=10,
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save(fig, path, dpi=110)
+
+
+def _save(fig, path: Path, dpi: int) -> None:
+    """Lay out a figure with a two-line suptitle (0.6 inch kept free above the panels, however
+    tall the figure) and write it."""
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.6 / fig.get_figheight()))
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
 
 
@@ -123,6 +129,20 @@ def scatter_grid(a: Analysis, path: Path, ts: list[float]):
             ax = axes[i][j]
             pts = c[sel & (c["t"] == t).to_numpy()]
             x, y = pts["Bn1"].to_numpy(), pts["Bn"].to_numpy()
+            ax.set_title(f"{label}, t={t:g}", fontsize=9)
+            if not len(x):  # this group has not (yet) reached this t
+                ax.text(
+                    0.5,
+                    0.5,
+                    f"no records at t={t:g}",
+                    ha="center",
+                    va="center",
+                    transform=ax.transAxes,
+                    color="grey",
+                )
+                ax.set_xticks([])
+                ax.set_yticks([])
+                continue
             ax.scatter(x, y, s=8, alpha=0.5, color=color, label="classes x seeds")
             lim = np.nanmax(np.abs(np.r_[x, 0.01])) * 1.15  # y scales on its own
             xs = np.array([-lim, lim])
@@ -131,7 +151,6 @@ def scatter_grid(a: Analysis, path: Path, ts: list[float]):
                 ax.plot(xs, slope * xs, color="black", lw=1.2, label=f"fit: slope {slope:.2f}")
             ax.plot(xs, xs, ls="--", color="grey", lw=1, label="y = x")
             ax.set_xlim(-lim, lim)
-            ax.set_title(f"{label}, t={t:g}", fontsize=9)
             ax.set_xlabel("Bn_1 (dense)", fontsize=8)
             ax.set_ylabel(f"Bn_t (t={t:g})", fontsize=8)
             ax.legend(fontsize=7, loc="upper left")
@@ -140,9 +159,7 @@ def scatter_grid(a: Analysis, path: Path, ts: list[float]):
         "slope above 1: the gap between classes widens",
         fontsize=10,
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path, dpi=100)
 
 
 def accuracy_plot(a: Analysis, path: Path):
