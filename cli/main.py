@@ -215,8 +215,9 @@ def run(**kw):
     """Train, prune with each strategy to each ratio, retrain, record per-class recall.
 
     Every strategy prunes the same trained dense model of each seed (cached under OUT/dense).
-    Rerunning the same command resumes: finished steps are skipped. Records: OUT/records.parquet,
-    one row per (run, t, class).
+    Rerunning the same command resumes: finished steps are skipped. Several processes may
+    share one OUT (a grid split by seed or strategy, or one command started N times): each
+    run is written by one of them. Records: OUT/records.parquet, one row per (run, t, class).
     """
     from rdfast.commands import run_command
 
