@@ -1,5 +1,6 @@
 """Several processes on one output folder: locks, skipped runs, a dense model trained once."""
 
+import contextlib
 import os
 import shutil
 import signal
@@ -9,11 +10,14 @@ import threading
 
 import pandas as pd
 import pytest
+from click.testing import CliRunner
 
 import rdfast.engine as engine_mod
 from rdfast import store
+from rdfast.cli.main import cli
+from rdfast.commands import status_table
 from rdfast.engine import Engine
-from tests.conftest import process_args
+from tests.conftest import process_args, run_args
 from tests.test_engine import VOLATILE, experiment, table
 
 
@@ -158,8 +162,6 @@ def test_seed_whose_dense_model_trains_elsewhere_goes_last(tmp_path):
 def test_runs_left_of_a_seed_wait_when_its_dense_model_starts_elsewhere(tmp_path):
     """The other process takes (seed 0, mp) and then starts training seed 0's model: this one
     skips that run, finds the model in training before (seed 0, gp), does seed 1 first."""
-    import contextlib
-
     exp = dict(strategies=("mp", "gp"), seeds=(0, 1))
     out = tmp_path / "shared"
     engine = Engine(experiment(out, **exp), progress=False)
@@ -186,8 +188,6 @@ def test_runs_left_of_a_seed_wait_when_its_dense_model_starts_elsewhere(tmp_path
 
 
 def test_status_tells_interrupted_from_running(tmp_path):
-    from rdfast.commands import status_table
-
     out = tmp_path / "o"
     Engine(experiment(out, strategies=("mp",)), progress=False).execute()
     (manifest,) = out.glob("runs/*/manifest.json")
@@ -223,11 +223,6 @@ def test_identical_commands_in_parallel_share_the_work(tmp_path):
 
 
 def test_cli_leaves_a_busy_run_to_its_writer(tmp_path):
-    from click.testing import CliRunner
-
-    from rdfast.cli.main import cli
-    from tests.conftest import run_args
-
     def args(out):
         return run_args(out, extra=("--strategy", "mp,gp"))
 
