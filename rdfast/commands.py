@@ -99,10 +99,12 @@ def run_command(
     engine = Engine(exp, progress=progress)
     engine.prepare()  # raises BadInput before anything is written
     outcomes = engine.execute()
+    # Runs left to another process may have been finished by it in the meantime; checked
+    # before the records are read, so a run counted finished has all its steps in them.
+    busy = [o for o in outcomes if o.status == "busy" and not _finished(engine.out, o.run_id)]
     records = store.load_records(engine.out, prefer_consolidated=True)  # just consolidated
     ids = {o.run_id for o in outcomes}
     mine = records[records["run_id"].isin(ids)] if not records.empty else records
-    busy = [o for o in outcomes if o.status == "busy"]
     if busy and not mine.empty:
         echo(
             f"\nnote: {len(busy)} run(s) still being written by another process; "
@@ -124,8 +126,8 @@ def run_command(
     failed = [o for o in outcomes if o.status == "failed"]
     for o in failed + busy:
         echo(f"{o.status}: seed {o.seed} {o.strategy} ({o.run_id}): {o.error}")
-    complete = sum(o.status == "complete" for o in outcomes)
-    note = f"; {len(busy)} left to the other process" if busy else ""
+    complete = len(outcomes) - len(failed) - len(busy)
+    note = f"; {len(busy)} still being written by another process" if busy else ""
     echo(
         f"\nrecords: {engine.out / 'records.parquet'}  "
         f"({complete}/{len(outcomes)} runs complete{note})"
@@ -181,6 +183,11 @@ def report_command(*, runs_dir, out, by, ci, ci_method, run_id, scatter_ts, echo
     path = build_report(a, runs_dir, out, run_id=run_id, scatter_ts=scatter_ts)
     echo(f"report: {path / 'index.html'} and {path / 'report.md'}")
     return 0
+
+
+def _finished(out: Path, run_id: str) -> bool:
+    manifest = Path(out) / "runs" / run_id / "manifest.json"
+    return manifest.exists() and store.read_json(manifest).get("status") == "complete"
 
 
 def _live_status(status: str | None, run_dir: Path) -> str | None:

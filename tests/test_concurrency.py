@@ -237,4 +237,15 @@ def test_cli_leaves_a_busy_run_to_its_writer(tmp_path):
     assert res.exit_code == 0, res.output
     assert "note: 1 run(s) still being written by another process" in res.stdout
     assert f"busy: seed 0 gp ({ids['gp']}): being written by pid {os.getpid()}" in res.stdout
-    assert "(1/2 runs complete; 1 left to the other process)" in res.stdout
+    assert "(1/2 runs complete; 1 still being written by another process)" in res.stdout
+    # Finished by its writer before this command's summary: counted complete, tables whole.
+    third = tmp_path / "third"
+    shutil.copytree(tmp_path / "first" / "runs" / ids["gp"], third / "runs" / ids["gp"])
+    with store.locked(third / "runs" / ids["gp"] / ".lock", wait=True):
+        res = CliRunner().invoke(cli, args(third))
+    assert res.exit_code == 0, res.output
+    assert "note:" not in res.stdout and "busy:" not in res.stdout
+    assert "(2/2 runs complete)" in res.stdout
+    first = pd.read_parquet(tmp_path / "first" / "records.parquet").drop(columns=VOLATILE)
+    whole = pd.read_parquet(third / "records.parquet").drop(columns=VOLATILE)
+    pd.testing.assert_frame_equal(first, whole)
