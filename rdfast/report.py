@@ -52,16 +52,23 @@ def alpha_boxplot(runs: pd.DataFrame, path: Path, panel: str | None = None, titl
     panels = sorted(runs[panel].unique()) if panel else [None]
     strategies = sorted(set(runs["strategy"]), key=lambda s: (STRATEGY_ORDER.get(s, 9), s))
     ts = sorted(runs["t"].unique())
+    # At most three panels a row, so that many datasets or widths wrap instead of making
+    # a figure too wide to read on a page.
+    ncols = min(3, len(panels))
+    nrows = -(-len(panels) // ncols)
     fig, axes = plt.subplots(
-        1,
-        len(panels),
-        figsize=(max(6, 1.1 * len(ts) * len(panels) + 2), 4.2),
+        nrows,
+        ncols,
+        figsize=(max(6, 1.1 * len(ts) * ncols + 2), 4.2 * nrows),
         sharey=True,
         squeeze=False,
     )
+    flat = axes.ravel()
+    for ax in flat[len(panels) :]:
+        ax.set_visible(False)
     width = 0.8 / len(strategies)
     clipped = False
-    for ax, pv in zip(axes[0], panels):
+    for ax, pv in zip(flat, panels):
         sub = runs if pv is None else runs[runs[panel] == pv]
         for j, s in enumerate(strategies):
             data = [
@@ -89,10 +96,11 @@ def alpha_boxplot(runs: pd.DataFrame, path: Path, panel: str | None = None, titl
         if lim:
             ax.set_ylim(*lim)
             clipped = True
-    axes[0][0].set_ylabel("alpha_t(m): slope of Bn_t on Bn_1")
+    for row in axes:
+        row[0].set_ylabel("alpha_t(m): slope of Bn_t on Bn_1")
     handles = [Patch(color=_color(j, s), alpha=0.6, label=s) for j, s in enumerate(strategies)]
     handles.append(plt.Line2D([], [], ls="--", color="black", label="alpha = 1 (no change)"))
-    axes[0][-1].legend(handles=handles, loc="best", fontsize=8)
+    flat[len(panels) - 1].legend(handles=handles, loc="best", fontsize=8)
     note = " (y axis clipped; extreme values off-scale)" if clipped else ""
     fig.suptitle(
         (title or "Model-level intensification alpha_t per strategy")
