@@ -12,10 +12,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-import subprocess
-import sys
-import tempfile
-from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # recording runs the kernels on CPU tensors
 
@@ -24,25 +20,7 @@ import triton  # noqa: E402
 
 from benchmarks.conftest import RESULTS, commit  # noqa: E402
 from rdfast.analysis import markdown  # noqa: E402
-from rdfast.kernels._aot import representative_launches  # noqa: E402
-
-
-def compile_all(arches=(80, 90)) -> pd.DataFrame:
-    launches = representative_launches()
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "launches.json"
-        path.write_text(json.dumps(launches))
-        cmd = [sys.executable, "-m", "rdfast.kernels._aot", str(path)]
-        for arch in arches:
-            cmd += ["--arch", str(arch)]
-        done = subprocess.run(
-            cmd,
-            env=dict(os.environ, TRITON_INTERPRET="0"),
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-    return pd.DataFrame([json.loads(line) for line in done.stdout.splitlines()])
+from rdfast.kernels._aot import compile_in_subprocess, representative_launches  # noqa: E402
 
 
 def summary(table: pd.DataFrame) -> pd.DataFrame:
@@ -69,7 +47,7 @@ def summary(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def main() -> None:
-    table = compile_all()
+    table = pd.DataFrame(compile_in_subprocess(representative_launches()))
     stamp = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     rows = table.assign(
         date=stamp,

@@ -278,6 +278,26 @@ def compile_launch(launch: dict, arch: int = 90) -> dict:
     }
 
 
+def compile_in_subprocess(launches: list[dict], arches=(80, 90)) -> list[dict]:
+    """`compile_launch` for every recorded launch and architecture, run by this module in a
+    fresh process without the interpreter (the recording process has it on, so its kernels
+    cannot be compiled); one result per (launch, architecture)."""
+    import os
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "launches.json"
+        path.write_text(json.dumps(launches))
+        cmd = [sys.executable, "-m", "rdfast.kernels._aot", str(path)]
+        for arch in arches:
+            cmd += ["--arch", str(arch)]
+        done = subprocess.run(
+            cmd, env=dict(os.environ, TRITON_INTERPRET="0"), capture_output=True, text=True
+        )
+    if done.returncode:
+        raise RuntimeError(f"compiling the kernels failed:\n{done.stderr[-3000:]}")
+    return [json.loads(line) for line in done.stdout.splitlines()]
+
+
 def _compile_one(job):
     launch, arch = job
     return compile_launch(launch, arch)

@@ -262,8 +262,9 @@ class Engine:
             raise RunFailed(f"dense training failed: {self._dense[seed]}")
         return self._dense[seed]
 
-    def _dense_path(self, seed: int) -> Path:
-        return self.out / "dense" / store.stable_hash(self.dense_key(seed)) / "checkpoint.pt"
+    def _dense_path(self, seed: int, key: dict | None = None) -> Path:
+        key = key or self.dense_key(seed)
+        return self.out / "dense" / store.stable_hash(key) / "checkpoint.pt"
 
     def _dense_elsewhere(self, seed: int) -> bool:
         """Whether another process is training this seed's dense model right now."""
@@ -272,7 +273,7 @@ class Engine:
 
     def _load_or_train_dense(self, seed: int) -> dict:
         key = self.dense_key(seed)
-        path = self._dense_path(seed)
+        path = self._dense_path(seed, key)
         if path.exists():
             return store.load_torch(path)
         lock = path.with_name(".lock")
@@ -371,15 +372,15 @@ class Engine:
         return None if self.progress is None else not self.progress
 
     # ------------------------------------------------------------------ one run
-    def run_id(self, seed: int, strategy: str) -> str:
-        settings = self.run_settings(seed, strategy)
+    def run_id(self, seed: int, strategy: str, settings: dict | None = None) -> str:
+        settings = settings or self.run_settings(seed, strategy)
         return store.stable_hash(
             {"dense": self.dense_key(seed), **settings, "records": store.RECORDS_VERSION}
         )
 
     def run_one(self, seed: int, strategy: str, bar) -> RunOutcome:
         settings = self.run_settings(seed, strategy)
-        run_id = self.run_id(seed, strategy)
+        run_id = self.run_id(seed, strategy, settings)
         run_dir = self.out / "runs" / run_id
         with store.locked(run_dir / ".lock", wait=False) as held:
             if held:

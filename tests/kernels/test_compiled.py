@@ -10,10 +10,6 @@ the GEMM, and the registers of the confusion kernel's tiles.
 from __future__ import annotations
 
 import importlib
-import json
-import os
-import subprocess
-import sys
 
 import pandas as pd
 import pytest
@@ -33,21 +29,11 @@ STREAMING = ("_saliency_kernel", "_histogram_kernel", "_equal_count_kernel", "_m
 
 
 @pytest.fixture(scope="module")
-def compiled(tmp_path_factory):
-    from rdfast.kernels._aot import representative_launches
+def compiled():
+    from rdfast.kernels._aot import compile_in_subprocess, representative_launches
 
     launches = representative_launches()
-    path = tmp_path_factory.mktemp("aot") / "launches.json"
-    path.write_text(json.dumps(launches))
-    env = dict(os.environ, TRITON_INTERPRET="0")
-    done = subprocess.run(
-        [sys.executable, "-m", "rdfast.kernels._aot", str(path), "--arch", "80", "--arch", "90"],
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    table = pd.DataFrame([json.loads(line) for line in done.stdout.splitlines()])
+    table = pd.DataFrame(compile_in_subprocess(launches, arches=(80, 90)))
     table.attrs["launches"] = launches
     return table
 
