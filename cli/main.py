@@ -252,7 +252,7 @@ def datasets(data_root):
             state = "present" if entry.present(root) else "missing (download when online)"
         click.echo(f"  {entry.name:<14} {state:<32} {entry.description}")
         for k, o in {**entry.options, **COMMON_OPTIONS}.items():
-            click.echo(f"      {k}={o.default!s:<8} {o.help}")
+            click.echo(f"      {f'{k}={o.default}':<18} {o.help}")
 
 
 def parse_by(text: str) -> tuple[str, ...]:
