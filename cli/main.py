@@ -259,7 +259,7 @@ def parse_by(text: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in text.split(",") if x.strip())
 
 
-ci_options = [
+analysis_options = [
     click.option(
         "--by",
         default="strategy,saliency,dataset,model,width",
@@ -280,18 +280,26 @@ ci_options = [
         type=click.Choice(["t", "bootstrap"]),
         help="Student-t interval, or scipy.stats.bootstrap (percentile).",
     ),
+    click.option(
+        "--classes",
+        "top_classes",
+        default=3,
+        show_default=True,
+        type=click.IntRange(min=0),
+        help="Show the N classes of each group that lose the most recall (0: none).",
+    ),
 ]
 
 
-def with_ci_options(fn):
-    for opt in reversed(ci_options):
+def with_analysis_options(fn):
+    for opt in reversed(analysis_options):
         fn = opt(fn)
     return fn
 
 
 @cli.command()
 @click.argument("runs_dir", type=click.Path(path_type=Path))
-@with_ci_options
+@with_analysis_options
 @click.option(
     "--format",
     "fmt",
@@ -303,13 +311,14 @@ def with_ci_options(fn):
 @click.option(
     "-o", "--out", type=click.Path(path_type=Path), help="Folder for the stats tables [RUNS_DIR]."
 )
-def analyze(runs_dir, by, ci, ci_method, fmt, out):
+def analyze(runs_dir, by, ci, ci_method, top_classes, fmt, out):
     """E[alpha_t] with its CI mark (< > ?) and mean accuracy, per group and t.
 
     alpha_t(m) is the least-squares slope through the origin of the normalized recall
     balance after pruning (Bn_t) on that of the dense model (Bn_1) over the classes of model m;
-    above 1 the gap between classes widens (intensification). Writes alpha_runs and
-    alpha_groups (Parquet and CSV) next to the records or to -o.
+    above 1 the gap between classes widens (intensification). Then the classes that lose the
+    most recall at the largest t. Writes alpha_runs, alpha_groups and class_groups (Parquet
+    and CSV) next to the records or to -o.
     """
     from rdfast.commands import analyze_command
 
@@ -318,6 +327,7 @@ def analyze(runs_dir, by, ci, ci_method, fmt, out):
         by=parse_by(by),
         ci=ci,
         ci_method=ci_method,
+        top_classes=top_classes,
         fmt=fmt,
         out=out,
         echo=click.echo,
@@ -334,12 +344,12 @@ def analyze(runs_dir, by, ci, ci_method, fmt, out):
     type=click.Path(path_type=Path),
     help="Folder of the report (index.html, report.md, PNG figures).",
 )
-@with_ci_options
+@with_analysis_options
 @click.option("--run", "run_id", help="Run shown in the per-class recall heatmap [first mp run].")
 @click.option(
     "--scatter-t", default="", help="t values of the scatter plots [smallest, middle, largest]."
 )
-def report(runs_dir, out, by, ci, ci_method, run_id, scatter_t):
+def report(runs_dir, out, by, ci, ci_method, top_classes, run_id, scatter_t):
     """Tables and figures of the recall-distortion study: index.html and report.md."""
     from rdfast.commands import report_command
 
@@ -349,6 +359,7 @@ def report(runs_dir, out, by, ci, ci_method, run_id, scatter_t):
         by=parse_by(by),
         ci=ci,
         ci_method=ci_method,
+        top_classes=top_classes,
         run_id=run_id,
         scatter_ts=list(parse_floats(scatter_t, "--scatter-t")) or None,
         echo=click.echo,

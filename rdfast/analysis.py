@@ -6,6 +6,8 @@ Per model:  alpha_t = sum_c x_c y_c / sum_c x_c^2 with x = Bn_1, y = Bn_t (slope
 Per group:  E[alpha_t] over replicate models (seeds) with a confidence interval (Student-t or
             bootstrap), a one-sample t-test of alpha = 1, the mark `<` / `>` / `?`, the mean
             accuracy with its interval, and the pooled slope over all classes of all models.
+Per group and class: the mean recall change R_t - R_1 over the replicates with its Student-t
+            interval, beside the accuracy change A_t - A_1: which classes pay for the sparsity.
 
 Everything is vectorized with groupby sums; the only Python loop is over groups, and only for
 the bootstrap.
@@ -58,6 +60,7 @@ class Analysis:
     classes: pd.DataFrame  # one row per (run, t, class): R, A, B, Bn, Bn1, I
     runs: pd.DataFrame  # one row per (run, t): accuracy, alpha, alpha_se, n_classes_used
     groups: pd.DataFrame  # one row per (group, t): n, mean_alpha, CI, p, mark, accuracy, pooled
+    class_groups: pd.DataFrame  # one row per (group, t, class): recall change and its CI
     by: tuple[str, ...]
     ci: float
     ci_method: str
@@ -105,13 +108,14 @@ def class_table(records: pd.DataFrame, notes: list[str]) -> pd.DataFrame:
         df = df[~zero_acc]
     df = df.assign(B=df["recall"] - df["accuracy"])
     df = df.assign(Bn=df["B"] / df["accuracy"])
-    base = df.loc[df["step"] == 0, ["run_id", "class", "Bn"]].rename(columns={"Bn": "Bn1"})
-    no_base = ~df["run_id"].isin(base["run_id"])
-    if no_base.any():
-        notes.append(
-            f"left out {df.loc[no_base, 'run_id'].nunique()} runs without a usable dense (t = 1) "
-            "evaluation"
-        )
+    base = df.loc[df["step"] == 0, ["run_id", "class", "Bn", "recall", "accuracy"]].rename(
+        columns={"Bn": "Bn1", "recall": "R1", "accuracy": "A1"}
+    )
+    # Sets of the unique ids: Series.isin on pyarrow strings walks a million rows in Python
+    # (2.7 s at 1e6 rows with pandas 3.1).
+    no_base = set(df["run_id"].unique()) - set(base["run_id"].unique())
+    if no_base:
+        notes.append(f"left out {len(no_base)} runs without a usable dense (t = 1) evaluation")
     df = df.merge(base, on=["run_id", "class"], how="inner")
     zero = df["Bn1"] == 0
     df["I"] = np.where(zero, np.nan, df["Bn"] / df["Bn1"].where(~zero, 1.0))
@@ -142,6 +146,52 @@ def run_table(classes: pd.DataFrame) -> pd.DataFrame:
     )
     out = out.reset_index()
     return out.sort_values(["run_id", "t"], kind="stable").reset_index(drop=True)
+
+
+def class_group_table(classes: pd.DataFrame, by, ci: float) -> pd.DataFrame:
+    """Per (group, t, class): mean recall, its change since t = 1 with a Student-t interval
+    over the replicates, the model's accuracy change, and the class's mean Bn_1, Bn_t and I.
+
+    `mean_excess_change` = recall change - accuracy change: negative where a class loses more
+    than the model does. Ranking classes by it within a group is ranking them by recall change.
+    """
+    keys = [*by, "t", "class"]
+    c = classes.assign(
+        change=classes["recall"] - classes["R1"], acc_change=classes["accuracy"] - classes["A1"]
+    )
+    agg = c.groupby(keys, sort=True, dropna=False).agg(
+        n=("change", "size"),
+        class_name=("class_name", "first"),
+        support=("support", "mean"),
+        mean_dense_recall=("R1", "mean"),
+        mean_recall=("recall", "mean"),
+        mean_recall_change=("change", "mean"),
+        sd_change=("change", "std"),
+        mean_accuracy_change=("acc_change", "mean"),
+        mean_Bn1=("Bn1", "mean"),
+        mean_Bn=("Bn", "mean"),
+        mean_I=("I", "mean"),
+    )
+    agg["change_ci_low"], agg["change_ci_high"] = _t_interval(
+        agg["mean_recall_change"], agg["sd_change"], agg["n"], ci
+    )
+    agg["mean_excess_change"] = agg["mean_recall_change"] - agg["mean_accuracy_change"]
+    cols = [
+        "n",
+        "class_name",
+        "support",
+        "mean_dense_recall",
+        "mean_recall",
+        "mean_recall_change",
+        "change_ci_low",
+        "change_ci_high",
+        "mean_accuracy_change",
+        "mean_excess_change",
+        "mean_Bn1",
+        "mean_Bn",
+        "mean_I",
+    ]
+    return agg[cols].reset_index()
 
 
 def _t_interval(mean, sd, n, ci):
@@ -256,7 +306,8 @@ def analyze(
     runs = run_table(classes)
     _note_differing_t(runs, by, notes)
     groups = group_table(runs, classes, by, ci, ci_method, n_resamples, seed)
-    return Analysis(classes, runs, groups, by, ci, ci_method, notes)
+    class_groups = class_group_table(classes, by, ci)
+    return Analysis(classes, runs, groups, class_groups, by, ci, ci_method, notes)
 
 
 def _check_replicates(records, by):
@@ -338,6 +389,44 @@ def paper_tables(a: Analysis) -> tuple[pd.DataFrame, pd.DataFrame]:
     ).fillna("")
 
 
+def paying_classes(a: Analysis, top: int) -> pd.DataFrame:
+    """The `top` classes of each group that lose the most recall at the group's largest t."""
+    cg = a.class_groups[a.class_groups["t"] > 1]
+    if cg.empty or top <= 0:
+        return pd.DataFrame()
+    keys = list(a.by)
+    last = cg.groupby(keys, dropna=False)["t"].transform("max")
+    cg = cg[cg["t"] == last].sort_values([*keys, "mean_recall_change", "class"], kind="stable")
+    cg = cg.groupby(keys, dropna=False, sort=False).head(top)
+    order = {group_label(r, a.by): i for i, (_, r) in enumerate(sorted_groups(cg, a.by).iterrows())}
+    pct = f"{a.ci * 100:g} %"
+    out = pd.DataFrame(
+        {
+            "group": cg.apply(lambda r: group_label(r, a.by), axis=1),
+            "t": cg["t"].map(lambda v: f"{v:g}"),
+            "class": cg["class_name"].astype(str),
+            "dense recall": cg["mean_dense_recall"].map(lambda v: f"{v:.3f}"),
+            "recall": cg["mean_recall"].map(lambda v: f"{v:.3f}"),
+            "change": cg["mean_recall_change"].map(lambda v: f"{v:+.3f}"),
+            f"{pct} CI": [
+                "" if np.isnan(lo) else f"{lo:+.3f} to {hi:+.3f}"
+                for lo, hi in zip(cg["change_ci_low"], cg["change_ci_high"])
+            ],
+            "accuracy change": cg["mean_accuracy_change"].map(lambda v: f"{v:+.3f}"),
+        }
+    )
+    out = out.iloc[np.argsort(out["group"].map(order).to_numpy(), kind="stable")]
+    return out.set_index("group")
+
+
+def paying_legend(a: Analysis, top: int) -> str:
+    return (
+        f"The {top} classes of each group that lose the most recall at its largest t: "
+        f"mean recall at t = 1 and at t over seeds, the change with its {a.ci * 100:g} % "
+        "Student-t interval, and the model's accuracy change for comparison"
+    )
+
+
 def markdown(df: pd.DataFrame, index_name: str = "group") -> str:
     head = [index_name, *map(str, df.columns)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -358,7 +447,8 @@ def legend(a: Analysis) -> str:
 def write_tables(a: Analysis, out_dir: Path) -> list[Path]:
     out_dir = Path(out_dir)
     written = []
-    for name, df in (("alpha_runs", a.runs), ("alpha_groups", a.groups)):
+    tables = (("alpha_runs", a.runs), ("alpha_groups", a.groups), ("class_groups", a.class_groups))
+    for name, df in tables:
         store.write_parquet(out_dir / f"{name}.parquet", df)
         data = df.to_csv(index=False).encode()
         store.atomic_write(out_dir / f"{name}.csv", lambda f, d=data: f.write(d))

@@ -142,7 +142,9 @@ def _analysis(runs_dir, by, ci, ci_method):
     return analysis.analyze(analysis.load(runs_dir), by=by, ci=ci, ci_method=ci_method)
 
 
-def analyze_command(*, runs_dir, by, ci, ci_method, fmt, out, echo=print, err=print) -> int:
+def analyze_command(
+    *, runs_dir, by, ci, ci_method, fmt, out, top_classes=3, echo=print, err=print
+) -> int:
     """Print E[alpha_t] and mean accuracy as group x t tables; write the stats tables."""
     import json
 
@@ -151,12 +153,17 @@ def analyze_command(*, runs_dir, by, ci, ci_method, fmt, out, echo=print, err=pr
     a = _analysis(runs_dir, by, ci, ci_method)
     written = analysis.write_tables(a, out or runs_dir)
     alpha_tab, acc_tab = analysis.paper_tables(a)
+    paying = analysis.paying_classes(a, top_classes)
     if fmt == "csv":
         echo(a.groups.to_csv(index=False), nl=False)
     elif fmt == "json":
         echo(
             json.dumps(
-                {"groups": json.loads(a.groups.to_json(orient="records")), "notes": a.notes},
+                {
+                    "groups": json.loads(a.groups.to_json(orient="records")),
+                    "paying_classes": json.loads(paying.reset_index().to_json(orient="records")),
+                    "notes": a.notes,
+                },
                 indent=2,
             )
         )
@@ -165,22 +172,32 @@ def analyze_command(*, runs_dir, by, ci, ci_method, fmt, out, echo=print, err=pr
         echo(analysis.markdown(alpha_tab))
         echo("\nmean accuracy\n")
         echo(analysis.markdown(acc_tab))
+        if not paying.empty:
+            echo(f"\n{analysis.paying_legend(a, top_classes)}\n")
+            echo(analysis.markdown(paying))
     else:
         echo(analysis.legend(a))
         echo(alpha_tab.to_string())
         echo("\nmean accuracy")
         echo(acc_tab.to_string())
+        if not paying.empty:
+            echo(f"\n{analysis.paying_legend(a, top_classes)}:")
+            echo(paying.to_string())
     for note in a.notes:
         err(f"note: {note}")
     err(f"stats tables: {', '.join(str(p) for p in written)}")
     return 0
 
 
-def report_command(*, runs_dir, out, by, ci, ci_method, run_id, scatter_ts, echo=print) -> int:
+def report_command(
+    *, runs_dir, out, by, ci, ci_method, run_id, scatter_ts, top_classes=3, echo=print
+) -> int:
     from rdfast.report import build_report
 
     a = _analysis(runs_dir, by, ci, ci_method)
-    path = build_report(a, runs_dir, out, run_id=run_id, scatter_ts=scatter_ts)
+    path = build_report(
+        a, runs_dir, out, run_id=run_id, scatter_ts=scatter_ts, top_classes=top_classes
+    )
     echo(f"report: {path / 'index.html'} and {path / 'report.md'}")
     return 0
 

@@ -14,6 +14,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.colors import SymLogNorm  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
 from rdfast import store  # noqa: E402
@@ -23,6 +24,8 @@ from rdfast.analysis import (  # noqa: E402
     legend,
     markdown,
     paper_tables,
+    paying_classes,
+    paying_legend,
     sorted_groups,
 )
 from rdfast.config import STRATEGY_ORDER  # noqa: E402
@@ -231,6 +234,71 @@ def recall_heatmap(classes: pd.DataFrame, run_id: str, path: Path):
     plt.close(fig)
 
 
+def class_change_heatmap(a: Analysis, path: Path):
+    """Recall change beyond the accuracy change, (R_t - R_1) - (A_t - A_1), at each group's
+    largest t: one row per group, classes ordered by dense recall, a panel per dataset.
+
+    Under intensification the classes on the left (lowest dense recall) turn red: they lose
+    more than the model as a whole.
+    """
+    cg = a.class_groups[a.class_groups["t"] > 1]
+    keys = list(a.by)
+    cg = cg[cg["t"] == cg.groupby(keys, dropna=False)["t"].transform("max")]
+    cg = cg.assign(group=cg.apply(lambda r: group_label(r, a.by), axis=1))
+    datasets = sorted(cg["dataset"].unique()) if "dataset" in cg else [None]
+    panels = []
+    for ds in datasets:
+        sub = cg if ds is None else cg[cg["dataset"] == ds]
+        order = [group_label(r, a.by) for _, r in sorted_groups(sub, a.by).iterrows()]
+        cls = sub.groupby("class")["mean_dense_recall"].mean().sort_values(kind="stable")
+        tab = sub.pivot_table(index="group", columns="class", values="mean_excess_change")
+        tab = tab.reindex(index=order, columns=cls.index)
+        names = sub.drop_duplicates("class").set_index("class")["class_name"].reindex(cls.index)
+        ts = sub.drop_duplicates("group").set_index("group")["t"].reindex(order)
+        panels.append((ds, tab, names, ts))
+    width = max(6.0, 0.45 * max(p[1].shape[1] for p in panels) + 4)
+    heights = [0.35 * p[1].shape[0] + 1.6 for p in panels]
+    fig, axes = plt.subplots(
+        len(panels),
+        1,
+        figsize=(width, sum(heights) + 0.8),
+        height_ratios=heights,
+        squeeze=False,
+        layout="constrained",
+    )
+    finite = np.concatenate([p[1].to_numpy().ravel() for p in panels])
+    finite = finite[np.isfinite(finite)]
+    vmax = max(float(np.abs(finite).max()) if finite.size else 0.0, 1e-3)
+    # Logarithmic beyond +-0.01: random pruning at high t moves classes by 0.3, the other
+    # strategies by 0.01-0.07, and both must stay readable on one scale.
+    norm = SymLogNorm(linthresh=min(0.01, vmax / 2), vmin=-vmax, vmax=vmax, base=10)
+    for ax, (ds, tab, names, ts) in zip(axes[:, 0], panels):
+        values = tab.to_numpy()
+        im = ax.imshow(values, aspect="auto", cmap="RdBu", norm=norm)
+        if values.size <= 400:
+            for (i, j), v in np.ndenumerate(values):
+                if np.isfinite(v):
+                    color = "white" if abs(norm(v) - 0.5) > 0.3 else "black"
+                    ax.text(j, i, f"{v:+.2f}", ha="center", va="center", fontsize=6, color=color)
+        ax.set_xticks(
+            range(len(names)),
+            names.astype(str).tolist(),
+            rotation=90 if len(names) > 6 else 0,
+            fontsize=7 if len(names) <= 30 else 5,
+        )
+        ax.set_yticks(range(len(tab)), [f"{g} (t={t:g})" for g, t in ts.items()], fontsize=8)
+        ax.set_xlabel("class, in order of dense recall (lowest left)")
+        ax.set_title(ds or "", fontsize=9)
+        fig.colorbar(im, ax=ax, label="recall change - accuracy change", shrink=0.9)
+    fig.suptitle(
+        "Which classes pay: (R_t - R_1) - (A_t - A_1) at each group's largest t, mean over "
+        "seeds\nbelow 0 (red): the class loses more recall than the model loses accuracy",
+        fontsize=10,
+    )
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def settings_table(runs_dir: Path, run_ids) -> pd.DataFrame:
     rows = []
     for rid in sorted(run_ids):
@@ -276,6 +344,7 @@ def build_report(
     out: Path,
     run_id: str | None = None,
     scatter_ts: list[float] | None = None,
+    top_classes: int = 5,
 ) -> Path:
     """Write OUT/index.html, OUT/report.md and the PNG figures; the folder appears whole."""
     all_ts = sorted(a.runs["t"].unique())
@@ -314,10 +383,16 @@ def build_report(
             figs.append(("scatter.png", "Bn_t against Bn_1 with the pooled slope and y = x"))
         accuracy_plot(a, tmp / "accuracy.png")
         figs.append(("accuracy.png", "mean accuracy against t with confidence bands"))
+        if (a.class_groups["t"] > 1).any():
+            class_change_heatmap(a, tmp / "class_change.png")
+            figs.append(
+                ("class_change.png", "recall change of every class beyond the accuracy change")
+            )
         recall_heatmap(a.classes, run_id, tmp / "recall_heatmap.png")
         figs.append(("recall_heatmap.png", f"per-class recall of run {run_id}"))
 
         alpha_tab, acc_tab = paper_tables(a)
+        paying = paying_classes(a, top_classes)
         settings = settings_table(runs_dir, a.runs["run_id"].unique())
         notes = a.notes or ["none"]
         md = [
@@ -336,6 +411,18 @@ def build_report(
             "",
             markdown(acc_tab),
             "",
+            *(
+                [
+                    "## Which classes pay",
+                    "",
+                    paying_legend(a, top_classes) + ".",
+                    "",
+                    markdown(paying),
+                    "",
+                ]
+                if not paying.empty
+                else []
+            ),
             "## Notes",
             "",
             *[f"- {n}" for n in notes],
@@ -365,6 +452,15 @@ def build_report(
             alpha_tab.to_html(),
             "<h2>Mean accuracy</h2>",
             acc_tab.to_html(),
+            *(
+                [
+                    "<h2>Which classes pay</h2>",
+                    f"<p>{html.escape(paying_legend(a, top_classes))}.</p>",
+                    paying.to_html(),
+                ]
+                if not paying.empty
+                else []
+            ),
             "<h2>Notes</h2><ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in notes) + "</ul>",
             "<h2>Figures</h2>",
             *[

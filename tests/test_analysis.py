@@ -86,6 +86,48 @@ def test_class_quantities_and_intensification_ratio():
     assert any("I undefined for 1" in n for n in a.notes)
 
 
+def test_class_recall_change_against_hand_values_and_scipy():
+    # Three seeds, three classes; recalls written out, accuracies chosen freely.
+    recalls = {
+        0: {1.0: [0.9, 0.8, 0.7], 4.0: [0.85, 0.7, 0.4]},
+        1: {1.0: [0.95, 0.8, 0.6], 4.0: [0.9, 0.75, 0.45]},
+        2: {1.0: [0.9, 0.85, 0.65], 4.0: [0.9, 0.8, 0.35]},
+    }
+    accs = {0: (0.8, 0.65), 1: (0.78, 0.7), 2: (0.8, 0.68)}
+    runs = [
+        {"seed": s, "strategy": "mp", "acc": {1.0: accs[s][0], 4.0: accs[s][1]}, "recall": r}
+        for s, r in recalls.items()
+    ]
+    a = analysis.analyze(fake_records(runs), by=("strategy",), ci=0.95)
+    cg = a.class_groups[a.class_groups["t"] == 4.0].set_index("class")
+    assert list(cg.index) == [0, 1, 2] and (cg["n"] == 3).all()
+    acc_change = np.mean([at - a1 for a1, at in accs.values()])
+    for c in range(3):
+        change = [recalls[s][4.0][c] - recalls[s][1.0][c] for s in recalls]
+        lo, hi = stats.t.interval(0.95, 2, loc=np.mean(change), scale=stats.sem(change))
+        row = cg.loc[c]
+        assert row["mean_dense_recall"] == pytest.approx(
+            np.mean([recalls[s][1.0][c] for s in recalls])
+        )
+        assert row["mean_recall_change"] == pytest.approx(np.mean(change))
+        assert (row["change_ci_low"], row["change_ci_high"]) == (
+            pytest.approx(lo),
+            pytest.approx(hi),
+        )
+        assert row["mean_accuracy_change"] == pytest.approx(acc_change)
+        assert row["mean_excess_change"] == pytest.approx(np.mean(change) - acc_change)
+    # Class 2 by hand: changes -0.3, -0.15, -0.3 -> mean -0.25.
+    assert cg.loc[2, "mean_recall_change"] == pytest.approx(-0.25)
+    # The dense rows change by exactly nothing.
+    assert (a.class_groups.loc[a.class_groups["t"] == 1.0, "mean_recall_change"] == 0).all()
+
+    top = analysis.paying_classes(a, 2)
+    assert list(top["class"]) == ["2", "1"] and list(top["t"]) == ["4", "4"]
+    assert list(top["change"]) == ["-0.250", "-0.067"]
+    assert top["95 % CI"].iloc[0] == f"{lo:+.3f} to {hi:+.3f}"
+    assert analysis.paying_classes(a, 0).empty
+
+
 def crafted_group(alphas, strategy="mp"):
     x = [0.2, -0.1, -0.1]
     return [run_with(s, x, [al * v for v in x], strategy=strategy) for s, al in enumerate(alphas)]
@@ -172,6 +214,16 @@ def test_zero_accuracy_left_out_and_reported():
     a = analysis.analyze(fake_records([r]), by=("strategy",))
     assert 4.0 not in set(a.runs["t"])
     assert any("accuracy 0" in n for n in a.notes)
+
+
+def test_run_with_dense_accuracy_zero_is_left_out_and_counted():
+    # Seed 1's dense model has accuracy 0: Bn_1 is undefined, so the whole run goes.
+    r0 = run_with(0, [0.2, -0.2], [0.3, -0.3])
+    r1 = run_with(1, [0.2, -0.2], [0.3, -0.3], a1=0.0)
+    r1["recall"][1.0] = [0.0, 0.0]
+    a = analysis.analyze(fake_records([r0, r1]), by=("strategy",))
+    assert set(a.runs["seed"]) == {0}
+    assert any("left out 1 runs without a usable dense" in n for n in a.notes)
 
 
 def test_runs_with_different_t_are_noted():

@@ -78,11 +78,33 @@ def test_analyze_formats(digits_runs, tmp_path, fmt):
     )
     assert res.exit_code == 0
     if fmt == "json":
-        assert len(json.loads(res.stdout)["groups"]) == 4 * 4
+        out = json.loads(res.stdout)
+        assert len(out["groups"]) == 4 * 4
+        assert len(out["paying_classes"]) == 4 * 3
+        assert {r["t"] for r in out["paying_classes"]} == {"32"}
     elif fmt == "csv":
         assert res.stdout.splitlines()[0].startswith("strategy,saliency,dataset")
     else:
         assert "| group | t=2 | t=8 | t=32 |" in res.stdout
+        assert "classes of each group that lose the most recall" in res.stdout
+    written = {p.name for p in tmp_path.iterdir()}
+    assert {"class_groups.parquet", "class_groups.csv"} <= written
+    cg = pd.read_parquet(tmp_path / "class_groups.parquet")
+    assert len(cg) == 4 * 4 * 10  # groups x t x classes
+
+
+def test_analyze_classes_option(digits_runs, tmp_path):
+    res = CliRunner().invoke(
+        cli, ["analyze", str(digits_runs), "--classes", "0", "-o", str(tmp_path)]
+    )
+    assert res.exit_code == 0 and "lose the most recall" not in res.stdout
+    res = CliRunner().invoke(
+        cli, ["analyze", str(digits_runs), "--classes", "1", "-o", str(tmp_path)]
+    )
+    section = res.stdout.split("lose the most recall")[1]
+    assert sum(line.startswith(("mp ", "gp ", "up ", "rp ")) for line in section.splitlines()) == 4
+    res = CliRunner().invoke(cli, ["analyze", str(digits_runs), "--classes", "-1"])
+    assert res.exit_code == 2
 
 
 def test_report_files_and_figures(digits_runs, tmp_path):
@@ -91,15 +113,25 @@ def test_report_files_and_figures(digits_runs, tmp_path):
     assert res.exit_code == 0, res.output
     pngs = sorted(p.name for p in out.glob("*.png"))
     # One dataset, width and model: no split boxplots.
-    assert pngs == ["accuracy.png", "alpha_by_strategy.png", "recall_heatmap.png", "scatter.png"]
+    assert pngs == [
+        "accuracy.png",
+        "alpha_by_strategy.png",
+        "class_change.png",
+        "recall_heatmap.png",
+        "scatter.png",
+    ]
     for p in out.glob("*.png"):
         img = mpimg.imread(p)
         assert img.ndim == 3 and img.shape[0] > 200 and img.shape[1] > 200
     html = (out / "index.html").read_text()
-    assert html.count("data:image/png;base64,") == 4 and "<table" in html
+    assert html.count("data:image/png;base64,") == 5 and "<table" in html
     md = (out / "report.md").read_text()
     for name in pngs:
         assert f"]({name})" in md
+    # Three classes per strategy by default, each at the largest t (32).
+    section = md.split("## Which classes pay")[1].split("##")[0]
+    rows = [line for line in section.splitlines() if line.startswith("| ") and "| 32 |" in line]
+    assert len(rows) == 4 * 3
     assert "Settings of the runs" in md and "| run_id |" in md
 
 
