@@ -256,7 +256,8 @@ def class_change_heatmap(a: Analysis, path: Path):
         names = sub.drop_duplicates("class").set_index("class")["class_name"].reindex(cls.index)
         ts = sub.drop_duplicates("group").set_index("group")["t"].reindex(order)
         panels.append((ds, tab, names, ts))
-    width = max(6.0, 0.45 * max(p[1].shape[1] for p in panels) + 4)
+    # 0.45 inch a class up to 40 classes; CIFAR-100's 100 share 18 inches (5-point labels).
+    width = max(6.0, min(0.45 * max(p[1].shape[1] for p in panels), 18.0) + 4)
     heights = [0.35 * p[1].shape[0] + 1.6 for p in panels]
     fig, axes = plt.subplots(
         len(panels),
@@ -275,7 +276,7 @@ def class_change_heatmap(a: Analysis, path: Path):
     for ax, (ds, tab, names, ts) in zip(axes[:, 0], panels):
         values = tab.to_numpy()
         im = ax.imshow(values, aspect="auto", cmap="RdBu", norm=norm)
-        if values.size <= 400:
+        if values.shape[1] <= 20 and values.size <= 400:  # numbers only where they fit
             for (i, j), v in np.ndenumerate(values):
                 if np.isfinite(v):
                     color = "white" if abs(norm(v) - 0.5) > 0.3 else "black"
