@@ -288,6 +288,13 @@ analysis_options = [
         type=click.IntRange(min=0),
         help="Show the N classes of each group that lose the most recall (0: none).",
     ),
+    click.option(
+        "--vs",
+        default="auto",
+        show_default=True,
+        help="Compare every strategy with this one, seed by seed on the same dense model "
+        "(auto: mp when present; none: no comparison).",
+    ),
 ]
 
 
@@ -311,7 +318,7 @@ def with_analysis_options(fn):
 @click.option(
     "-o", "--out", type=click.Path(path_type=Path), help="Folder for the stats tables [RUNS_DIR]."
 )
-def analyze(runs_dir, by, ci, ci_method, top_classes, fmt, out):
+def analyze(runs_dir, by, ci, ci_method, top_classes, vs, fmt, out):
     """E[alpha_t] with its CI mark (< > ?) and mean accuracy, per group and t.
 
     alpha_t(m) is the least-squares slope through the origin of the normalized recall
@@ -328,6 +335,7 @@ def analyze(runs_dir, by, ci, ci_method, top_classes, fmt, out):
         ci=ci,
         ci_method=ci_method,
         top_classes=top_classes,
+        vs=None if vs == "none" else vs,
         fmt=fmt,
         out=out,
         echo=click.echo,
@@ -349,7 +357,7 @@ def analyze(runs_dir, by, ci, ci_method, top_classes, fmt, out):
 @click.option(
     "--scatter-t", default="", help="t values of the scatter plots [smallest, middle, largest]."
 )
-def report(runs_dir, out, by, ci, ci_method, top_classes, run_id, scatter_t):
+def report(runs_dir, out, by, ci, ci_method, top_classes, vs, run_id, scatter_t):
     """Tables and figures of the recall-distortion study: index.html and report.md."""
     from rdfast.commands import report_command
 
@@ -360,6 +368,7 @@ def report(runs_dir, out, by, ci, ci_method, top_classes, run_id, scatter_t):
         ci=ci,
         ci_method=ci_method,
         top_classes=top_classes,
+        vs=None if vs == "none" else vs,
         run_id=run_id,
         scatter_ts=list(parse_floats(scatter_t, "--scatter-t")) or None,
         echo=click.echo,

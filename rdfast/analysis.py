@@ -65,6 +65,7 @@ class Analysis:
     ci: float
     ci_method: str
     notes: list[str] = field(default_factory=list)
+    paired: pd.DataFrame | None = None  # one row per (group, t): alpha and accuracy minus --vs
 
 
 def load(runs_dir: Path) -> pd.DataFrame:
@@ -194,6 +195,68 @@ def class_group_table(classes: pd.DataFrame, by, ci: float) -> pd.DataFrame:
     return agg[cols].reset_index()
 
 
+def paired_table(runs: pd.DataFrame, by, baseline: str, ci: float) -> pd.DataFrame:
+    """Per (group, t): E[alpha_t(s) - alpha_t(baseline)] over the seeds, each difference taken
+    between two runs that pruned the same dense model, with its Student-t interval, the paired
+    t-test of no difference (scipy.stats.ttest_rel), and the same for accuracy.
+
+    Pairing removes the seed-to-seed spread of the dense models that the unpaired intervals
+    of two groups carry, so a difference between strategies shows with fewer seeds.
+    """
+    by = list(by)
+    if "strategy" not in by:
+        raise BadInput("--vs compares strategies: --by must include strategy")
+    have = sorted(runs["strategy"].unique(), key=lambda s: STRATEGY_ORDER.get(s, 9))
+    if baseline not in have:
+        raise BadInput(f"--vs {baseline}: no {baseline} runs in these records ({', '.join(have)})")
+    keys = [b for b in by if b not in ("strategy", "saliency")] + ["seed", "t"]
+    is_base = runs["strategy"] == baseline
+    base = runs.loc[is_base, [*keys, "alpha", "accuracy"]].rename(
+        columns={"alpha": "base_alpha", "accuracy": "base_accuracy"}
+    )
+    pairs = runs[~is_base].merge(base, on=keys, how="inner")
+    pairs = pairs.assign(
+        diff=pairs["alpha"] - pairs["base_alpha"],
+        acc_diff=pairs["accuracy"] - pairs["base_accuracy"],
+    )
+    agg = pairs.groupby([*by, "t"], sort=True, dropna=False).agg(
+        n=("diff", "count"),
+        mean_diff=("diff", "mean"),
+        sd_diff=("diff", "std"),
+        mean_acc_diff=("acc_diff", "mean"),
+        sd_acc_diff=("acc_diff", "std"),
+    )
+    agg["ci_low"], agg["ci_high"] = _t_interval(agg["mean_diff"], agg["sd_diff"], agg["n"], ci)
+    agg["acc_ci_low"], agg["acc_ci_high"] = _t_interval(
+        agg["mean_acc_diff"], agg["sd_acc_diff"], agg["n"], ci
+    )
+    dof = (agg["n"] - 1).where(agg["n"] > 1)
+    for col, sd, p in (
+        ("mean_diff", "sd_diff", "p_value"),
+        ("mean_acc_diff", "sd_acc_diff", "acc_p_value"),
+    ):
+        se = agg[sd] / np.sqrt(agg["n"])
+        agg[p] = 2 * stats.t.sf(np.abs(agg[col] / se.where(se > 0)), dof)
+    agg["mark"] = mark(agg["ci_low"], agg["ci_high"], agg["n"], ref=0.0)
+    agg["acc_mark"] = mark(agg["acc_ci_low"], agg["acc_ci_high"], agg["n"], ref=0.0)
+    agg["baseline"] = baseline
+    cols = [
+        "baseline",
+        "n",
+        "mean_diff",
+        "ci_low",
+        "ci_high",
+        "p_value",
+        "mark",
+        "mean_acc_diff",
+        "acc_ci_low",
+        "acc_ci_high",
+        "acc_p_value",
+        "acc_mark",
+    ]
+    return agg[cols].reset_index()
+
+
 def _t_interval(mean, sd, n, ci):
     """Student-t interval mean +- t_{(1+ci)/2, n-1} * sd / sqrt(n); NaN where n < 2."""
     n = n.astype(float)
@@ -222,9 +285,9 @@ def _bootstrap_interval(frame, keys, col, ci, n_resamples, seed):
     return pd.Series(lo), pd.Series(hi)
 
 
-def mark(low, high, n) -> pd.Series:
-    """`<` CI below 1, `>` above 1, `?` overlapping 1; empty without an interval (n = 1)."""
-    out = np.where(high < 1, "<", np.where(low > 1, ">", "?"))
+def mark(low, high, n, ref: float = 1.0) -> pd.Series:
+    """`<` CI below ref, `>` above, `?` overlapping it; empty without an interval (n = 1)."""
+    out = np.where(high < ref, "<", np.where(low > ref, ">", "?"))
     out = np.where((n < 2) | low.isna() | high.isna(), "", out)
     return pd.Series(out, index=low.index)
 
@@ -283,7 +346,10 @@ def analyze(
     ci_method: str = "t",
     n_resamples: int = 9999,
     seed: int = 0,
+    vs: str | None = "auto",
 ) -> Analysis:
+    """All statistics of the records. `vs`: the strategy the others are compared with, run by
+    run (`paired_table`); "auto" takes mp when mp and another strategy were run, None none."""
     if records.empty:
         raise BadInput("no records to analyze")
     check_version(records)
@@ -307,7 +373,11 @@ def analyze(
     _note_differing_t(runs, by, notes)
     groups = group_table(runs, classes, by, ci, ci_method, n_resamples, seed)
     class_groups = class_group_table(classes, by, ci)
-    return Analysis(classes, runs, groups, class_groups, by, ci, ci_method, notes)
+    if vs == "auto":
+        strategies = set(runs["strategy"])
+        vs = "mp" if "mp" in strategies and len(strategies) > 1 and "strategy" in by else None
+    paired = paired_table(runs, by, vs, ci) if vs else None
+    return Analysis(classes, runs, groups, class_groups, by, ci, ci_method, notes, paired)
 
 
 def _check_replicates(records, by):
@@ -427,6 +497,35 @@ def paying_legend(a: Analysis, top: int) -> str:
     )
 
 
+def paired_tables(a: Analysis, paired: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Rows: strategies other than the baseline; columns: t; cells `-0.05<` (E[difference] and
+    its mark against 0), for alpha and then for accuracy."""
+    p = paired[paired["t"] > 1].copy()
+    p["group"] = p.apply(lambda r: group_label(r, a.by), axis=1)
+    order = [group_label(r, a.by) for _, r in sorted_groups(p, a.by).iterrows()]
+
+    def cell(v, m, n, fmt):
+        return "-" if np.isnan(v) else f"{v:{fmt}}{m}" + (" (n=1)" if n < 2 else "")
+
+    p["alpha_cell"] = [cell(*r, "+.2f") for r in zip(p["mean_diff"], p["mark"], p["n"])]
+    p["acc_cell"] = [cell(*r, "+.3f") for r in zip(p["mean_acc_diff"], p["acc_mark"], p["n"])]
+    tabs = []
+    for col in ("alpha_cell", "acc_cell"):
+        tab = p.pivot(index="group", columns="t", values=col)
+        tab.columns = [f"t={c:g}" for c in tab.columns]
+        tab.index.name = None
+        tabs.append(tab.reindex([o for o in order if o in tab.index]).fillna(""))
+    return tabs[0], tabs[1]
+
+
+def paired_legend(a: Analysis, baseline: str) -> str:
+    return (
+        f"E[alpha_t(s) - alpha_t({baseline})] and E[A_t(s) - A_t({baseline})] over seeds, each "
+        f"difference between two runs that pruned the same dense model; mark: < "
+        f"{a.ci * 100:g} % CI below 0, > above 0, ? overlaps 0 (Student-t)"
+    )
+
+
 def markdown(df: pd.DataFrame, index_name: str = "group") -> str:
     head = [index_name, *map(str, df.columns)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -447,7 +546,9 @@ def legend(a: Analysis) -> str:
 def write_tables(a: Analysis, out_dir: Path) -> list[Path]:
     out_dir = Path(out_dir)
     written = []
-    tables = (("alpha_runs", a.runs), ("alpha_groups", a.groups), ("class_groups", a.class_groups))
+    tables = [("alpha_runs", a.runs), ("alpha_groups", a.groups), ("class_groups", a.class_groups)]
+    if a.paired is not None:
+        tables.append(("alpha_paired", a.paired))
     for name, df in tables:
         store.write_parquet(out_dir / f"{name}.parquet", df)
         data = df.to_csv(index=False).encode()

@@ -136,24 +136,26 @@ def run_command(
     return 1 if failed else 0
 
 
-def _analysis(runs_dir, by, ci, ci_method):
+def _analysis(runs_dir, by, ci, ci_method, vs="auto"):
     from rdfast import analysis
 
-    return analysis.analyze(analysis.load(runs_dir), by=by, ci=ci, ci_method=ci_method)
+    return analysis.analyze(analysis.load(runs_dir), by=by, ci=ci, ci_method=ci_method, vs=vs)
 
 
 def analyze_command(
-    *, runs_dir, by, ci, ci_method, fmt, out, top_classes=3, echo=print, err=print
+    *, runs_dir, by, ci, ci_method, fmt, out, top_classes=3, vs="auto", echo=print, err=print
 ) -> int:
     """Print E[alpha_t] and mean accuracy as group x t tables; write the stats tables."""
     import json
 
     from rdfast import analysis
 
-    a = _analysis(runs_dir, by, ci, ci_method)
+    a = _analysis(runs_dir, by, ci, ci_method, vs)
     written = analysis.write_tables(a, out or runs_dir)
     alpha_tab, acc_tab = analysis.paper_tables(a)
     paying = analysis.paying_classes(a, top_classes)
+    paired = analysis.paired_tables(a, a.paired) if a.paired is not None else None
+    vs_name = None if a.paired is None else a.paired["baseline"].iloc[0]
     if fmt == "csv":
         echo(a.groups.to_csv(index=False), nl=False)
     elif fmt == "json":
@@ -162,6 +164,9 @@ def analyze_command(
                 {
                     "groups": json.loads(a.groups.to_json(orient="records")),
                     "paying_classes": json.loads(paying.reset_index().to_json(orient="records")),
+                    "paired": None
+                    if a.paired is None
+                    else json.loads(a.paired.to_json(orient="records")),
                     "notes": a.notes,
                 },
                 indent=2,
@@ -172,6 +177,11 @@ def analyze_command(
         echo(analysis.markdown(alpha_tab))
         echo("\nmean accuracy\n")
         echo(analysis.markdown(acc_tab))
+        if paired is not None:
+            echo(f"\n{analysis.paired_legend(a, vs_name)}\n")
+            echo(analysis.markdown(paired[0]))
+            echo("")
+            echo(analysis.markdown(paired[1]))
         if not paying.empty:
             echo(f"\n{analysis.paying_legend(a, top_classes)}\n")
             echo(analysis.markdown(paying))
@@ -180,6 +190,11 @@ def analyze_command(
         echo(alpha_tab.to_string())
         echo("\nmean accuracy")
         echo(acc_tab.to_string())
+        if paired is not None:
+            echo(f"\n{analysis.paired_legend(a, vs_name)}:")
+            echo(paired[0].to_string())
+            echo(f"accuracy minus {vs_name}")
+            echo(paired[1].to_string())
         if not paying.empty:
             echo(f"\n{analysis.paying_legend(a, top_classes)}:")
             echo(paying.to_string())
@@ -190,11 +205,11 @@ def analyze_command(
 
 
 def report_command(
-    *, runs_dir, out, by, ci, ci_method, run_id, scatter_ts, top_classes=3, echo=print
+    *, runs_dir, out, by, ci, ci_method, run_id, scatter_ts, top_classes=3, vs="auto", echo=print
 ) -> int:
     from rdfast.report import build_report
 
-    a = _analysis(runs_dir, by, ci, ci_method)
+    a = _analysis(runs_dir, by, ci, ci_method, vs)
     path = build_report(
         a, runs_dir, out, run_id=run_id, scatter_ts=scatter_ts, top_classes=top_classes
     )

@@ -23,6 +23,8 @@ from rdfast.analysis import (  # noqa: E402
     group_label,
     legend,
     markdown,
+    paired_legend,
+    paired_tables,
     paper_tables,
     paying_classes,
     paying_legend,
@@ -394,6 +396,8 @@ def build_report(
 
         alpha_tab, acc_tab = paper_tables(a)
         paying = paying_classes(a, top_classes)
+        paired = paired_tables(a, a.paired) if a.paired is not None else None
+        vs = None if a.paired is None else a.paired["baseline"].iloc[0]
         settings = settings_table(runs_dir, a.runs["run_id"].unique())
         notes = a.notes or ["none"]
         md = [
@@ -412,6 +416,22 @@ def build_report(
             "",
             markdown(acc_tab),
             "",
+            *(
+                [
+                    f"## Strategies against {vs}, seed by seed",
+                    "",
+                    paired_legend(a, vs) + ".",
+                    "",
+                    markdown(paired[0]),
+                    "",
+                    f"Accuracy minus {vs}:",
+                    "",
+                    markdown(paired[1]),
+                    "",
+                ]
+                if paired is not None
+                else []
+            ),
             *(
                 [
                     "## Which classes pay",
@@ -453,6 +473,17 @@ def build_report(
             alpha_tab.to_html(),
             "<h2>Mean accuracy</h2>",
             acc_tab.to_html(),
+            *(
+                [
+                    f"<h2>Strategies against {html.escape(str(vs))}, seed by seed</h2>",
+                    f"<p>{html.escape(paired_legend(a, vs))}.</p>",
+                    paired[0].to_html(),
+                    f"<p>Accuracy minus {html.escape(str(vs))}:</p>",
+                    paired[1].to_html(),
+                ]
+                if paired is not None
+                else []
+            ),
             *(
                 [
                     "<h2>Which classes pay</h2>",

@@ -145,6 +145,41 @@ def test_ci_equals_scipy_t_interval_and_ttest():
     assert g["mark"] == "?"
 
 
+def test_paired_differences_equal_scipy_ttest_rel():
+    x = [0.2, -0.1, -0.1]
+    mp_alpha, up_alpha = [1.2, 1.5, 0.9, 1.1], [1.1, 1.42, 0.78, 1.0]
+    mp_acc, up_acc = [0.8, 0.7, 0.75, 0.72], [0.79, 0.71, 0.73, 0.7]
+    runs = [
+        run_with(s, x, [al * v for v in x], strategy=name, at=acc)
+        for name, alphas, accs in (("mp", mp_alpha, mp_acc), ("up", up_alpha, up_acc))
+        for s, (al, acc) in enumerate(zip(alphas, accs))
+    ]
+    a = analysis.analyze(fake_records(runs), by=("strategy",), ci=0.95)
+    row = a.paired[(a.paired["t"] == 4.0)].set_index("strategy").loc["up"]
+    diff = np.subtract(up_alpha, mp_alpha)  # -0.1, -0.08, -0.12, -0.1
+    assert row["n"] == 4 and row["baseline"] == "mp"
+    assert row["mean_diff"] == pytest.approx(-0.1)
+    lo, hi = stats.t.interval(0.95, 3, loc=diff.mean(), scale=stats.sem(diff))
+    assert (row["ci_low"], row["ci_high"]) == (pytest.approx(lo), pytest.approx(hi))
+    assert row["p_value"] == pytest.approx(stats.ttest_rel(up_alpha, mp_alpha).pvalue)
+    assert row["mark"] == "<"
+    assert row["mean_acc_diff"] == pytest.approx(np.mean(np.subtract(up_acc, mp_acc)))
+    assert row["acc_p_value"] == pytest.approx(stats.ttest_rel(up_acc, mp_acc).pvalue)
+    # The unpaired intervals of the two groups overlap; the paired one lies below 0.
+    g = a.groups[a.groups["t"] == 4.0].set_index("strategy")
+    assert g.loc["up", "ci_high"] > g.loc["mp", "ci_low"] and hi < 0
+    alpha_tab, acc_tab = analysis.paired_tables(a, a.paired)
+    assert list(alpha_tab.index) == ["up"] and alpha_tab.loc["up", "t=4"] == "-0.10<"
+    # No comparison without the baseline, on request, or when strategy is not a group column.
+    assert analysis.analyze(fake_records(runs), by=("strategy",), vs=None).paired is None
+    only_up = fake_records([r for r in runs if r["strategy"] == "up"])
+    assert analysis.analyze(only_up, by=("strategy",)).paired is None
+    with pytest.raises(BadInput, match="no rp runs"):
+        analysis.analyze(fake_records(runs), by=("strategy",), vs="rp")
+    with pytest.raises(BadInput, match="must include strategy"):
+        analysis.paired_table(a.runs, ("dataset",), "mp", 0.99)
+
+
 @pytest.mark.parametrize(
     "alphas, expected",
     [

@@ -81,6 +81,7 @@ def test_analyze_formats(digits_runs, tmp_path, fmt):
         out = json.loads(res.stdout)
         assert len(out["groups"]) == 4 * 4
         assert len(out["paying_classes"]) == 4 * 3
+        assert len(out["paired"]) == 3 * 4  # gp, up, rp against mp at four t
         assert {r["t"] for r in out["paying_classes"]} == {"32"}
     elif fmt == "csv":
         assert res.stdout.splitlines()[0].startswith("strategy,saliency,dataset")
@@ -107,6 +108,15 @@ def test_analyze_classes_option(digits_runs, tmp_path):
     assert res.exit_code == 2
 
 
+def test_analyze_vs_option(digits_runs, tmp_path):
+    res = CliRunner().invoke(cli, ["analyze", str(digits_runs), "--vs", "rp", "-o", str(tmp_path)])
+    assert res.exit_code == 0 and "E[alpha_t(s) - alpha_t(rp)]" in res.stdout
+    assert set(pd.read_parquet(tmp_path / "alpha_paired.parquet")["strategy"]) == {"mp", "gp", "up"}
+    res = CliRunner().invoke(cli, ["analyze", str(digits_runs), "--vs", "none"])
+    assert res.exit_code == 0 and "alpha_t(s) - alpha_t" not in res.stdout
+    one_line_exit_2(["analyze", str(digits_runs), "--vs", "xp"], "--vs xp: no xp runs")
+
+
 def test_report_files_and_figures(digits_runs, tmp_path):
     out = tmp_path / "report"
     res = CliRunner().invoke(cli, ["report", str(digits_runs), "-o", str(out)])
@@ -128,6 +138,9 @@ def test_report_files_and_figures(digits_runs, tmp_path):
     md = (out / "report.md").read_text()
     for name in pngs:
         assert f"]({name})" in md
+    # gp, up and rp against mp, seed by seed, at every t.
+    section = md.split("## Strategies against mp, seed by seed")[1].split("##")[0]
+    assert sum(line.startswith(("| gp", "| up", "| rp")) for line in section.splitlines()) == 6
     # Three classes per strategy by default, each at the largest t (32).
     section = md.split("## Which classes pay")[1].split("##")[0]
     rows = [line for line in section.splitlines() if line.startswith("| ") and "| 32 |" in line]
