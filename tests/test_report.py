@@ -129,12 +129,13 @@ def test_report_files_and_figures(digits_runs, tmp_path):
         "class_change.png",
         "recall_heatmap.png",
         "scatter.png",
+        "vs_mp.png",
     ]
     for p in out.glob("*.png"):
         img = mpimg.imread(p)
         assert img.ndim == 3 and img.shape[0] > 200 and img.shape[1] > 200
     html = (out / "index.html").read_text()
-    assert html.count("data:image/png;base64,") == 5 and "<table" in html
+    assert html.count("data:image/png;base64,") == 6 and "<table" in html
     md = (out / "report.md").read_text()
     for name in pngs:
         assert f"]({name})" in md
