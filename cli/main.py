@@ -323,8 +323,9 @@ def analyze(runs_dir, by, ci, ci_method, top_classes, vs, fmt, out):
 
     alpha_t(m) is the least-squares slope through the origin of the normalized recall
     balance after pruning (Bn_t) on that of the dense model (Bn_1) over the classes of model m;
-    above 1 the gap between classes widens (intensification). Then the classes that lose the
-    most recall at the largest t. Writes alpha_runs, alpha_groups and class_groups (Parquet
+    above 1 the gap between classes widens (intensification). Then every strategy against
+    mp (--vs), seed by seed on the same dense model, and the classes that lose the most recall
+    at the largest t. Writes alpha_runs, alpha_groups, class_groups and alpha_paired (Parquet
     and CSV) next to the records or to -o.
     """
     from rdfast.commands import analyze_command

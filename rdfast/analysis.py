@@ -209,7 +209,8 @@ def paired_table(runs: pd.DataFrame, by, baseline: str, ci: float) -> pd.DataFra
     have = sorted(runs["strategy"].unique(), key=lambda s: STRATEGY_ORDER.get(s, 9))
     if baseline not in have:
         raise BadInput(f"--vs {baseline}: no {baseline} runs in these records ({', '.join(have)})")
-    keys = [b for b in by if b not in ("strategy", "saliency")] + ["seed", "t"]
+    # eps belongs to the strategy too (NaN for mp, the UP coefficient for up).
+    keys = [b for b in by if b not in ("strategy", "saliency", "eps")] + ["seed", "t"]
     is_base = runs["strategy"] == baseline
     base = runs.loc[is_base, [*keys, "alpha", "accuracy"]].rename(
         columns={"alpha": "base_alpha", "accuracy": "base_accuracy"}
@@ -377,6 +378,9 @@ def analyze(
         strategies = set(runs["strategy"])
         vs = "mp" if "mp" in strategies and len(strategies) > 1 and "strategy" in by else None
     paired = paired_table(runs, by, vs, ci) if vs else None
+    if paired is not None and paired.empty:
+        notes.append(f"no run pruned the same dense model as a {vs} run: no comparison with {vs}")
+        paired = None
     return Analysis(classes, runs, groups, class_groups, by, ci, ci_method, notes, paired)
 
 

@@ -27,7 +27,7 @@ def fake_records(runs):
                         "seed": r["seed"],
                         "strategy": r["strategy"],
                         "saliency": "none",
-                        "eps": np.nan,
+                        "eps": r.get("eps", np.nan),
                         "weight_decay": 5e-4,
                         "retrain": r.get("retrain", "finetune"),
                         "device": "cpu",
@@ -150,8 +150,11 @@ def test_paired_differences_equal_scipy_ttest_rel():
     mp_alpha, up_alpha = [1.2, 1.5, 0.9, 1.1], [1.1, 1.42, 0.78, 1.0]
     mp_acc, up_acc = [0.8, 0.7, 0.75, 0.72], [0.79, 0.71, 0.73, 0.7]
     runs = [
-        run_with(s, x, [al * v for v in x], strategy=name, at=acc)
-        for name, alphas, accs in (("mp", mp_alpha, mp_acc), ("up", up_alpha, up_acc))
+        run_with(s, x, [al * v for v in x], strategy=name, at=acc, eps=eps)
+        for name, alphas, accs, eps in (
+            ("mp", mp_alpha, mp_acc, np.nan),
+            ("up", up_alpha, up_acc, 5e-4),
+        )
         for s, (al, acc) in enumerate(zip(alphas, accs))
     ]
     a = analysis.analyze(fake_records(runs), by=("strategy",), ci=0.95)
@@ -176,6 +179,15 @@ def test_paired_differences_equal_scipy_ttest_rel():
     assert analysis.analyze(only_up, by=("strategy",)).paired is None
     with pytest.raises(BadInput, match="no rp runs"):
         analysis.analyze(fake_records(runs), by=("strategy",), vs="rp")
+    # eps differs between mp (NaN) and up by definition: grouping by it still pairs them.
+    with_eps = analysis.analyze(fake_records(runs), by=("strategy", "eps"), ci=0.95)
+    assert with_eps.paired.loc[with_eps.paired["t"] == 4.0, "mean_diff"].item() == pytest.approx(
+        -0.1
+    )
+    # Runs of another dense model (here: another seed) are not paired.
+    other_seed = [r if r["strategy"] == "mp" else dict(r, seed=9) for r in runs[:5]]
+    lone = analysis.analyze(fake_records(other_seed), by=("strategy",))
+    assert lone.paired is None and any("no comparison with mp" in n for n in lone.notes)
     with pytest.raises(BadInput, match="must include strategy"):
         analysis.paired_table(a.runs, ("dataset",), "mp", 0.99)
 
