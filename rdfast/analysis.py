@@ -6,11 +6,12 @@ Per model:  alpha_t = sum_c x_c y_c / sum_c x_c^2 with x = Bn_1, y = Bn_t (slope
 Per group:  E[alpha_t] over replicate models (seeds) with a confidence interval (Student-t or
             bootstrap), a one-sample t-test of alpha = 1, the mark `<` / `>` / `?`, the mean
             accuracy with its interval, and the pooled slope over all classes of all models.
-Per group and class: the mean recall change R_t - R_1 over the replicates with its Student-t
-            interval, beside the accuracy change A_t - A_1: which classes pay for the sparsity.
+Per group and class: the mean recall change R_t - R_1 over the replicates with its interval,
+            beside the accuracy change A_t - A_1: which classes pay for the sparsity.
+Per pair of strategies: alpha and accuracy differences between runs of one dense model.
 
-Everything is vectorized with groupby sums; the only Python loop is over groups, and only for
-the bootstrap.
+Everything is vectorized with groupby sums; the bootstrap batches the groups that have the
+same number of replicates into one scipy call.
 """
 
 from __future__ import annotations
@@ -149,9 +150,11 @@ def run_table(classes: pd.DataFrame) -> pd.DataFrame:
     return out.sort_values(["run_id", "t"], kind="stable").reset_index(drop=True)
 
 
-def class_group_table(classes: pd.DataFrame, by, ci: float) -> pd.DataFrame:
-    """Per (group, t, class): mean recall, its change since t = 1 with a Student-t interval
-    over the replicates, the model's accuracy change, and the class's mean Bn_1, Bn_t and I.
+def class_group_table(
+    classes: pd.DataFrame, by, ci: float, method="t", n_resamples=9999, seed=0
+) -> pd.DataFrame:
+    """Per (group, t, class): mean recall, its change since t = 1 with an interval over the
+    replicates, the model's accuracy change, and the class's mean Bn_1, Bn_t and I.
 
     `mean_excess_change` = recall change - accuracy change: negative where a class loses more
     than the model does. Ranking classes by it within a group is ranking them by recall change.
@@ -173,8 +176,8 @@ def class_group_table(classes: pd.DataFrame, by, ci: float) -> pd.DataFrame:
         mean_Bn=("Bn", "mean"),
         mean_I=("I", "mean"),
     )
-    agg["change_ci_low"], agg["change_ci_high"] = _t_interval(
-        agg["mean_recall_change"], agg["sd_change"], agg["n"], ci
+    agg["change_ci_low"], agg["change_ci_high"] = _interval(
+        c, keys, "change", ci, method, n_resamples, seed
     )
     agg["mean_excess_change"] = agg["mean_recall_change"] - agg["mean_accuracy_change"]
     cols = [
@@ -195,10 +198,12 @@ def class_group_table(classes: pd.DataFrame, by, ci: float) -> pd.DataFrame:
     return agg[cols].reset_index()
 
 
-def paired_table(runs: pd.DataFrame, by, baseline: str, ci: float) -> pd.DataFrame:
+def paired_table(
+    runs: pd.DataFrame, by, baseline: str, ci: float, method="t", n_resamples=9999, seed=0
+) -> pd.DataFrame:
     """Per (group, t): E[alpha_t(s) - alpha_t(baseline)] over the seeds, each difference taken
-    between two runs that pruned the same dense model, with its Student-t interval, the paired
-    t-test of no difference (scipy.stats.ttest_rel), and the same for accuracy.
+    between two runs that pruned the same dense model, with its interval, the paired t-test of
+    no difference (scipy.stats.ttest_rel), and the same for accuracy.
 
     Pairing removes the seed-to-seed spread of the dense models that the unpaired intervals
     of two groups carry, so a difference between strategies shows with fewer seeds.
@@ -227,10 +232,11 @@ def paired_table(runs: pd.DataFrame, by, baseline: str, ci: float) -> pd.DataFra
         mean_acc_diff=("acc_diff", "mean"),
         sd_acc_diff=("acc_diff", "std"),
     )
-    agg["ci_low"], agg["ci_high"] = _t_interval(agg["mean_diff"], agg["sd_diff"], agg["n"], ci)
-    agg["acc_ci_low"], agg["acc_ci_high"] = _t_interval(
-        agg["mean_acc_diff"], agg["sd_acc_diff"], agg["n"], ci
-    )
+    for col, low, high in (
+        ("diff", "ci_low", "ci_high"),
+        ("acc_diff", "acc_ci_low", "acc_ci_high"),
+    ):
+        agg[low], agg[high] = _interval(pairs, [*by, "t"], col, ci, method, n_resamples, seed)
     dof = (agg["n"] - 1).where(agg["n"] > 1)
     for col, sd, p in (
         ("mean_diff", "sd_diff", "p_value"),
@@ -265,25 +271,48 @@ def _t_interval(mean, sd, n, ci):
     return mean - half, mean + half
 
 
-def _bootstrap_interval(frame, keys, col, ci, n_resamples, seed):
-    lo, hi = {}, {}
-    for key, values in frame.groupby(keys, sort=False)[col]:
-        v = values.dropna().to_numpy()
-        if len(v) < 2:
-            lo[key], hi[key] = np.nan, np.nan
-        elif np.all(v == v[0]):
-            lo[key], hi[key] = v[0], v[0]
-        else:
+def _interval(frame, keys, col, ci, method, n_resamples, seed):
+    """Interval of the mean of `col` in every group of `keys`, indexed like
+    `frame.groupby(keys, sort=True, dropna=False)`: Student-t, or a percentile bootstrap."""
+    g = frame.groupby(keys, sort=True, dropna=False)[col]
+    if method == "t":
+        return _t_interval(g.mean(), g.std(), g.count(), ci)
+    return _bootstrap_interval(g.apply(lambda v: v.dropna().to_numpy()), ci, n_resamples, seed)
+
+
+def _bootstrap_interval(arrays: pd.Series, ci, n_resamples, seed):
+    """Percentile bootstrap of the mean of each array (NaN for fewer than two values).
+
+    Groups with the same number of replicates go to scipy.stats.bootstrap together as the rows
+    of one batch (axis=-1), which draws one set of resampling indices for all rows, exactly as
+    a separate call per group with the same seed would: the same intervals, one call per
+    replicate count and chunk instead of one per group (2,800 for 100 classes x 7 t x 4
+    strategies). A chunk holds at most 2^23 resampled values (64 MB).
+    """
+    lo = pd.Series(np.nan, index=arrays.index)
+    hi = lo.copy()
+    lens = arrays.map(len).to_numpy()
+    for n in np.unique(lens[lens >= 2]):
+        where = np.flatnonzero(lens == n)
+        values = np.stack(arrays.iloc[where].to_list())
+        low, high = values[:, 0].copy(), values[:, 0].copy()  # constant rows: the value
+        varying = np.flatnonzero((values != values[:, :1]).any(axis=1))
+        chunk = max(1, 2**23 // (n_resamples * int(n)))
+        for start in range(0, len(varying), chunk):
+            rows = varying[start : start + chunk]
             res = stats.bootstrap(
-                (v,),
+                (values[rows],),
                 np.mean,
+                axis=-1,
+                vectorized=True,
                 confidence_level=ci,
                 n_resamples=n_resamples,
                 method="percentile",
                 rng=np.random.default_rng(seed),
             )
-            lo[key], hi[key] = res.confidence_interval.low, res.confidence_interval.high
-    return pd.Series(lo), pd.Series(hi)
+            low[rows], high[rows] = res.confidence_interval.low, res.confidence_interval.high
+        lo.iloc[where], hi.iloc[where] = low, high
+    return lo, hi
 
 
 def mark(low, high, n, ref: float = 1.0) -> pd.Series:
@@ -302,20 +331,12 @@ def group_table(runs, classes, by, ci, method, n_resamples=9999, seed=0) -> pd.D
         sd_alpha=("alpha", "std"),
         mean_accuracy=("accuracy", "mean"),
         sd_accuracy=("accuracy", "std"),
-        n_runs=("run_id", "nunique"),
     )
-    if method == "t":
-        agg["ci_low"], agg["ci_high"] = _t_interval(
-            agg["mean_alpha"], agg["sd_alpha"], agg["n"], ci
-        )
-        agg["acc_ci_low"], agg["acc_ci_high"] = _t_interval(
-            agg["mean_accuracy"], agg["sd_accuracy"], agg["n_runs"], ci
-        )
-    else:
-        lo, hi = _bootstrap_interval(runs, keys, "alpha", ci, n_resamples, seed)
-        agg["ci_low"], agg["ci_high"] = lo.reindex(agg.index), hi.reindex(agg.index)
-        lo, hi = _bootstrap_interval(runs, keys, "accuracy", ci, n_resamples, seed)
-        agg["acc_ci_low"], agg["acc_ci_high"] = lo.reindex(agg.index), hi.reindex(agg.index)
+    for col, low, high in (
+        ("alpha", "ci_low", "ci_high"),
+        ("accuracy", "acc_ci_low", "acc_ci_high"),
+    ):
+        agg[low], agg[high] = _interval(runs, keys, col, ci, method, n_resamples, seed)
     # One-sample t-test of E[alpha] = 1 (scipy.stats.ttest_1samp, vectorized).
     se = agg["sd_alpha"] / np.sqrt(agg["n"])
     tstat = (agg["mean_alpha"] - 1) / se.where(se > 0)
@@ -373,11 +394,11 @@ def analyze(
     runs = run_table(classes)
     _note_differing_t(runs, by, notes)
     groups = group_table(runs, classes, by, ci, ci_method, n_resamples, seed)
-    class_groups = class_group_table(classes, by, ci)
+    class_groups = class_group_table(classes, by, ci, ci_method, n_resamples, seed)
     if vs == "auto":
         strategies = set(runs["strategy"])
         vs = "mp" if "mp" in strategies and len(strategies) > 1 and "strategy" in by else None
-    paired = paired_table(runs, by, vs, ci) if vs else None
+    paired = paired_table(runs, by, vs, ci, ci_method, n_resamples, seed) if vs else None
     if paired is not None and paired.empty:
         notes.append(f"no run pruned the same dense model as a {vs} run: no comparison with {vs}")
         paired = None
@@ -497,7 +518,7 @@ def paying_legend(a: Analysis, top: int) -> str:
     return (
         f"The {top} classes of each group that lose the most recall at its largest t: "
         f"mean recall at t = 1 and at t over seeds, the change with its {a.ci * 100:g} % "
-        "Student-t interval, and the model's accuracy change for comparison"
+        f"{_method_name(a)} interval, and the model's accuracy change for comparison"
     )
 
 
@@ -526,7 +547,7 @@ def paired_legend(a: Analysis, baseline: str) -> str:
     return (
         f"E[alpha_t(s) - alpha_t({baseline})] and E[A_t(s) - A_t({baseline})] over seeds, each "
         f"difference between two runs that pruned the same dense model; mark: < "
-        f"{a.ci * 100:g} % CI below 0, > above 0, ? overlaps 0 (Student-t)"
+        f"{a.ci * 100:g} % CI below 0, > above 0, ? overlaps 0 ({_method_name(a)})"
     )
 
 
@@ -538,9 +559,13 @@ def markdown(df: pd.DataFrame, index_name: str = "group") -> str:
     return "\n".join(lines)
 
 
+def _method_name(a: Analysis) -> str:
+    return "Student-t" if a.ci_method == "t" else "bootstrap (percentile)"
+
+
 def legend(a: Analysis) -> str:
     pct = f"{a.ci * 100:g} %"
-    method = "Student-t" if a.ci_method == "t" else "bootstrap (percentile)"
+    method = _method_name(a)
     return (
         f"E[alpha_t] over seeds; mark: < {pct} CI below 1 (de-intensification), "
         f"> above 1 (intensification), ? overlaps 1; {method} interval"

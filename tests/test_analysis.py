@@ -230,6 +230,58 @@ def test_bootstrap_matches_scipy_and_contains_mean():
     assert g["ci_low"] < np.mean(alphas) < g["ci_high"]
 
 
+def test_bootstrap_of_classes_and_pairs_equals_one_scipy_call_per_group():
+    # Groups of 4 and 3 replicates, one of them constant: the batched bootstrap must give,
+    # group by group, what a separate scipy.stats.bootstrap call with the same seed gives.
+    x = [0.2, -0.1, -0.1]
+    runs = [
+        run_with(s, x, [al * v for v in x], at=0.6 + 0.01 * s)
+        for s, al in enumerate([1.2, 1.5, 0.9, 1.1])
+    ]
+    runs += [
+        run_with(s, x, [al * v for v in x], strategy="up", at=0.62)
+        for s, al in enumerate([1.0, 1.3, 0.8])
+    ]
+    a = analysis.analyze(
+        fake_records(runs), by=("strategy",), ci_method="bootstrap", n_resamples=500, seed=3
+    )
+
+    def ref(values):
+        res = stats.bootstrap(
+            (np.asarray(values),),
+            np.mean,
+            confidence_level=0.99,
+            n_resamples=500,
+            method="percentile",
+            rng=np.random.default_rng(3),
+        )
+        return res.confidence_interval.low, res.confidence_interval.high
+
+    cg = a.class_groups.set_index(["strategy", "t", "class"])
+    for (strategy, t, c), row in cg.iterrows():
+        sub = a.classes[(a.classes["strategy"] == strategy) & (a.classes["t"] == t)]
+        change = (
+            sub.loc[sub["class"] == c, "recall"] - sub.loc[sub["class"] == c, "R1"]
+        ).to_numpy()
+        if np.all(change == change[0]):
+            expect = (change[0], change[0])
+        else:
+            expect = ref(change)
+        assert (row["change_ci_low"], row["change_ci_high"]) == (
+            pytest.approx(expect[0]),
+            pytest.approx(expect[1]),
+        )
+    # Pairs exist for seeds 0-2 only (up has three seeds).
+    p = a.paired[(a.paired["t"] == 4.0)].iloc[0]
+    mp = a.runs[(a.runs["strategy"] == "mp") & (a.runs["t"] == 4.0)].sort_values("seed")
+    up = a.runs[(a.runs["strategy"] == "up") & (a.runs["t"] == 4.0)].sort_values("seed")
+    diff = up["alpha"].to_numpy() - mp["alpha"].to_numpy()[:3]
+    assert p["n"] == 3
+    assert (p["ci_low"], p["ci_high"]) == tuple(pytest.approx(v) for v in ref(diff))
+    acc_diff = up["accuracy"].to_numpy() - mp["accuracy"].to_numpy()[:3]
+    assert (p["acc_ci_low"], p["acc_ci_high"]) == tuple(pytest.approx(v) for v in ref(acc_diff))
+
+
 def test_pooled_alpha_over_all_classes_of_all_replicates():
     x1, y1 = [0.2, -0.2], [0.4, -0.4]  # slope 2
     x2, y2 = [0.1, -0.1], [0.1, -0.1]  # slope 1
