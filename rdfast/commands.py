@@ -121,6 +121,7 @@ def run_command(
             echo(acc_tab.to_string())
             echo(f"\n{analysis.legend(a)}:")
             echo(alpha_tab.to_string())
+            _echo_paired(a, echo)
         except BadInput as e:  # the records are written; only the summary cannot be made
             echo(f"\nno summary tables: {e}")
     failed = [o for o in outcomes if o.status == "failed"]
@@ -134,6 +135,20 @@ def run_command(
     )
     # Runs another process is writing are its work, not a failure of this command.
     return 1 if failed else 0
+
+
+def _echo_paired(a, echo) -> None:
+    """The strategies-against-the-baseline tables, as plain text, when there is a baseline."""
+    from rdfast import analysis
+
+    if a.paired is None:
+        return
+    vs = a.paired["baseline"].iloc[0]
+    alpha_diff, acc_diff = analysis.paired_tables(a, a.paired)
+    echo(f"\n{analysis.paired_legend(a, vs)}:")
+    echo(alpha_diff.to_string())
+    echo(f"accuracy minus {vs}")
+    echo(acc_diff.to_string())
 
 
 def _analysis(runs_dir, by, ci, ci_method, vs="auto"):
@@ -190,11 +205,7 @@ def analyze_command(
         echo(alpha_tab.to_string())
         echo("\nmean accuracy")
         echo(acc_tab.to_string())
-        if paired is not None:
-            echo(f"\n{analysis.paired_legend(a, vs_name)}:")
-            echo(paired[0].to_string())
-            echo(f"accuracy minus {vs_name}")
-            echo(paired[1].to_string())
+        _echo_paired(a, echo)
         if not paying.empty:
             echo(f"\n{analysis.paying_legend(a, top_classes)}:")
             echo(paying.to_string())

@@ -54,6 +54,9 @@ def test_run_digits_end_to_end(tmp_path):
     assert res.exit_code == 0, res.output
     df = check_records(tmp_path, ["mp", "gp", "up", "rp"], [2.0, 4.0], 10)
     assert "mean test accuracy" in res.output and "records:" in res.output
+    # gp, up and rp against mp, seed by seed, under the alpha table.
+    paired = res.output.split("E[alpha_t(s) - alpha_t(mp)]")[1].split("accuracy minus mp")[0]
+    assert [line.split()[0] for line in paired.splitlines()[2:]] == ["gp", "up", "rp"]
     assert (tmp_path / "confusion.parquet").exists()
     cm = pd.read_parquet(tmp_path / "confusion.parquet")
     assert cm.groupby(["run_id", "step"])["count"].sum().eq(540).all()  # digits test split
