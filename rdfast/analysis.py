@@ -217,6 +217,10 @@ def paired_table(
     # eps belongs to the strategy too (NaN for mp, the UP coefficient for up).
     keys = [b for b in by if b not in ("strategy", "saliency", "eps")] + ["seed", "t"]
     is_base = runs["strategy"] == baseline
+    if "saliency" in by and runs.loc[is_base, "saliency"].nunique() > 1:
+        # A baseline run in both score forms (gp taylor and gp sum): each form is compared
+        # with its own (up sum against gp sum), and strategies without a form are left out.
+        keys.append("saliency")
     base = runs.loc[is_base, [*keys, "alpha", "accuracy"]].rename(
         columns={"alpha": "base_alpha", "accuracy": "base_accuracy"}
     )

@@ -26,7 +26,7 @@ def fake_records(runs):
                         "width": r.get("width", 1.0),
                         "seed": r["seed"],
                         "strategy": r["strategy"],
-                        "saliency": "none",
+                        "saliency": r.get("saliency", "none"),
                         "eps": r.get("eps", np.nan),
                         "weight_decay": 5e-4,
                         "retrain": r.get("retrain", "finetune"),
@@ -188,6 +188,23 @@ def test_paired_differences_equal_scipy_ttest_rel():
     other_seed = [r if r["strategy"] == "mp" else dict(r, seed=9) for r in runs[:5]]
     lone = analysis.analyze(fake_records(other_seed), by=("strategy",))
     assert lone.paired is None and any("no comparison with mp" in n for n in lone.notes)
+    # A baseline in two score forms: each form is paired with its own.
+    forms = []
+    for r in runs:
+        for form, shift in (("taylor", 0.0), ("sum", 0.3)):
+            if r["strategy"] == "up":
+                alpha = up_alpha[r["seed"]] + shift
+                forms.append(
+                    dict(
+                        run_with(r["seed"], x, [alpha * v for v in x], strategy="gp"),
+                        saliency=form,
+                        tag=form,
+                    )
+                )
+                forms.append(dict(r, saliency=form, tag=form))
+    by_form = analysis.analyze(fake_records(forms), by=("strategy", "saliency"), vs="gp")
+    p = by_form.paired[by_form.paired["t"] == 4.0].set_index("saliency")["mean_diff"]
+    assert p.to_dict() == {"sum": pytest.approx(-0.3), "taylor": pytest.approx(0.0)}
     with pytest.raises(BadInput, match="must include strategy"):
         analysis.paired_table(a.runs, ("dataset",), "mp", 0.99)
 
