@@ -21,6 +21,7 @@ import contextlib
 import importlib
 import inspect
 import json
+import os
 import re
 import subprocess
 import sys
@@ -282,8 +283,6 @@ def compile_in_subprocess(launches: list[dict], arches=(80, 90)) -> list[dict]:
     """`compile_launch` for every recorded launch and architecture, run by this module in a
     fresh process without the interpreter (the recording process has it on, so its kernels
     cannot be compiled); one result per (launch, architecture)."""
-    import os
-
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "launches.json"
         path.write_text(json.dumps(launches))
@@ -305,7 +304,6 @@ def _compile_one(job):
 
 def main(argv=None) -> None:
     import argparse
-    import os
     from concurrent.futures import ProcessPoolExecutor
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

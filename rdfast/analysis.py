@@ -68,6 +68,11 @@ class Analysis:
     notes: list[str] = field(default_factory=list)
     paired: pd.DataFrame | None = None  # one row per (group, t): alpha and accuracy minus --vs
 
+    @property
+    def baseline(self) -> str | None:
+        """The strategy the others were compared with (`paired`), if any."""
+        return None if self.paired is None else self.paired["baseline"].iloc[0]
+
 
 def load(runs_dir: Path) -> pd.DataFrame:
     runs_dir = Path(runs_dir)
@@ -163,39 +168,24 @@ def class_group_table(
     c = classes.assign(
         change=classes["recall"] - classes["R1"], acc_change=classes["accuracy"] - classes["A1"]
     )
-    agg = c.groupby(keys, sort=True, dropna=False).agg(
-        n=("change", "size"),
+    g = c.groupby(keys, sort=True, dropna=False)  # grouped once, summarized twice
+    change = _summary(g["change"], ci, method, n_resamples, seed)
+    agg = g.agg(
         class_name=("class_name", "first"),
         support=("support", "mean"),
         mean_dense_recall=("R1", "mean"),
         mean_recall=("recall", "mean"),
-        mean_recall_change=("change", "mean"),
-        sd_change=("change", "std"),
         mean_accuracy_change=("acc_change", "mean"),
         mean_Bn1=("Bn1", "mean"),
         mean_Bn=("Bn", "mean"),
         mean_I=("I", "mean"),
     )
-    agg["change_ci_low"], agg["change_ci_high"] = _interval(
-        c, keys, "change", ci, method, n_resamples, seed
-    )
-    agg["mean_excess_change"] = agg["mean_recall_change"] - agg["mean_accuracy_change"]
-    cols = [
-        "n",
-        "class_name",
-        "support",
-        "mean_dense_recall",
-        "mean_recall",
-        "mean_recall_change",
-        "change_ci_low",
-        "change_ci_high",
-        "mean_accuracy_change",
-        "mean_excess_change",
-        "mean_Bn1",
-        "mean_Bn",
-        "mean_I",
-    ]
-    return agg[cols].reset_index()
+    agg.insert(0, "n", change["n"])
+    agg.insert(5, "mean_recall_change", change["mean"])
+    agg.insert(6, "change_ci_low", change["low"])
+    agg.insert(7, "change_ci_high", change["high"])
+    agg.insert(9, "mean_excess_change", change["mean"] - agg["mean_accuracy_change"])
+    return agg.reset_index()
 
 
 def paired_table(
@@ -229,43 +219,26 @@ def paired_table(
         diff=pairs["alpha"] - pairs["base_alpha"],
         acc_diff=pairs["accuracy"] - pairs["base_accuracy"],
     )
-    agg = pairs.groupby([*by, "t"], sort=True, dropna=False).agg(
-        n=("diff", "count"),
-        mean_diff=("diff", "mean"),
-        sd_diff=("diff", "std"),
-        mean_acc_diff=("acc_diff", "mean"),
-        sd_acc_diff=("acc_diff", "std"),
+    g = pairs.groupby([*by, "t"], sort=True, dropna=False)
+    diff = _summary(g["diff"], ci, method, n_resamples, seed)
+    acc = _summary(g["acc_diff"], ci, method, n_resamples, seed)
+    agg = pd.DataFrame(
+        {
+            "baseline": baseline,
+            "n": diff["n"],
+            "mean_diff": diff["mean"],
+            "ci_low": diff["low"],
+            "ci_high": diff["high"],
+            "p_value": diff["p"],  # = scipy.stats.ttest_rel of the pairs
+            "mark": mark(diff["low"], diff["high"], diff["n"], ref=0.0),
+            "mean_acc_diff": acc["mean"],
+            "acc_ci_low": acc["low"],
+            "acc_ci_high": acc["high"],
+            "acc_p_value": acc["p"],
+            "acc_mark": mark(acc["low"], acc["high"], acc["n"], ref=0.0),
+        }
     )
-    for col, low, high in (
-        ("diff", "ci_low", "ci_high"),
-        ("acc_diff", "acc_ci_low", "acc_ci_high"),
-    ):
-        agg[low], agg[high] = _interval(pairs, [*by, "t"], col, ci, method, n_resamples, seed)
-    dof = (agg["n"] - 1).where(agg["n"] > 1)
-    for col, sd, p in (
-        ("mean_diff", "sd_diff", "p_value"),
-        ("mean_acc_diff", "sd_acc_diff", "acc_p_value"),
-    ):
-        se = agg[sd] / np.sqrt(agg["n"])
-        agg[p] = 2 * stats.t.sf(np.abs(agg[col] / se.where(se > 0)), dof)
-    agg["mark"] = mark(agg["ci_low"], agg["ci_high"], agg["n"], ref=0.0)
-    agg["acc_mark"] = mark(agg["acc_ci_low"], agg["acc_ci_high"], agg["n"], ref=0.0)
-    agg["baseline"] = baseline
-    cols = [
-        "baseline",
-        "n",
-        "mean_diff",
-        "ci_low",
-        "ci_high",
-        "p_value",
-        "mark",
-        "mean_acc_diff",
-        "acc_ci_low",
-        "acc_ci_high",
-        "acc_p_value",
-        "acc_mark",
-    ]
-    return agg[cols].reset_index()
+    return agg.reset_index()
 
 
 def _t_interval(mean, sd, n, ci):
@@ -275,13 +248,20 @@ def _t_interval(mean, sd, n, ci):
     return mean - half, mean + half
 
 
-def _interval(frame, keys, col, ci, method, n_resamples, seed):
-    """Interval of the mean of `col` in every group of `keys`, indexed like
-    `frame.groupby(keys, sort=True, dropna=False)`: Student-t, or a percentile bootstrap."""
-    g = frame.groupby(keys, sort=True, dropna=False)[col]
+def _summary(g, ci, method, n_resamples, seed, ref=0.0) -> pd.DataFrame:
+    """Per group of the grouped column `g`: n, mean and sd, the interval of the mean
+    (Student-t or a percentile bootstrap) and the p-value of the one-sample t-test of
+    mean = ref (scipy.stats.ttest_1samp, vectorized)."""
+    s = g.agg(["count", "mean", "std"]).rename(columns={"count": "n", "std": "sd"})
     if method == "t":
-        return _t_interval(g.mean(), g.std(), g.count(), ci)
-    return _bootstrap_interval(g.apply(lambda v: v.dropna().to_numpy()), ci, n_resamples, seed)
+        s["low"], s["high"] = _t_interval(s["mean"], s["sd"], s["n"], ci)
+    else:
+        arrays = g.apply(lambda v: v.dropna().to_numpy())
+        s["low"], s["high"] = _bootstrap_interval(arrays, ci, n_resamples, seed)
+    se = s["sd"] / np.sqrt(s["n"])
+    dof = (s["n"] - 1).where(s["n"] > 1)
+    s["p"] = 2 * stats.t.sf(np.abs((s["mean"] - ref) / se.where(se > 0)), dof)
+    return s
 
 
 def _bootstrap_interval(arrays: pd.Series, ci, n_resamples, seed):
@@ -329,40 +309,26 @@ def mark(low, high, n, ref: float = 1.0) -> pd.Series:
 def group_table(runs, classes, by, ci, method, n_resamples=9999, seed=0) -> pd.DataFrame:
     keys = [*by, "t"]
     g = runs.groupby(keys, sort=True, dropna=False)
-    agg = g.agg(
-        n=("alpha", "count"),
-        mean_alpha=("alpha", "mean"),
-        sd_alpha=("alpha", "std"),
-        mean_accuracy=("accuracy", "mean"),
-        sd_accuracy=("accuracy", "std"),
+    alpha = _summary(g["alpha"], ci, method, n_resamples, seed, ref=1.0)
+    acc = _summary(g["accuracy"], ci, method, n_resamples, seed)
+    agg = pd.DataFrame(
+        {
+            "n": alpha["n"],
+            "mean_alpha": alpha["mean"],
+            "ci_low": alpha["low"],
+            "ci_high": alpha["high"],
+            "p_value": alpha["p"],  # the one-sample t-test of E[alpha] = 1
+            "mark": mark(alpha["low"], alpha["high"], alpha["n"]),
+            "mean_accuracy": acc["mean"],
+            "acc_ci_low": acc["low"],
+            "acc_ci_high": acc["high"],
+        }
     )
-    for col, low, high in (
-        ("alpha", "ci_low", "ci_high"),
-        ("accuracy", "acc_ci_low", "acc_ci_high"),
-    ):
-        agg[low], agg[high] = _interval(runs, keys, col, ci, method, n_resamples, seed)
-    # One-sample t-test of E[alpha] = 1 (scipy.stats.ttest_1samp, vectorized).
-    se = agg["sd_alpha"] / np.sqrt(agg["n"])
-    tstat = (agg["mean_alpha"] - 1) / se.where(se > 0)
-    agg["p_value"] = 2 * stats.t.sf(np.abs(tstat), (agg["n"] - 1).where(agg["n"] > 1))
-    agg["mark"] = mark(agg["ci_low"], agg["ci_high"], agg["n"])
     # Pooled slope: every class of every replicate in one fit (what a scatter plot shows).
     c = classes.assign(xy=classes["Bn1"] * classes["Bn"], xx=classes["Bn1"] ** 2)
     pooled = c.groupby(keys, sort=True, dropna=False)[["xy", "xx"]].sum()
     agg["pooled_alpha"] = pooled["xy"] / pooled["xx"].where(pooled["xx"] > 0)
-    cols = [
-        "n",
-        "mean_alpha",
-        "ci_low",
-        "ci_high",
-        "p_value",
-        "mark",
-        "mean_accuracy",
-        "acc_ci_low",
-        "acc_ci_high",
-        "pooled_alpha",
-    ]
-    return agg[cols].reset_index()
+    return agg.reset_index()
 
 
 def analyze(
@@ -465,37 +431,50 @@ def sorted_groups(groups, by):
     return order
 
 
+def _cell(value, mark_, n, fmt) -> str:
+    """`1.12>`: a mean and its mark, `(n=1)` where there is no interval, `-` where no mean."""
+    if np.isnan(value):
+        return "-"
+    return f"{value:{fmt}}{mark_}" + (" (n=1)" if n < 2 else "")
+
+
+def _by_t(frame: pd.DataFrame, a: Analysis, cells) -> pd.DataFrame:
+    """Rows: the groups of `frame` in table order; columns: t; values: `cells` (one per row)."""
+    order = [group_label(r, a.by) for _, r in sorted_groups(frame, a.by).iterrows()]
+    tab = pd.DataFrame(
+        {
+            "group": frame.apply(lambda r: group_label(r, a.by), axis=1),
+            "t": frame["t"],
+            "cell": list(cells),
+        }
+    ).pivot(index="group", columns="t", values="cell")
+    tab.columns = [f"t={c:g}" for c in tab.columns]
+    tab.index.name = None
+    return tab.reindex([o for o in order if o in tab.index]).fillna("")
+
+
 def paper_tables(a: Analysis) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Rows: groups; columns: t. Cells `1.12>` (E[alpha_t] and its mark), then accuracy."""
-    g = a.groups.copy()
-    g["group"] = g.apply(lambda r: group_label(r, a.by), axis=1)
-    order = [group_label(r, a.by) for _, r in sorted_groups(g, a.by).iterrows()]
+    g = a.groups
+    pruned = g[g["t"] > 1]
+    alpha = [_cell(*r, ".2f") for r in zip(pruned["mean_alpha"], pruned["mark"], pruned["n"])]
+    acc = [f"{v:.3f}" for v in g["mean_accuracy"]]
+    return _by_t(pruned, a, alpha), _by_t(g, a, acc)
 
-    def cell(r):
-        if np.isnan(r["mean_alpha"]):
-            return "-"
-        return f"{r['mean_alpha']:.2f}{r['mark']}" + (" (n=1)" if r["n"] < 2 else "")
 
-    g["alpha_cell"] = g.apply(cell, axis=1)
-    g["acc_cell"] = g["mean_accuracy"].map(lambda v: f"{v:.3f}")
-    alpha = g[g["t"] > 1].pivot(index="group", columns="t", values="alpha_cell")
-    acc = g.pivot(index="group", columns="t", values="acc_cell")
-    for tab in (alpha, acc):
-        tab.columns = [f"t={c:g}" for c in tab.columns]
-        tab.index.name = None
-    return alpha.reindex([o for o in order if o in alpha.index]).fillna(""), acc.reindex(
-        order
-    ).fillna("")
+def at_largest_t(a: Analysis) -> pd.DataFrame:
+    """The rows of `class_groups` at each group's largest t (t > 1)."""
+    cg = a.class_groups[a.class_groups["t"] > 1]
+    return cg[cg["t"] == cg.groupby(list(a.by), dropna=False)["t"].transform("max")]
 
 
 def paying_classes(a: Analysis, top: int) -> pd.DataFrame:
     """The `top` classes of each group that lose the most recall at the group's largest t."""
-    cg = a.class_groups[a.class_groups["t"] > 1]
+    cg = at_largest_t(a)
     if cg.empty or top <= 0:
         return pd.DataFrame()
     keys = list(a.by)
-    last = cg.groupby(keys, dropna=False)["t"].transform("max")
-    cg = cg[cg["t"] == last].sort_values([*keys, "mean_recall_change", "class"], kind="stable")
+    cg = cg.sort_values([*keys, "mean_recall_change", "class"], kind="stable")
     cg = cg.groupby(keys, dropna=False, sort=False).head(top)
     order = {group_label(r, a.by): i for i, (_, r) in enumerate(sorted_groups(cg, a.by).iterrows())}
     pct = f"{a.ci * 100:g} %"
@@ -526,28 +505,17 @@ def paying_legend(a: Analysis, top: int) -> str:
     )
 
 
-def paired_tables(a: Analysis, paired: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+def paired_tables(a: Analysis) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Rows: strategies other than the baseline; columns: t; cells `-0.05<` (E[difference] and
     its mark against 0), for alpha and then for accuracy."""
-    p = paired[paired["t"] > 1].copy()
-    p["group"] = p.apply(lambda r: group_label(r, a.by), axis=1)
-    order = [group_label(r, a.by) for _, r in sorted_groups(p, a.by).iterrows()]
-
-    def cell(v, m, n, fmt):
-        return "-" if np.isnan(v) else f"{v:{fmt}}{m}" + (" (n=1)" if n < 2 else "")
-
-    p["alpha_cell"] = [cell(*r, "+.2f") for r in zip(p["mean_diff"], p["mark"], p["n"])]
-    p["acc_cell"] = [cell(*r, "+.3f") for r in zip(p["mean_acc_diff"], p["acc_mark"], p["n"])]
-    tabs = []
-    for col in ("alpha_cell", "acc_cell"):
-        tab = p.pivot(index="group", columns="t", values=col)
-        tab.columns = [f"t={c:g}" for c in tab.columns]
-        tab.index.name = None
-        tabs.append(tab.reindex([o for o in order if o in tab.index]).fillna(""))
-    return tabs[0], tabs[1]
+    p = a.paired[a.paired["t"] > 1]
+    alpha = [_cell(*r, "+.2f") for r in zip(p["mean_diff"], p["mark"], p["n"])]
+    acc = [_cell(*r, "+.3f") for r in zip(p["mean_acc_diff"], p["acc_mark"], p["n"])]
+    return _by_t(p, a, alpha), _by_t(p, a, acc)
 
 
-def paired_legend(a: Analysis, baseline: str) -> str:
+def paired_legend(a: Analysis) -> str:
+    baseline = a.baseline
     return (
         f"E[alpha_t(s) - alpha_t({baseline})] and E[A_t(s) - A_t({baseline})] over seeds, each "
         f"difference between two runs that pruned the same dense model; mark: < "

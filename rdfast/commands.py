@@ -121,7 +121,7 @@ def run_command(
             echo(acc_tab.to_string())
             echo(f"\n{analysis.legend(a)}:")
             echo(alpha_tab.to_string())
-            _echo_paired(a, echo)
+            _echo_extras(a, echo)
         except BadInput as e:  # the records are written; only the summary cannot be made
             echo(f"\nno summary tables: {e}")
     failed = [o for o in outcomes if o.status == "failed"]
@@ -137,18 +137,22 @@ def run_command(
     return 1 if failed else 0
 
 
-def _echo_paired(a, echo) -> None:
-    """The strategies-against-the-baseline tables, as plain text, when there is a baseline."""
+def _echo_extras(a, echo, *, md: bool = False, top_classes: int = 0) -> None:
+    """After the alpha and accuracy tables: the strategies against the baseline (if any) and
+    the `top_classes` classes of each group that pay most, as plain text or Markdown."""
     from rdfast import analysis
 
-    if a.paired is None:
-        return
-    vs = a.paired["baseline"].iloc[0]
-    alpha_diff, acc_diff = analysis.paired_tables(a, a.paired)
-    echo(f"\n{analysis.paired_legend(a, vs)}:")
-    echo(alpha_diff.to_string())
-    echo(f"accuracy minus {vs}")
-    echo(acc_diff.to_string())
+    def section(title, table):
+        echo(f"\n{title}" + ("\n" if md else ":"))
+        echo(analysis.markdown(table) if md else table.to_string())
+
+    if a.paired is not None:
+        alpha_diff, acc_diff = analysis.paired_tables(a)
+        section(analysis.paired_legend(a), alpha_diff)
+        section(f"accuracy minus {a.baseline}", acc_diff)
+    paying = analysis.paying_classes(a, top_classes)
+    if not paying.empty:
+        section(analysis.paying_legend(a, top_classes), paying)
 
 
 def _analysis(runs_dir, by, ci, ci_method, vs="auto"):
@@ -168,9 +172,6 @@ def analyze_command(
     a = _analysis(runs_dir, by, ci, ci_method, vs)
     written = analysis.write_tables(a, out or runs_dir)
     alpha_tab, acc_tab = analysis.paper_tables(a)
-    paying = analysis.paying_classes(a, top_classes)
-    paired = analysis.paired_tables(a, a.paired) if a.paired is not None else None
-    vs_name = None if a.paired is None else a.paired["baseline"].iloc[0]
     if fmt == "csv":
         echo(a.groups.to_csv(index=False), nl=False)
     elif fmt == "json":
@@ -178,7 +179,11 @@ def analyze_command(
             json.dumps(
                 {
                     "groups": json.loads(a.groups.to_json(orient="records")),
-                    "paying_classes": json.loads(paying.reset_index().to_json(orient="records")),
+                    "paying_classes": json.loads(
+                        analysis.paying_classes(a, top_classes)
+                        .reset_index()
+                        .to_json(orient="records")
+                    ),
                     "paired": None
                     if a.paired is None
                     else json.loads(a.paired.to_json(orient="records")),
@@ -192,23 +197,13 @@ def analyze_command(
         echo(analysis.markdown(alpha_tab))
         echo("\nmean accuracy\n")
         echo(analysis.markdown(acc_tab))
-        if paired is not None:
-            echo(f"\n{analysis.paired_legend(a, vs_name)}\n")
-            echo(analysis.markdown(paired[0]))
-            echo("")
-            echo(analysis.markdown(paired[1]))
-        if not paying.empty:
-            echo(f"\n{analysis.paying_legend(a, top_classes)}\n")
-            echo(analysis.markdown(paying))
+        _echo_extras(a, echo, md=True, top_classes=top_classes)
     else:
         echo(analysis.legend(a))
         echo(alpha_tab.to_string())
         echo("\nmean accuracy")
         echo(acc_tab.to_string())
-        _echo_paired(a, echo)
-        if not paying.empty:
-            echo(f"\n{analysis.paying_legend(a, top_classes)}:")
-            echo(paying.to_string())
+        _echo_extras(a, echo, top_classes=top_classes)
     for note in a.notes:
         err(f"note: {note}")
     err(f"stats tables: {', '.join(str(p) for p in written)}")

@@ -20,6 +20,7 @@ from matplotlib.patches import Patch  # noqa: E402
 from rdfast import store  # noqa: E402
 from rdfast.analysis import (  # noqa: E402
     Analysis,
+    at_largest_t,
     group_label,
     legend,
     markdown,
@@ -38,6 +39,14 @@ COLORS = {"mp": "tab:blue", "gp": "tab:orange", "up": "tab:green", "rp": "tab:re
 
 def _color(i: int, name: str):
     return COLORS.get(name, plt.get_cmap("tab10")(i % 10))
+
+
+def _in_group(frame: pd.DataFrame, key: pd.Series, by) -> np.ndarray:
+    """Rows of `frame` that belong to the group `key` (a row of `sorted_groups`)."""
+    sel = np.ones(len(frame), dtype=bool)
+    for b in by:
+        sel &= (frame[b] == key[b]).to_numpy()
+    return sel
 
 
 def _robust_ylim(values: np.ndarray):
@@ -133,9 +142,7 @@ def scatter_grid(a: Analysis, path: Path, ts: list[float]):
         len(groups), len(ts), figsize=(3.3 * len(ts), 3.0 * len(groups)), squeeze=False
     )
     for i, (_, g) in enumerate(groups.iterrows()):
-        sel = np.ones(len(c), dtype=bool)
-        for b in a.by:
-            sel &= (c[b] == g[b]).to_numpy()
+        sel = _in_group(c, g, a.by)
         label = group_label(g, a.by)
         color = _color(i, g.get("strategy", ""))
         for j, t in enumerate(ts):
@@ -180,10 +187,7 @@ def accuracy_plot(a: Analysis, path: Path):
     keys = sorted_groups(g, a.by)
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for i, (_, k) in enumerate(keys.iterrows()):
-        sel = np.ones(len(g), dtype=bool)
-        for b in a.by:
-            sel &= (g[b] == k[b]).to_numpy()
-        rows = g[sel].sort_values("t")
+        rows = g[_in_group(g, k, a.by)].sort_values("t")
         color = _color(i, k.get("strategy", ""))
         ax.plot(
             rows["t"], rows["mean_accuracy"], marker="o", color=color, label=group_label(k, a.by)
@@ -202,16 +206,13 @@ def accuracy_plot(a: Analysis, path: Path):
 def paired_plot(a: Analysis, path: Path):
     """E[alpha_t(s) - alpha_t(base)] and E[A_t(s) - A_t(base)] against t with interval bands."""
     p = a.paired[a.paired["t"] > 1]
-    base = p["baseline"].iloc[0]
+    base = a.baseline
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
     # Colour: the strategy; marker and line style: the rest of the group (dataset, width, ...).
     rest = [b for b in a.by if b not in ("strategy", "saliency")]
     styles = {}
     for i, (_, k) in enumerate(sorted_groups(p, a.by).iterrows()):
-        sel = np.ones(len(p), dtype=bool)
-        for b in a.by:
-            sel &= (p[b] == k[b]).to_numpy()
-        rows = p[sel].sort_values("t")
+        rows = p[_in_group(p, k, a.by)].sort_values("t")
         color = _color(i, k.get("strategy", ""))
         j = styles.setdefault(tuple(k[b] for b in rest), len(styles))
         marker, ls = "osD^vP*X"[j % 8], ("-", "--", ":", "-.")[(j // 8) % 4]
@@ -286,9 +287,7 @@ def class_change_heatmap(a: Analysis, path: Path):
     Under intensification the classes on the left (lowest dense recall) turn red: they lose
     more than the model as a whole.
     """
-    cg = a.class_groups[a.class_groups["t"] > 1]
-    keys = list(a.by)
-    cg = cg[cg["t"] == cg.groupby(keys, dropna=False)["t"].transform("max")]
+    cg = at_largest_t(a)
     cg = cg.assign(group=cg.apply(lambda r: group_label(r, a.by), axis=1))
     datasets = sorted(cg["dataset"].unique()) if "dataset" in cg else [None]
     panels = []
@@ -429,8 +428,8 @@ def build_report(
             figs.append(("scatter.png", "Bn_t against Bn_1 with the pooled slope and y = x"))
         accuracy_plot(a, tmp / "accuracy.png")
         figs.append(("accuracy.png", "mean accuracy against t with confidence bands"))
-        if a.paired is not None and (a.paired["t"] > 1).any():
-            vs = a.paired["baseline"].iloc[0]
+        vs = a.baseline
+        if vs is not None and (a.paired["t"] > 1).any():
             paired_plot(a, tmp / f"vs_{vs}.png")
             figs.append((f"vs_{vs}.png", f"alpha and accuracy of each strategy minus {vs}"))
         if (a.class_groups["t"] > 1).any():
@@ -443,8 +442,7 @@ def build_report(
 
         alpha_tab, acc_tab = paper_tables(a)
         paying = paying_classes(a, top_classes)
-        paired = paired_tables(a, a.paired) if a.paired is not None else None
-        vs = None if a.paired is None else a.paired["baseline"].iloc[0]
+        paired = paired_tables(a) if vs is not None else None
         settings = settings_table(runs_dir, a.runs["run_id"].unique())
         notes = a.notes or ["none"]
         md = [
@@ -467,7 +465,7 @@ def build_report(
                 [
                     f"## Strategies against {vs}, seed by seed",
                     "",
-                    paired_legend(a, vs) + ".",
+                    paired_legend(a) + ".",
                     "",
                     markdown(paired[0]),
                     "",
@@ -523,7 +521,7 @@ def build_report(
             *(
                 [
                     f"<h2>Strategies against {html.escape(str(vs))}, seed by seed</h2>",
-                    f"<p>{html.escape(paired_legend(a, vs))}.</p>",
+                    f"<p>{html.escape(paired_legend(a))}.</p>",
                     paired[0].to_html(),
                     f"<p>Accuracy minus {html.escape(str(vs))}:</p>",
                     paired[1].to_html(),

@@ -171,7 +171,7 @@ def test_paired_differences_equal_scipy_ttest_rel():
     # The unpaired intervals of the two groups overlap; the paired one lies below 0.
     g = a.groups[a.groups["t"] == 4.0].set_index("strategy")
     assert g.loc["up", "ci_high"] > g.loc["mp", "ci_low"] and hi < 0
-    alpha_tab, acc_tab = analysis.paired_tables(a, a.paired)
+    alpha_tab, acc_tab = analysis.paired_tables(a)
     assert list(alpha_tab.index) == ["up"] and alpha_tab.loc["up", "t=4"] == "-0.10<"
     # No comparison without the baseline, on request, or when strategy is not a group column.
     assert analysis.analyze(fake_records(runs), by=("strategy",), vs=None).paired is None
@@ -224,6 +224,19 @@ def test_marks_on_crafted_groups(alphas, expected):
     assert alpha_tab.loc["mp", "t=4"] == f"{np.mean(alphas):.2f}{expected}"
 
 
+def scipy_bootstrap(values, n_resamples, seed, ci=0.99):
+    """The reference: one scipy.stats.bootstrap call (percentile) on one group's values."""
+    res = stats.bootstrap(
+        (np.asarray(values),),
+        np.mean,
+        confidence_level=ci,
+        n_resamples=n_resamples,
+        method="percentile",
+        rng=np.random.default_rng(seed),
+    )
+    return res.confidence_interval.low, res.confidence_interval.high
+
+
 def test_bootstrap_matches_scipy_and_contains_mean():
     alphas = [1.2, 1.5, 0.9, 1.1, 1.3, 1.25]
     a = analysis.analyze(
@@ -234,16 +247,9 @@ def test_bootstrap_matches_scipy_and_contains_mean():
         seed=7,
     )
     g = a.groups[a.groups["t"] == 4.0].iloc[0]
-    ref = stats.bootstrap(
-        (np.array(alphas),),
-        np.mean,
-        confidence_level=0.99,
-        n_resamples=2000,
-        method="percentile",
-        rng=np.random.default_rng(7),
-    )
-    assert g["ci_low"] == pytest.approx(ref.confidence_interval.low)
-    assert g["ci_high"] == pytest.approx(ref.confidence_interval.high)
+    low, high = scipy_bootstrap(alphas, 2000, seed=7)
+    assert g["ci_low"] == pytest.approx(low)
+    assert g["ci_high"] == pytest.approx(high)
     assert g["ci_low"] < np.mean(alphas) < g["ci_high"]
 
 
@@ -264,15 +270,7 @@ def test_bootstrap_of_classes_and_pairs_equals_one_scipy_call_per_group():
     )
 
     def ref(values):
-        res = stats.bootstrap(
-            (np.asarray(values),),
-            np.mean,
-            confidence_level=0.99,
-            n_resamples=500,
-            method="percentile",
-            rng=np.random.default_rng(3),
-        )
-        return res.confidence_interval.low, res.confidence_interval.high
+        return scipy_bootstrap(values, 500, seed=3)
 
     cg = a.class_groups.set_index(["strategy", "t", "class"])
     for (strategy, t, c), row in cg.iterrows():

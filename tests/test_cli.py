@@ -56,7 +56,7 @@ def test_run_digits_end_to_end(tmp_path):
     assert "mean test accuracy" in res.output and "records:" in res.output
     # gp, up and rp against mp, seed by seed, under the alpha table.
     paired = res.output.split("E[alpha_t(s) - alpha_t(mp)]")[1].split("accuracy minus mp")[0]
-    assert [line.split()[0] for line in paired.splitlines()[2:]] == ["gp", "up", "rp"]
+    assert [ln.split()[0] for ln in paired.splitlines()[2:] if ln.strip()] == ["gp", "up", "rp"]
     assert (tmp_path / "confusion.parquet").exists()
     cm = pd.read_parquet(tmp_path / "confusion.parquet")
     assert cm.groupby(["run_id", "step"])["count"].sum().eq(540).all()  # digits test split
