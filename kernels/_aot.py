@@ -151,6 +151,17 @@ def representative_launches() -> list[dict]:
                 ).sum().backward()
         finally:
             torch.backends.cuda.matmul.allow_tf32 = tf32
+        # Strided layouts: channels_last conv weights with their masks (memory order), a
+        # transposed score tensor with a contiguous mask (logical indices), tie ranks.
+        conv = (randn(64, 16, 3, 3) * 4).round().contiguous(memory_format=torch.channels_last)
+        keep_conv = torch.ones_like(conv, dtype=torch.bool)
+        K.prune_lowest_fused(
+            [conv], [conv], [keep_conv], 5000, strategy="up", eps=5e-4, backend="triton"
+        )
+        flipped = (randn(128, 64) * 4).round().t()
+        K.prune_lowest(
+            [flipped], [torch.ones(64, 128, dtype=torch.bool)], 3000, backend="triton"
+        )
         K.saliency(randn(4099), strategy="mp", backend="triton")
         scores = [randn(4096).abs(), randn(4099).abs()]
         K.kth_smallest(scores, 1000, backend="triton")
@@ -228,6 +239,8 @@ def _ptx_features(ptx: str) -> dict:
         "atom_global": len(re.findall(r"\b(?:atom|red)\.(?:\w+\.)*global\.", ptx)),
         # e.g. atom.relaxed.sys.shared.add.u32: memory-order and scope qualifiers come first.
         "atom_shared": len(re.findall(r"\b(?:atom|red)\.(?:\w+\.)*shared\.", ptx)),
+        # fp32 fused multiply-adds (contracted a*b + c): rounding differs from torch's.
+        "fma_f32": len(re.findall(r"\bfma\.rn\.f32\b", ptx)),
         "mma": len(re.findall(r"\bmma\.sync\.", ptx)),
         "wgmma": len(re.findall(r"\bwgmma\.mma_async\.", ptx)),
     }

@@ -4,6 +4,11 @@
 (`TRITON_INTERPRET=1` set before `rdfast.kernels` is imported): that is how the kernels are
 tested on machines without a GPU. `RDFAST_KERNELS=torch` makes `auto` choose the torch
 references on CUDA too (to rule the kernels out when a result looks wrong).
+
+`RDFAST_CUDA_PATH=1` (with `TRITON_INTERPRET=1`) runs on the CPU what a CUDA run runs:
+`auto` resolves to the Triton kernels for CPU tensors too, and the engine puts conv nets in
+channels_last. Comparing such a run with a plain CPU run checks the CUDA code path, layouts
+included, on a machine without a GPU.
 """
 
 from __future__ import annotations
@@ -28,6 +33,15 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def cuda_path() -> bool:
+    """Whether the CPU is to take the code path of a CUDA run (see the module docstring)."""
+    if os.environ.get("RDFAST_CUDA_PATH", "0") in ("", "0"):
+        return False
+    if not HAS_TRITON or not interpreting():
+        raise RuntimeError("RDFAST_CUDA_PATH=1 needs triton and TRITON_INTERPRET=1")
+    return True
+
+
 def pick(backend: str, *tensors: torch.Tensor) -> str:
     """Resolve `backend` for these tensors to "triton" or "torch", or raise a clear error."""
     if backend not in BACKENDS:
@@ -35,7 +49,9 @@ def pick(backend: str, *tensors: torch.Tensor) -> str:
     on_cuda = any(t.is_cuda for t in tensors)
     if backend == "auto":
         forced_torch = os.environ.get("RDFAST_KERNELS", "auto") == "torch"
-        return "triton" if on_cuda and HAS_TRITON and not forced_torch else "torch"
+        if forced_torch:
+            return "torch"
+        return "triton" if (on_cuda and HAS_TRITON) or cuda_path() else "torch"
     if backend == "torch":
         return "torch"
     if not HAS_TRITON:

@@ -64,6 +64,7 @@ if HAS_TRITON:
         stride_cn,
         stride_mk,
         stride_mn,
+        stride_bias,
         MASK_B: tl.constexpr,
         MASK_OUT: tl.constexpr,
         HAS_BIAS: tl.constexpr,
@@ -108,7 +109,9 @@ if HAS_TRITON:
             )
             acc = tl.where(keep != 0, acc, 0.0)
         if HAS_BIAS:
-            acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+            acc += tl.load(bias_ptr + rn * stride_bias, mask=rn < N, other=0.0).to(tl.float32)[
+                None, :
+            ]
         tl.store(
             c_ptr + rm[:, None] * stride_cm + rn[None, :] * stride_cn,
             acc.to(c_ptr.dtype.element_ty),
@@ -161,6 +164,7 @@ def _matmul(a, b, mask, *, mask_b=False, mask_out=False, bias=None, out_dtype=No
         c.stride(1),
         mask.stride(0),
         mask.stride(1),
+        bias.stride(0) if bias is not None else 0,
         MASK_B=mask_b,
         MASK_OUT=mask_out,
         HAS_BIAS=bias is not None,

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from rdfast.kernels._backend import HAS_TRITON, pick, tl, triton
+from rdfast.kernels._layout import kernel_view, same_layout
 
 SALIENCY_FORMS = ("taylor", "sum")
 STRATEGY_CODES = {"mp": 1, "gp": 2, "up": 3}  # 0 is reserved for "scores given" in selection
@@ -39,15 +40,16 @@ def saliency_ref(w: torch.Tensor, g: torch.Tensor | None, strategy: str, form: s
 
 
 if HAS_TRITON:
+    from rdfast.kernels._layout import to_f32
 
     @triton.jit
     def score_of(w, g, eps, STRATEGY: tl.constexpr, FORM: tl.constexpr):
         """fp32 score from loaded w and g (g unused for mp); shared with the selection kernels."""
-        w = w.to(tl.float32)
+        w = to_f32(w)
         if STRATEGY == 1:
             s = tl.abs(w)
         else:
-            g = g.to(tl.float32)
+            g = to_f32(g)
             if FORM == 0:
                 if STRATEGY == 2:
                     s = tl.abs(w * g)
@@ -73,11 +75,11 @@ if HAS_TRITON:
     ):
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         valid = offs < n
-        w = tl.load(w_ptr + offs, mask=valid, other=0.0)
+        w = tl.load(w_ptr + offs, mask=valid, other=0)
         if STRATEGY == 1:
             g = w
         else:
-            g = tl.load(g_ptr + offs, mask=valid, other=0.0)
+            g = tl.load(g_ptr + offs, mask=valid, other=0)
         tl.store(out_ptr + offs, score_of(w, g, eps, STRATEGY, FORM), mask=valid)
 
 
@@ -106,23 +108,33 @@ def saliency(
     eps: float = 0.0,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """fp32 scores of the same shape as `w` for strategy mp, gp or up (fp32/bf16/fp16 in)."""
+    """fp32 scores of the same shape as `w` for strategy mp, gp or up (fp32/bf16/fp16 in).
+
+    Layouts: w and g dense with the same strides (contiguous, channels_last, transposed) are
+    read in place and the scores come in that layout; anything else (slices, expanded views,
+    w and g in different layouts) is read through contiguous copies (w.numel() elements
+    each). The kernel computes the reference's bits exactly: no FMA contraction, bf16
+    widened through its bit pattern.
+    """
     _validate(w, g, strategy, form)
-    if pick(backend, w) == "torch":
+    if pick(backend, w, *([] if g is None else [g])) == "torch":
         return saliency_ref(w, g, strategy, form, float(eps))
-    w_c = w.contiguous()
-    g_c = w_c if g is None else g.contiguous()
-    out = torch.empty(w.shape, dtype=torch.float32, device=w.device)
+    ops = [w] if strategy == "mp" else [w, g]
+    if not same_layout(*ops):
+        ops = [t.contiguous() for t in ops]
+    w_c, g_c = ops[0], ops[-1]
+    out = torch.empty_like(w_c, dtype=torch.float32)  # the inputs' strides
     n = w.numel()
     if n:
         _saliency_kernel[(triton.cdiv(n, BLOCK),)](
-            w_c,
-            g_c,
+            kernel_view(w_c),
+            kernel_view(g_c),
             out,
             n,
             float(eps),
             STRATEGY=STRATEGY_CODES[strategy],
             FORM=FORM_CODES[form],
             BLOCK=BLOCK,
+            enable_fp_fusion=False,  # a*b + c rounded twice, as torch does
         )
     return out

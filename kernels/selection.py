@@ -12,13 +12,19 @@ the floats do, +inf included. Histogram passes over the key's digits, accumulate
 tensors, narrow the k-th key down to one value T; a last pass writes the masks: entries below
 T go, and of the entries equal to T the first r in (tensor, index) order.
 
-Extra memory is O(bins) plus one bounded chunk, whatever the number of weights:
+Layouts: every input may be strided in any way (channels_last, transposed, sliced, expanded);
+entries are paired and ties broken by logical (row-major) index, and the new masks take the
+old masks' layout. How each path reads them: `rdfast.kernels._layout`. bf16 and fp16 scores
+are compared as their exact fp32 values.
+
+Extra memory is O(bins) plus one bounded chunk, whatever the number of weights or layouts:
 - Triton: digits of 11/11/10 bits (2,048-bin histograms in registers, merged with one atomic
   add per program), a count pass for the entries equal to T, the mask pass.
 - torch (CPU): digits of 16/16 bits -- a 65,536-bin `bincount` costs the CPU no more than a
   2,048-bin one and saves a pass -- over chunks of CHUNK elements, and a mask pass that hands
   out the tie budget chunk by chunk in flat order.
-NaN among the candidates is an error naming the tensor; +inf is allowed.
+NaN among the candidates is an error naming the tensor; +inf is allowed. Removing n = 0
+entries reads no score: the masks come back as copies and NaN goes unnoticed there.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import torch
 
 from rdfast.kernels._backend import HAS_TRITON, grid_size, pick, tl, triton
 from rdfast.kernels._float_key import float_key_torch
+from rdfast.kernels._layout import kernel_view, logical_slices, padded, same_layout
 from rdfast.kernels.saliency import FORM_CODES, STRATEGY_CODES, saliency_ref
 
 FLOAT_TYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -38,6 +45,16 @@ DIGITS_TORCH = (16, 16)
 # 2.3 s (per-call overhead), 2^18 and 2^20 1.2 s, with 2^20 holding ~40 MB more at its peak.
 CHUNK = 1 << 18
 BLOCK = 1024
+
+
+class NaNScoreError(ValueError):
+    """NaN among the candidate scores; the message names the tensor."""
+
+
+class TooFewCandidates(ValueError):
+    """k (or n) beyond the number of candidates."""
+
+
 POS_INF_KEY = 0x7F800000  # signed key of +inf; above it: NaN with the sign bit clear
 NEG_INF_KEY = -0x7F800001  # signed key of -inf; below it: NaN with the sign bit set
 
@@ -55,6 +72,7 @@ class _Source:
         self.tensors = list(weights if self.fused else scores)
         self.grads = list(grads) if grads is not None else None
         self.strategy, self.form, self.eps = strategy, form, float(eps)
+        self._geometry = {}
 
     def __len__(self):
         return len(self.tensors)
@@ -62,27 +80,43 @@ class _Source:
     def numel(self, i):
         return self.tensors[i].numel()
 
-    def flat(self, i):
-        """Per tensor, once per pass: flat views (a copy only for non-contiguous input)."""
-        w = self.tensors[i].reshape(-1)
-        g = self.grads[i].reshape(-1) if self.fused and self.grads is not None else None
-        return w, g
+    def operands(self, i, masks):
+        """The tensors read for tensor i: scores (or weight), gradient, mask, if present."""
+        ops = [self.tensors[i]]
+        if self.fused and self.grads is not None:
+            ops.append(self.grads[i])
+        if masks is not None:
+            ops.append(masks[i])
+        return ops
 
-    def chunk(self, flat, start, end) -> torch.Tensor:
-        w, g = flat
+    def ranges(self, i, masks):
+        """(start, end, index) in logical order, at most CHUNK entries each: flat views when
+        every operand is contiguous, bounded logical slices otherwise (index not None)."""
+        n = self.numel(i)
+        if all(t.is_contiguous() for t in self.operands(i, masks)):
+            for start in range(0, n, CHUNK):
+                yield start, min(start + CHUNK, n), None
+        else:
+            yield from logical_slices(self.tensors[i].shape, CHUNK)
+
+    def chunk(self, i, start, end, index) -> torch.Tensor:
+        """fp32 scores of the logical range [start, end) of tensor i."""
+
+        def part(t):
+            return t.reshape(-1)[start:end] if index is None else t[index].reshape(-1)
+
         if not self.fused:
-            x = w[start:end]
+            x = part(self.tensors[i])
             return x if x.dtype == torch.float32 else x.float()
-        return saliency_ref(
-            w[start:end], None if g is None else g[start:end], self.strategy, self.form, self.eps
-        )
+        g = part(self.grads[i]) if self.grads is not None else None
+        return saliency_ref(part(self.tensors[i]), g, self.strategy, self.form, self.eps)
 
     def pieces(self, masks):
-        """Scores in flat order as (x, kept, segments), x at most CHUNK fp32 values.
+        """Scores in logical order as (x, kept, segments), x at most CHUNK fp32 values.
 
-        Slices of large tensors come as they are; small tensors are packed into one buffer
-        (copied, bounded by CHUNK) so that 100 tensors of 1e4 entries cost a few torch calls
-        per pass instead of a few hundred. `segments` lists (tensor, start, end, offset in x).
+        Large pieces come as they are; small ones are packed into one buffer (copied,
+        bounded by CHUNK) so that 100 tensors of 1e4 entries cost a few torch calls per pass
+        instead of a few hundred. `segments` lists (tensor, start, end, index, offset in x).
         """
         buf_x = buf_m = None
         pending, fill = [], 0
@@ -94,39 +128,61 @@ class _Source:
             return out
 
         for i in range(len(self)):
-            flat = self.flat(i)
-            m = masks[i].reshape(-1) if masks is not None else None
-            n = self.numel(i)
-            for start in range(0, n, CHUNK):
-                end = min(start + CHUNK, n)
-                x = self.chunk(flat, start, end)
-                kept = m[start:end] if m is not None else None
-                if end - start == CHUNK:  # a full chunk: no copy, after what is pending
+            for start, end, index in self.ranges(i, masks):
+                x = self.chunk(i, start, end, index)
+                kept = None
+                if masks is not None:
+                    m = masks[i]
+                    kept = m.reshape(-1)[start:end] if index is None else m[index].reshape(-1)
+                size = end - start
+                if 2 * size > CHUNK:  # a large piece: no copy, after what is pending
                     if fill:
                         yield flush()
-                    yield x, kept, [(i, start, end, 0)]
+                    yield x, kept, [(i, start, end, index, 0)]
                     continue
-                if fill + end - start > CHUNK:
+                if fill + size > CHUNK:
                     yield flush()
                 if buf_x is None:
                     buf_x = torch.empty(CHUNK, dtype=torch.float32, device=x.device)
                     buf_m = (
-                        None if m is None else torch.empty(CHUNK, dtype=torch.bool, device=x.device)
+                        None if masks is None else torch.empty(CHUNK, dtype=torch.bool, device=x.device)
                     )
-                buf_x[fill : fill + end - start] = x
+                buf_x[fill : fill + size] = x
                 if buf_m is not None:
-                    buf_m[fill : fill + end - start] = kept
-                pending.append((i, start, end, fill))
-                fill += end - start
+                    buf_m[fill : fill + size] = kept
+                pending.append((i, start, end, index, fill))
+                fill += size
         if fill:
             yield flush()
 
+    # ------------------------------------------------------------------ Triton arguments
     def triton_args(self, i):
-        w = self.tensors[i].contiguous()
+        w = kernel_view(self.tensors[i])
         if not self.fused:
             return w, w, 0, 0
-        g = self.grads[i].contiguous() if self.grads is not None else w
+        g = kernel_view(self.grads[i]) if self.grads is not None else w
         return w, g, STRATEGY_CODES[self.strategy], FORM_CODES[self.form]
+
+    def walk(self, i, masks, out=None, ordered=False, name="tensor"):
+        """(LOGICAL, geometry) for one launch over tensor i: memory order when it is safe
+        (module docstring of `_layout`), else logical indices through each operand's strides.
+        `ordered`: the launch depends on the order of the entries (tie ranks)."""
+        ops = self.operands(i, masks) + ([out] if out is not None else [])
+        if all(t.is_contiguous() for t in ops) or (not ordered and same_layout(*ops)):
+            return False, None
+        key = (i, out is not None)
+        if key not in self._geometry:
+            g = self.grads[i] if self.fused and self.grads is not None else self.tensors[i]
+            m = masks[i] if masks is not None else self.tensors[i]
+            o = out if out is not None else m
+            sizes, _ = padded(self.tensors[i], name)
+            strides = [padded(t, name)[1] for t in (self.tensors[i], g, m, o)]
+            self._geometry[key] = torch.tensor(
+                sizes[1:] + [s for st in strides for s in st],
+                dtype=torch.int64,
+                device=self.tensors[i].device,
+            )
+        return True, self._geometry[key]
 
 
 def _validate(src: _Source, masks, names):
@@ -140,11 +196,16 @@ def _validate(src: _Source, masks, names):
             raise ValueError(
                 f"{names[i]}: scores must be float32, bfloat16 or float16, got {t.dtype}"
             )
-        if src.fused and src.grads is not None and src.grads[i].shape != t.shape:
-            raise ValueError(
-                f"{names[i]}: gradient {tuple(src.grads[i].shape)} and weight "
-                f"{tuple(t.shape)} differ"
-            )
+        if src.fused and src.grads is not None:
+            g = src.grads[i]
+            if g.shape != t.shape:
+                raise ValueError(
+                    f"{names[i]}: gradient {tuple(g.shape)} and weight {tuple(t.shape)} differ"
+                )
+            if g.dtype not in FLOAT_TYPES:
+                raise ValueError(
+                    f"{names[i]}: gradient must be float32, bfloat16 or float16, got {g.dtype}"
+                )
         if masks is not None:
             if masks[i].shape != t.shape:
                 raise ValueError(
@@ -153,6 +214,8 @@ def _validate(src: _Source, masks, names):
             if masks[i].dtype != torch.bool:
                 raise ValueError(f"{names[i]}: mask must be bool, got {masks[i].dtype}")
     devices = {t.device for t in src.tensors} | {m.device for m in masks or []}
+    if src.fused and src.grads is not None:
+        devices |= {g.device for g in src.grads}
     if len(devices) > 1:
         raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
     return names
@@ -168,8 +231,8 @@ def _find_nan(src: _Source, masks, names):
             bad &= kept
         if bad.any():
             first = int(bad.nonzero()[0])
-            i = next(i for i, start, end, off in segments if off <= first < off + end - start)
-            raise ValueError(f"{names[i]}: scores contain NaN")
+            i = next(i for i, start, end, _, off in segments if off <= first < off + end - start)
+            raise NaNScoreError(f"{names[i]}: scores contain NaN")
 
 
 # --------------------------------------------------------------------------- torch path
@@ -197,8 +260,10 @@ def _torch_histogram(src, masks, consumed, bits, lo):
 
 
 def _torch_masks(src, masks, T, r):
-    """Keep entries above T; of those equal to T remove the first r in flat order."""
-    out = [torch.empty_like(m).reshape(-1) for m in masks]
+    """Keep entries above T; of those equal to T remove the first r in logical order.
+
+    The new masks take the layout of the old ones (channels_last stays channels_last)."""
+    out = [torch.empty_like(m) for m in masks]
     budget = r
     for x, kept, segments in src.pieces(masks):
         ks = float_key_torch(x)
@@ -213,77 +278,87 @@ def _torch_masks(src, masks, T, r):
                 budget = 0
         else:
             keep |= eq
-        for i, start, end, offset in segments:
-            out[i][start:end] = keep[offset : offset + end - start]
-    return [o.view_as(m) for o, m in zip(out, masks)]
+        for i, start, end, index, offset in segments:
+            part = keep[offset : offset + end - start]
+            if index is None and out[i].is_contiguous():
+                out[i].view(-1)[start:end] = part
+            else:
+                target = out[i][index] if index is not None else out[i]
+                target.copy_(part.view(target.shape))
+    return out
 
 
 # --------------------------------------------------------------------------- Triton path
 
 if HAS_TRITON:
     from rdfast.kernels._float_key import float_key
+    from rdfast.kernels._layout import at, to_f32, unravel
     from rdfast.kernels.saliency import score_of
 
     @triton.jit
-    def _load_score(s_ptr, g_ptr, offs, valid, eps, SOURCE: tl.constexpr, FORM: tl.constexpr):
-        if SOURCE == 0:
-            x = tl.load(s_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+    def _offsets(lin, geom_ptr, LOGICAL: tl.constexpr):
+        """Memory offsets of logical indices `lin` in the four operands (scores or weight,
+        gradient, mask, output); in memory-order launches all four are `lin` itself."""
+        if LOGICAL:
+            i0, i1, i2, i3 = unravel(
+                lin, tl.load(geom_ptr), tl.load(geom_ptr + 1), tl.load(geom_ptr + 2)
+            )
+            so = at(i0, i1, i2, i3, tl.load(geom_ptr + 3), tl.load(geom_ptr + 4),
+                    tl.load(geom_ptr + 5), tl.load(geom_ptr + 6))  # fmt: skip
+            go = at(i0, i1, i2, i3, tl.load(geom_ptr + 7), tl.load(geom_ptr + 8),
+                    tl.load(geom_ptr + 9), tl.load(geom_ptr + 10))  # fmt: skip
+            mo = at(i0, i1, i2, i3, tl.load(geom_ptr + 11), tl.load(geom_ptr + 12),
+                    tl.load(geom_ptr + 13), tl.load(geom_ptr + 14))  # fmt: skip
+            oo = at(i0, i1, i2, i3, tl.load(geom_ptr + 15), tl.load(geom_ptr + 16),
+                    tl.load(geom_ptr + 17), tl.load(geom_ptr + 18))  # fmt: skip
         else:
-            w = tl.load(s_ptr + offs, mask=valid, other=0.0)
+            so = lin
+            go = lin
+            mo = lin
+            oo = lin
+        return so, go, mo, oo
+
+    @triton.jit
+    def _load_score(s_ptr, g_ptr, so, go, valid, eps, SOURCE: tl.constexpr, FORM: tl.constexpr):
+        if SOURCE == 0:
+            x = to_f32(tl.load(s_ptr + so, mask=valid, other=0))
+        else:
+            w = tl.load(s_ptr + so, mask=valid, other=0)
             if SOURCE == 1:
                 g = w
             else:
-                g = tl.load(g_ptr + offs, mask=valid, other=0.0)
+                g = tl.load(g_ptr + go, mask=valid, other=0)
             x = score_of(w, g, eps, SOURCE, FORM)
         return x
 
     @triton.jit
-    def _block_keys(
-        s_ptr,
-        g_ptr,
-        m_ptr,
-        pid,
-        n,
-        eps,
-        SOURCE: tl.constexpr,
-        FORM: tl.constexpr,
-        BLOCK: tl.constexpr,
-    ):
-        """Offsets, kept flags (False past the end) and keys of block `pid` of one tensor."""
-        offs = pid * BLOCK + tl.arange(0, BLOCK)
-        valid = offs < n
-        x = _load_score(s_ptr, g_ptr, offs, valid, eps, SOURCE, FORM)
-        kept = valid & (tl.load(m_ptr + offs, mask=valid, other=0) != 0)
-        return offs, kept, float_key(x)
+    def _keys(
+        s_ptr, g_ptr, m_ptr, geom_ptr, lin, valid, eps,
+        SOURCE: tl.constexpr, FORM: tl.constexpr, HAS_MASK: tl.constexpr, LOGICAL: tl.constexpr,
+    ):  # fmt: skip
+        """Scores, kept flags (False past the end), keys and output offsets of indices `lin`."""
+        so, go, mo, oo = _offsets(lin, geom_ptr, LOGICAL)
+        x = _load_score(s_ptr, g_ptr, so, go, valid, eps, SOURCE, FORM)
+        kept = valid
+        if HAS_MASK:
+            kept = valid & (tl.load(m_ptr + mo, mask=valid, other=0) != 0)
+        return x, kept, float_key(x), oo
 
     @triton.jit
     def _histogram_kernel(
-        s_ptr,
-        g_ptr,
-        m_ptr,
-        hist_ptr,
-        nan_ptr,
-        n,
-        eps,
-        lo,
-        SOURCE: tl.constexpr,
-        FORM: tl.constexpr,
-        HAS_MASK: tl.constexpr,
-        CONSUMED: tl.constexpr,
-        BITS: tl.constexpr,
-        BLOCK: tl.constexpr,
-    ):
+        s_ptr, g_ptr, m_ptr, geom_ptr, hist_ptr, nan_ptr, n, eps, lo,
+        SOURCE: tl.constexpr, FORM: tl.constexpr, HAS_MASK: tl.constexpr,
+        LOGICAL: tl.constexpr, CONSUMED: tl.constexpr, BITS: tl.constexpr, BLOCK: tl.constexpr,
+    ):  # fmt: skip
         pid = tl.program_id(0).to(tl.int64)
         step = tl.num_programs(0).to(tl.int64) * BLOCK
         acc = tl.zeros([1 << BITS], dtype=tl.int64)
         nan = tl.zeros([BLOCK], dtype=tl.int64)
         for start in range(pid * BLOCK, n, step):
-            offs = start + tl.arange(0, BLOCK)
-            sel = offs < n
-            x = _load_score(s_ptr, g_ptr, offs, sel, eps, SOURCE, FORM)
-            if HAS_MASK:
-                sel = sel & (tl.load(m_ptr + offs, mask=sel, other=0) != 0)
-            ks = float_key(x)
+            lin = start + tl.arange(0, BLOCK)
+            x, sel, ks, _ = _keys(
+                s_ptr, g_ptr, m_ptr, geom_ptr, lin, lin < n, eps, SOURCE, FORM, HAS_MASK, LOGICAL
+            )
             if CONSUMED == 0:
                 digit = (ks >> (32 - BITS)) + (1 << (BITS - 1))
                 nan += ((x != x) & sel).to(tl.int64)
@@ -298,21 +373,16 @@ if HAS_TRITON:
 
     @triton.jit
     def _equal_count_kernel(
-        s_ptr,
-        g_ptr,
-        m_ptr,
-        cnt_ptr,
-        n,
-        eps,
-        T,
-        SOURCE: tl.constexpr,
-        FORM: tl.constexpr,
-        PER_BLOCK: tl.constexpr,
-        BLOCK: tl.constexpr,
-    ):
+        s_ptr, g_ptr, m_ptr, geom_ptr, cnt_ptr, n, eps, T,
+        SOURCE: tl.constexpr, FORM: tl.constexpr, LOGICAL: tl.constexpr,
+        PER_BLOCK: tl.constexpr, BLOCK: tl.constexpr,
+    ):  # fmt: skip
         """Entries equal to T among the kept: per tensor (atomic) or per block (for ranks)."""
         pid = tl.program_id(0).to(tl.int64)
-        offs, kept, ks = _block_keys(s_ptr, g_ptr, m_ptr, pid, n, eps, SOURCE, FORM, BLOCK)
+        lin = pid * BLOCK + tl.arange(0, BLOCK)
+        _, kept, ks, _ = _keys(
+            s_ptr, g_ptr, m_ptr, geom_ptr, lin, lin < n, eps, SOURCE, FORM, True, LOGICAL
+        )
         c = tl.sum((kept & (ks == T)).to(tl.int64), axis=0)
         if PER_BLOCK:
             tl.store(cnt_ptr + pid, c)
@@ -321,23 +391,18 @@ if HAS_TRITON:
 
     @triton.jit
     def _mask_kernel(
-        s_ptr,
-        g_ptr,
-        m_ptr,
-        out_ptr,
-        off_ptr,
-        n,
-        eps,
-        T,
-        r,
-        SOURCE: tl.constexpr,
-        FORM: tl.constexpr,
-        TIES: tl.constexpr,
-        BLOCK: tl.constexpr,
-    ):
-        """TIES 0: keep every entry equal to T; 1: remove them all; 2: remove rank < r."""
+        s_ptr, g_ptr, m_ptr, geom_ptr, out_ptr, off_ptr, n, eps, T, r,
+        SOURCE: tl.constexpr, FORM: tl.constexpr, LOGICAL: tl.constexpr,
+        TIES: tl.constexpr, BLOCK: tl.constexpr,
+    ):  # fmt: skip
+        """TIES 0: keep every entry equal to T; 1: remove them all; 2: remove rank < r (ranks
+        in logical order: launched with LOGICAL unless every operand is contiguous)."""
         pid = tl.program_id(0).to(tl.int64)
-        offs, kept, ks = _block_keys(s_ptr, g_ptr, m_ptr, pid, n, eps, SOURCE, FORM, BLOCK)
+        lin = pid * BLOCK + tl.arange(0, BLOCK)
+        valid = lin < n
+        _, kept, ks, oo = _keys(
+            s_ptr, g_ptr, m_ptr, geom_ptr, lin, valid, eps, SOURCE, FORM, True, LOGICAL
+        )
         keep = kept & (ks > T)
         eq = kept & (ks == T)
         if TIES == 0:
@@ -346,14 +411,27 @@ if HAS_TRITON:
             e = eq.to(tl.int64)
             rank = tl.load(off_ptr + pid) + tl.cumsum(e, axis=0) - e
             keep = keep | (eq & (rank >= r))
-        tl.store(out_ptr + offs, keep.to(tl.uint8), mask=offs < n)
+        tl.store(out_ptr + oo, keep.to(tl.uint8), mask=valid)
 
 
-def _dummy_mask(device):
-    return torch.ones(1, dtype=torch.uint8, device=device)
+def _dummy(device, dtype=torch.uint8):
+    return torch.ones(1, dtype=dtype, device=device)
 
 
-def _triton_histogram(src, masks, consumed, bits, lo, nan_out):
+# Compiled Triton contracts a*b + c into one FMA; the torch reference rounds twice. The
+# kernels that compute scores are compiled without contraction, so both give the same bits
+# (and the same threshold on ties).
+NO_FMA = {"enable_fp_fusion": False}
+
+
+def _options(logical: bool) -> dict:
+    """Launch options. Logical indexing keeps four int64 offsets per element: at 4 warps
+    (8 elements a thread) the mask pass took 128-168 registers and spilled on sm_90; 8 warps
+    halve the elements per thread (ptxas figures: benchmarks/README.md)."""
+    return {**NO_FMA, "num_warps": 8 if logical else 4}
+
+
+def _triton_histogram(src, masks, consumed, bits, lo, nan_out, names):
     device = src.tensors[0].device
     hist = torch.zeros(1 << bits, dtype=torch.int64, device=device)
     for i in range(len(src)):
@@ -361,11 +439,13 @@ def _triton_histogram(src, masks, consumed, bits, lo, nan_out):
         if n == 0:
             continue
         s, g, source, form = src.triton_args(i)
-        m = masks[i].view(torch.uint8) if masks is not None else _dummy_mask(device)
+        logical, geom = src.walk(i, masks, name=names[i])
+        m = kernel_view(masks[i]) if masks is not None else _dummy(device)
         _histogram_kernel[(grid_size(n, BLOCK, device),)](
             s,
             g,
             m,
+            geom if logical else _dummy(device, torch.int64),
             hist,
             nan_out[i],
             n,
@@ -374,64 +454,66 @@ def _triton_histogram(src, masks, consumed, bits, lo, nan_out):
             SOURCE=source,
             FORM=form,
             HAS_MASK=masks is not None,
+            LOGICAL=logical,
             CONSUMED=consumed,
             BITS=bits,
             BLOCK=BLOCK,
+            **_options(logical),
         )
     return hist.cpu()
 
 
-def _triton_masks(src, masks, T, r):
+def _triton_count(src, masks, i, T, out, per_block, names):
+    """Kept entries of tensor i equal to T, into `out` (one cell, or one per block)."""
+    s, g, source, form = src.triton_args(i)
+    n = src.numel(i)
+    logical, geom = src.walk(i, masks, ordered=per_block, name=names[i])
+    _equal_count_kernel[(triton.cdiv(n, BLOCK),)](
+        s,
+        g,
+        kernel_view(masks[i]),
+        geom if logical else _dummy(s.device, torch.int64),
+        out,
+        n,
+        src.eps,
+        T,
+        SOURCE=source,
+        FORM=form,
+        LOGICAL=logical,
+        PER_BLOCK=per_block,
+        BLOCK=BLOCK,
+        **_options(logical),
+    )
+
+
+def _triton_masks(src, masks, T, r, names):
     device = src.tensors[0].device
     counts = torch.zeros(len(src), dtype=torch.int64, device=device)
-    args = [src.triton_args(i) for i in range(len(src))]
     if r:
-        for i, (s, g, source, form) in enumerate(args):
-            n = src.numel(i)
-            if n:
-                _equal_count_kernel[(triton.cdiv(n, BLOCK),)](
-                    s,
-                    g,
-                    masks[i].view(torch.uint8),
-                    counts[i:],
-                    n,
-                    src.eps,
-                    T,
-                    SOURCE=source,
-                    FORM=form,
-                    PER_BLOCK=False,
-                    BLOCK=BLOCK,
-                )
+        for i in range(len(src)):
+            if src.numel(i):
+                _triton_count(src, masks, i, T, counts[i:], False, names)
     counts = counts.tolist()
     out, budget = [], r
-    for i, (s, g, source, form) in enumerate(args):
+    for i in range(len(src)):
         n = src.numel(i)
-        new = torch.empty_like(masks[i])
+        new = torch.empty_like(masks[i])  # the old mask's layout, channels_last included
         take = min(budget, counts[i])
         ties = 1 if take == counts[i] and take > 0 else (0 if take == 0 else 2)
-        offsets = _dummy_mask(device).long()
+        offsets = _dummy(device, torch.int64)
         if ties == 2:
             per_block = torch.empty(triton.cdiv(n, BLOCK), dtype=torch.int64, device=device)
-            _equal_count_kernel[(per_block.numel(),)](
-                s,
-                g,
-                masks[i].view(torch.uint8),
-                per_block,
-                n,
-                src.eps,
-                T,
-                SOURCE=source,
-                FORM=form,
-                PER_BLOCK=True,
-                BLOCK=BLOCK,
-            )
+            _triton_count(src, masks, i, T, per_block, True, names)
             offsets = per_block.cumsum(0) - per_block
         if n:
+            s, g, source, form = src.triton_args(i)
+            logical, geom = src.walk(i, masks, out=new, ordered=ties == 2, name=names[i])
             _mask_kernel[(triton.cdiv(n, BLOCK),)](
                 s,
                 g,
-                masks[i].view(torch.uint8),
-                new.view(torch.uint8),
+                kernel_view(masks[i]),
+                geom if logical else _dummy(device, torch.int64),
+                kernel_view(new),
                 offsets,
                 n,
                 src.eps,
@@ -439,8 +521,10 @@ def _triton_masks(src, masks, T, r):
                 take,
                 SOURCE=source,
                 FORM=form,
+                LOGICAL=logical,
                 TIES=ties,
                 BLOCK=BLOCK,
+                **_options(logical),
             )
         budget -= take
         out.append(new)
@@ -459,9 +543,9 @@ def _radix_select(src, masks, k, names, backend):
         lo = lo_unsigned - (1 << 31)  # the signed key where the current range starts
         if backend == "triton":
             nan = torch.zeros(len(src), dtype=torch.int64, device=src.tensors[0].device)
-            hist = _triton_histogram(src, masks, consumed, bits, lo, nan)
+            hist = _triton_histogram(src, masks, consumed, bits, lo, nan, names)
             if consumed == 0 and bool(nan.any()):
-                raise ValueError(f"{names[int(nan.nonzero()[0])]}: scores contain NaN")
+                raise NaNScoreError(f"{names[int(nan.nonzero()[0])]}: scores contain NaN")
         else:
             hist = _torch_histogram(src, masks, consumed, bits, lo)
             # NaN keys lie beyond those of +-inf; anything in the top bin of +inf or the
@@ -476,7 +560,7 @@ def _radix_select(src, masks, k, names, backend):
         if consumed == 0:
             total = int(hist.sum())
             if not 1 <= k <= total:
-                raise ValueError(f"k = {k} is out of range: {total} candidates")
+                raise TooFewCandidates(f"k = {k} is out of range: {total} candidates")
         cum = hist.cumsum(0)
         d = int(torch.searchsorted(cum, torch.tensor([k]), side="left"))
         k -= int(cum[d - 1]) if d > 0 else 0
@@ -515,12 +599,12 @@ def _prune(src, masks, n, names, backend):
     be = pick(backend, *src.tensors, *masks)
     try:
         T, r = _radix_select(src, masks, int(n), names, be)
-    except ValueError as e:
-        if "out of range" in str(e):
-            kept = sum(int(m.sum()) for m in masks)
-            raise ValueError(f"cannot remove {n} entries: {kept} are kept") from None
-        raise
-    return (_triton_masks if be == "triton" else _torch_masks)(src, masks, T, r)
+    except TooFewCandidates:
+        kept = sum(int(m.sum()) for m in masks)
+        raise TooFewCandidates(f"cannot remove {n} entries: {kept} are kept") from None
+    if be == "triton":
+        return _triton_masks(src, masks, T, r, names)
+    return _torch_masks(src, masks, T, r)
 
 
 def prune_lowest(

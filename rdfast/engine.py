@@ -28,7 +28,8 @@ from rdfast import store
 from rdfast.config import PRECISIONS, STRATEGIES, PruneSettings, TrainSettings
 from rdfast.data import TensorData, load_dataset
 from rdfast.errors import BadInput, RunFailed
-from rdfast.kernels._backend import interpreting
+from rdfast.kernels._backend import cuda_path, interpreting
+from rdfast.kernels.selection import NaNScoreError
 from rdfast.models import build_model, prunable_layers
 from rdfast.pruning import (
     apply_masks,
@@ -191,8 +192,9 @@ class Engine:
         layers = prunable_layers(probe, exp.prune.exclude)
         self.convolutional = any(isinstance(m, torch.nn.Conv2d) for m in probe.modules())
         # channels_last pays on CUDA tensor cores for conv nets; on the CPU it would only
-        # change the arithmetic order and with it the bit-identical records.
-        self.channels_last = self.device.type == "cuda" and self.convolutional
+        # change the arithmetic order and with it the bit-identical records. RDFAST_CUDA_PATH
+        # takes it on the CPU too, to check the CUDA code path without a GPU.
+        self.channels_last = (self.device.type == "cuda" or cuda_path()) and self.convolutional
         data.channels_last = self.channels_last
         check_ratios(sum(w.numel() for w in layers.values()), exp.prune.ratios)
         self.data = data.to(self.device)
@@ -536,7 +538,7 @@ class Engine:
                 eps=p.eps(tr),
                 seed_parts=(seed, i, "rp"),
             )
-        except ValueError as e:  # NaN scores: the gradient estimate blew up
+        except NaNScoreError as e:  # the gradient estimate blew up
             raise RunFailed(f"pruning to t={t:g} failed: {e}") from None
 
     def _retrain(self, model, layers, masks, dense, seed, i, forward):

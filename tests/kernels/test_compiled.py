@@ -66,8 +66,24 @@ def _arg_names(kernel: str) -> list[str]:
     raise KeyError(kernel)
 
 
+def test_score_kernels_do_not_contract_into_fma(compiled):
+    """torch rounds -w*g and eps*w*w separately; an FMA would move the last bit (and with it
+    the threshold on ties), so the score-computing kernels are built without contraction."""
+    scoring = compiled[compiled["kernel"].isin(STREAMING)]
+    fused = scoring[scoring["constexprs"].map(lambda c: c.get("SOURCE", c.get("STRATEGY")) == 3)]
+    assert len(fused)
+    assert (scoring["fma_f32"] == 0).all(), scoring.loc[scoring["fma_f32"] > 0, "kernel"]
+
+
+def test_logical_layouts_compile_without_spills(compiled):
+    logical = compiled[compiled["constexprs"].map(lambda c: bool(c.get("LOGICAL")))]
+    assert set(logical["kernel"]) >= {"_histogram_kernel", "_mask_kernel"}
+    assert (logical[["spill_stores", "spill_loads"]] <= 8).all().all()
+
+
 def test_streaming_kernels_load_128_bits_at_a_time(compiled):
     streaming = compiled[compiled["kernel"].isin(STREAMING)]
+    streaming = streaming[~streaming["constexprs"].map(lambda c: bool(c.get("LOGICAL")))]
     names = {k: _arg_names(k) for k in STREAMING}
 
     def aligned(row) -> bool:

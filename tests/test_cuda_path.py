@@ -1,0 +1,126 @@
+"""The CUDA code path, end to end, on the CPU.
+
+`RDFAST_CUDA_PATH=1` makes the engine do what it does on a GPU -- conv nets and their masks
+in channels_last, `auto` resolving to the Triton kernels for selection and the confusion
+matrix (here through Triton's interpreter) -- while the arithmetic of training stays the
+CPU's. Masks and confusion matrices must then equal a plain CPU run's bit for bit (fp32): a
+kernel that pairs a score with another weight's mask bit, or counts a prediction in the wrong
+cell, shows up here.
+
+LeNet-5 trains to the same bits in either layout, so it is compared with the plain CPU run.
+ResNet-20's batch norm and 3x3 convolutions do not (channels_last changes the CPU's
+summation order), so its reference is the same layout with the torch kernels
+(`RDFAST_KERNELS=torch`): only the kernels differ between the two runs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import rdfast.kernels.confusion as confusion_mod
+import rdfast.kernels.selection as selection_mod
+from rdfast import store
+from rdfast.config import PruneSettings, train_settings
+from rdfast.engine import Engine, Experiment
+from tests.official_formats import write_cifar10
+
+pytestmark = pytest.mark.slow
+
+
+def experiment(out, dataset, model, data_root):
+    return Experiment(
+        dataset=dataset,
+        model=model,
+        width=0.25 if model == "resnet20" else 1.0,
+        seeds=(0,),
+        strategies=("mp", "up", "rp"),
+        train=train_settings(dataset.split(":")[0], epochs=1, batch_size=50),
+        prune=PruneSettings(ratios=(2.0, 4.0), finetune_epochs=1, grad_batches=2),
+        device="cpu",
+        data_root=data_root,
+        out=out,
+    )
+
+
+def run(tmp_path, name, dataset, model, data_root):
+    eng = Engine(experiment(tmp_path / name, dataset, model, data_root), progress=False)
+    outcomes = eng.execute()
+    assert [o.status for o in outcomes] == ["complete"] * 3
+    return eng
+
+
+def saved(out):
+    """Per run: the masks of its last step, and the confusion matrix of every step."""
+    result = {}
+    for run_dir in sorted((out / "runs").iterdir()):
+        state = store.load_torch(run_dir / "step-2.pt")
+        cms = [np.load(run_dir / f"step-{i}.npy") for i in range(3)]
+        result[run_dir.name] = (state["masks"], cms)
+    return result
+
+
+@pytest.fixture
+def cifar10(tmp_path, monkeypatch):
+    monkeypatch.setenv("RDFAST_OFFLINE", "1")
+    return write_cifar10(tmp_path / "data", per_batch=60, n_test=200)
+
+
+@pytest.mark.parametrize("model", ["lenet5", "resnet20"])
+def test_cuda_path_equals_cpu_path(tmp_path, monkeypatch, shared_data, cifar10, model):
+    if model == "lenet5":
+        dataset, root = "mnist:train=300,test=200", shared_data
+    else:
+        dataset, root = "cifar10", tmp_path / "data"
+    with monkeypatch.context() as m:
+        if model == "resnet20":
+            m.setenv("RDFAST_CUDA_PATH", "1")
+            m.setenv("RDFAST_KERNELS", "torch")
+        reference = run(tmp_path, "cpu", dataset, model, root)
+    assert reference.channels_last == (model == "resnet20")
+
+    calls = {"selection": 0, "confusion": 0}
+    for mod, fn, key in (
+        (selection_mod, "_triton_masks", "selection"),
+        (confusion_mod, "_confusion_kernel", "confusion"),
+    ):
+        original = getattr(mod, fn)
+
+        class Counting:
+            def __init__(self, f, k):
+                self.f, self.k = f, k
+
+            def __call__(self, *a, **kw):
+                calls[self.k] += 1
+                return self.f(*a, **kw)
+
+            def __getitem__(self, grid):
+                calls[self.k] += 1
+                return self.f[grid]
+
+        monkeypatch.setattr(mod, fn, Counting(original, key))
+    monkeypatch.setenv("RDFAST_CUDA_PATH", "1")
+    cuda = run(tmp_path, "cuda-path", dataset, model, root)
+    assert cuda.channels_last
+    assert calls["selection"] >= 3 * 2 and calls["confusion"] > 0, calls
+
+    a, b = saved(tmp_path / "cpu"), saved(tmp_path / "cuda-path")
+    assert a.keys() == b.keys()
+    conv_masks = 0
+    for run_id in a:
+        (masks_a, cms_a), (masks_b, cms_b) = a[run_id], b[run_id]
+        for name in masks_a:
+            m = masks_b[name]
+            if m.dim() == 4:
+                conv_masks += 1
+                assert m.is_contiguous(memory_format=torch.channels_last) or m.shape[1] == 1
+            assert torch.equal(masks_a[name], m), (run_id, name)
+        for i, (x, y) in enumerate(zip(cms_a, cms_b)):
+            np.testing.assert_array_equal(x, y, err_msg=f"{run_id} step {i}")
+    assert conv_masks > 0
+    cols = ["run_id", "step", "class", "recall", "accuracy", "remaining"]
+    ra = store.load_records(tmp_path / "cpu")[cols].sort_values(cols[:3]).reset_index(drop=True)
+    rb = store.load_records(tmp_path / "cuda-path")[cols].sort_values(cols[:3])
+    pd.testing.assert_frame_equal(ra, rb.reset_index(drop=True))
