@@ -24,6 +24,17 @@ def make_scores(total: int, tensors: int, seed: int = 0) -> list[torch.Tensor]:
     return [torch.rand(total // tensors, generator=gen) for _ in range(tensors)]
 
 
+def transposed(scores):
+    """The same values as (rows x 1000)^T views: strided, not contiguous."""
+    return [s.view(-1, 1000).t() for s in scores]
+
+
+def kept_masks(scores, kept: float, seed: int = 1):
+    """Masks of an iterative schedule: a `kept` fraction still unpruned, at random."""
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.rand(s.shape, generator=gen) < kept for s in scores]
+
+
 def rdfast_prune_lowest(scores, masks):
     """Takes the current masks (built outside, like the module state the peers hold) and
     returns new ones: 1 byte per weight of output."""
@@ -33,6 +44,20 @@ def rdfast_prune_lowest(scores, masks):
 
 def rdfast_kth_smallest(scores, modules=None):
     return kth_smallest(scores, sum(s.numel() for s in scores) // 2, backend="torch")
+
+
+def rdfast_prune_lowest_kept(scores, masks):
+    """Half of the still-kept entries go (masks from `kept_masks`)."""
+    n = sum(int(m.sum()) for m in masks) // 2
+    return prune_lowest(scores, masks, n, backend="torch")
+
+
+def rdfast_kth_smallest_transposed(scores, modules=None):
+    return rdfast_kth_smallest(transposed(scores))
+
+
+def rdfast_prune_lowest_transposed(scores, masks):
+    return rdfast_prune_lowest(transposed(scores), masks)
 
 
 def torch_kthvalue(scores, modules=None):
@@ -52,8 +77,11 @@ def state_for(case, scores):
     rdfast.prune_lowest, nothing for the rest."""
     if case == "torch_global_unstructured":
         return modules_for(scores)
-    if case == "rdfast_prune_lowest":
-        return [torch.ones_like(s, dtype=torch.bool) for s in scores]
+    if case in ("rdfast_prune_lowest", "rdfast_prune_lowest_transposed"):
+        shaped = transposed(scores) if case.endswith("transposed") else scores
+        return [torch.ones_like(s, dtype=torch.bool) for s in shaped]
+    if case.startswith("rdfast_prune_lowest_kept"):
+        return kept_masks(scores, int(case.removeprefix("rdfast_prune_lowest_kept")) / 100)
     return None
 
 
@@ -80,7 +108,14 @@ def torch_global_unstructured(scores, modules):
 
 CASES = {
     "rdfast_prune_lowest": rdfast_prune_lowest,
+    # Realistic masks: 50, 75 and 90 % already pruned; all-ones masks take a fast path.
+    "rdfast_prune_lowest_kept50": rdfast_prune_lowest_kept,
+    "rdfast_prune_lowest_kept25": rdfast_prune_lowest_kept,
+    "rdfast_prune_lowest_kept10": rdfast_prune_lowest_kept,
     "rdfast_kth_smallest": rdfast_kth_smallest,
+    # Strided inputs are read in bounded slices, never copied whole.
+    "rdfast_kth_smallest_transposed": rdfast_kth_smallest_transposed,
+    "rdfast_prune_lowest_transposed": rdfast_prune_lowest_transposed,
     "torch_kthvalue": torch_kthvalue,
     "numpy_sort": numpy_sort,
     "torch_global_unstructured": torch_global_unstructured,

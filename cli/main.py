@@ -29,6 +29,10 @@ class OneLineErrors(click.Group):
         except BadInput as e:
             click.echo(f"rdfast: error: {e}", err=True)
             sys.exit(2)
+        except OSError as e:  # a folder that cannot be written, a full disk: writes are atomic
+            where = f": {e.filename}" if e.filename else ""
+            click.echo(f"rdfast: error: {e.strerror or e}{where}", err=True)
+            sys.exit(2)
         sys.exit(rv or 0)
 
 

@@ -167,9 +167,14 @@ def analyze_command(
     """Print E[alpha_t] and mean accuracy as group x t tables; write the stats tables."""
     import json
 
-    from rdfast import analysis
+    from rdfast import analysis, outdir
 
+    if out is not None and Path(out).resolve() != Path(runs_dir).resolve():
+        outdir.check(out, "analyze")
     a = _analysis(runs_dir, by, ci, ci_method, vs)
+    if out is not None and Path(out).resolve() != Path(runs_dir).resolve():
+        Path(out).mkdir(parents=True, exist_ok=True)
+        outdir.mark(out, "analyze")
     written = analysis.write_tables(a, out or runs_dir)
     alpha_tab, acc_tab = analysis.paper_tables(a)
     if fmt == "csv":
@@ -213,8 +218,10 @@ def analyze_command(
 def report_command(
     *, runs_dir, out, by, ci, ci_method, run_id, scatter_ts, top_classes=3, vs="auto", echo=print
 ) -> int:
+    from rdfast import outdir
     from rdfast.report import build_report
 
+    outdir.check(out, "report", records=runs_dir)  # before the analysis: nothing to undo
     a = _analysis(runs_dir, by, ci, ci_method, vs)
     path = build_report(
         a, runs_dir, out, run_id=run_id, scatter_ts=scatter_ts, top_classes=top_classes

@@ -17,7 +17,7 @@ import pandas as pd  # noqa: E402
 from matplotlib.colors import SymLogNorm  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
-from rdfast import store  # noqa: E402
+from rdfast import outdir, store  # noqa: E402
 from rdfast.analysis import (  # noqa: E402
     Analysis,
     at_largest_t,
@@ -406,11 +406,12 @@ def build_report(
     elif run_id not in set(a.runs["run_id"]):
         raise BadInput(f"--run {run_id} is not among the analyzed runs")
 
-    out = Path(out)
+    out = outdir.check(Path(out), "report", records=runs_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     tmp.chmod(0o755)
     try:
+        outdir.mark(tmp, "report")
         figs = []  # (file, caption)
         alpha_boxplot(a.runs, tmp / "alpha_by_strategy.png")
         figs.append(("alpha_by_strategy.png", "alpha_t(m) of every model against t, per strategy"))
@@ -556,11 +557,12 @@ def build_report(
             + "</body></html>"
         )
         (tmp / "index.html").write_text(page)
-        # Swap the finished folder into place; an older report is removed only afterwards.
+        # Swap the finished folder into place; an older report (checked above: empty, or
+        # marked as a report) is removed only afterwards, from a name no one else uses.
         old = None
         if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+            old.rmdir()
             out.rename(old)
         tmp.rename(out)
         if old is not None:

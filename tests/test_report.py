@@ -209,3 +209,46 @@ def test_consolidated_file_used_only_when_current(digits_runs):
     b = store.load_records(digits_runs)
     pd.testing.assert_frame_equal(a, b)
     assert analysis.analyze(a).groups.shape[0] == 16
+
+
+def snapshot(folder):
+    """Every file under `folder` with its bytes: what a refused command must leave as it was."""
+    return {
+        str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
+    }
+
+
+def test_report_and_analyze_never_write_into_foreign_folders(digits_runs, tmp_path):
+    runner = CliRunner()
+    records = snapshot(digits_runs)
+    mydocs = tmp_path / "mydocs"
+    mydocs.mkdir()
+    (mydocs / "thesis.tex").write_text("\\documentclass{article}")
+    afile = tmp_path / "somefile"
+    afile.write_text("keep me")
+    cases = [
+        (["report", str(digits_runs), "-o", str(digits_runs)], "records"),
+        (["report", str(digits_runs), "-o", str(digits_runs.parent)], "records"),
+        (["report", str(digits_runs), "-o", str(mydocs)], "not written by rdfast"),
+        (["report", str(digits_runs), "-o", str(afile)], "is a file"),
+        (["analyze", str(digits_runs), "-o", str(mydocs)], "not written by rdfast"),
+        (["analyze", str(digits_runs), "-o", str(afile)], "is a file"),
+    ]
+    for args, message in cases:
+        res = runner.invoke(cli, args)
+        assert res.exit_code == 2, (args, res.output)
+        assert message in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert snapshot(digits_runs) == records
+    assert snapshot(mydocs) == {"thesis.tex": b"\\documentclass{article}"}
+    assert afile.read_text() == "keep me" and not list(tmp_path.glob(".somefile*"))
+
+    # Its own folders it may replace (report) or add to (analyze); not each other's.
+    rep, tab = tmp_path / "rep", tmp_path / "tab"
+    for _ in range(2):
+        assert runner.invoke(cli, ["report", str(digits_runs), "-o", str(rep)]).exit_code == 0
+        assert runner.invoke(cli, ["analyze", str(digits_runs), "-o", str(tab)]).exit_code == 0
+    assert (rep / "index.html").exists() and (tab / "alpha_groups.csv").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no leftovers
+    res = runner.invoke(cli, ["report", str(digits_runs), "-o", str(tab)])
+    assert res.exit_code == 2 and "an rdfast analyze folder" in res.stderr
+    assert snapshot(digits_runs) == records
