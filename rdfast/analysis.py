@@ -39,6 +39,8 @@ RUN_COLUMNS = (
     "retrain",
     "eps",
     "weight_decay",
+    "dense_id",
+    "protocol",
 )
 # Settings that, when they differ between runs of one group and seed, mean the group mixes
 # experiments rather than replicates.
@@ -54,6 +56,10 @@ SETTING_COLUMNS = (
     "dense_id",
 )
 CI_METHODS = ("t", "bootstrap")
+# What a run's manifest settings hold besides its protocol: the dense model it pruned and the
+# strategy with its own parameters. Everything else (training, ratios, retraining) is the
+# protocol, which replicates and paired runs must share.
+STRATEGY_SETTINGS = ("strategy", "saliency", "grad_batches", "eps")
 
 
 @dataclass
@@ -83,6 +89,47 @@ def load(runs_dir: Path) -> pd.DataFrame:
         raise BadInput(
             f"no records under {runs_dir} (write some with `rdfast run --out {runs_dir}`)"
         )
+    return attach_settings(records, runs_dir)
+
+
+def _flat(settings: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in settings.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def attach_settings(records: pd.DataFrame, runs_dir: Path) -> pd.DataFrame:
+    """Add each run's `protocol` and `strategy_settings` (hashes of its manifest settings:
+    everything but the dense model and the strategy, and the strategy's own parameters).
+
+    The records name the dense model, strategy and weight decay; the manifests hold the rest
+    (epochs, learning rates, ratios, retraining), which replicates must share. Runs without
+    a readable manifest get an empty protocol. The flattened settings of each run are kept in
+    `records.attrs["settings"]` to name what differs.
+    """
+    protocol, own, flat = {}, {}, {}
+    for run_id in records["run_id"].unique():
+        try:
+            settings = store.read_json(Path(runs_dir) / "runs" / run_id / "manifest.json")[
+                "settings"
+            ]
+            settings = dict(settings)
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        rest = {k: v for k, v in settings.items() if k not in ("dense_id", *STRATEGY_SETTINGS)}
+        protocol[run_id] = store.stable_hash(rest)
+        own[run_id] = store.stable_hash({k: settings.get(k) for k in STRATEGY_SETTINGS})
+        flat[run_id] = _flat(settings)
+    ids = records["run_id"]
+    records = records.assign(
+        protocol=ids.map(lambda r: protocol.get(r, "")),
+        strategy_settings=ids.map(lambda r: own.get(r, "")),
+    )
+    records.attrs["settings"] = flat
     return records
 
 
@@ -189,7 +236,14 @@ def class_group_table(
 
 
 def paired_table(
-    runs: pd.DataFrame, by, baseline: str, ci: float, method="t", n_resamples=9999, seed=0
+    runs: pd.DataFrame,
+    by,
+    baseline: str,
+    ci: float,
+    method="t",
+    n_resamples=9999,
+    seed=0,
+    notes: list[str] | None = None,
 ) -> pd.DataFrame:
     """Per (group, t): E[alpha_t(s) - alpha_t(baseline)] over the seeds, each difference taken
     between two runs that pruned the same dense model, with its interval, the paired t-test of
@@ -204,8 +258,11 @@ def paired_table(
     have = sorted(runs["strategy"].unique(), key=lambda s: STRATEGY_ORDER.get(s, 9))
     if baseline not in have:
         raise BadInput(f"--vs {baseline}: no {baseline} runs in these records ({', '.join(have)})")
-    # eps belongs to the strategy too (NaN for mp, the UP coefficient for up).
-    keys = [b for b in by if b not in ("strategy", "saliency", "eps")] + ["seed", "t"]
+    # eps belongs to the strategy too (NaN for mp, the UP coefficient for up). A pair is two
+    # runs that pruned the same dense model (dense_id: same seed and training) under the same
+    # protocol (ratios, retraining); runs without either partner are counted, not paired.
+    same = [c for c in ("dense_id", "protocol") if c in runs.columns]
+    keys = [b for b in by if b not in ("strategy", "saliency", "eps")] + ["seed", *same, "t"]
     is_base = runs["strategy"] == baseline
     if "saliency" in by and runs.loc[is_base, "saliency"].nunique() > 1:
         # A baseline run in both score forms (gp taylor and gp sum): each form is compared
@@ -215,6 +272,8 @@ def paired_table(
         columns={"alpha": "base_alpha", "accuracy": "base_accuracy"}
     )
     pairs = runs[~is_base].merge(base, on=keys, how="inner")
+    if notes is not None:
+        _note_unpaired(runs[~is_base], base, pairs, keys, baseline, notes)
     pairs = pairs.assign(
         diff=pairs["alpha"] - pairs["base_alpha"],
         acc_diff=pairs["accuracy"] - pairs["base_accuracy"],
@@ -222,6 +281,12 @@ def paired_table(
     g = pairs.groupby([*by, "t"], sort=True, dropna=False)
     diff = _summary(g["diff"], ci, method, n_resamples, seed)
     acc = _summary(g["acc_diff"], ci, method, n_resamples, seed)
+    constant = (diff["constant"] | acc["constant"]) & (diff.index.get_level_values("t") > 1)
+    if notes is not None and constant.any():
+        notes.append(
+            f"{int(constant.sum())} (group, t) of the comparison with {baseline} have the same "
+            "difference in every pair: no interval and no mark there"
+        )
     agg = pd.DataFrame(
         {
             "baseline": baseline,
@@ -241,6 +306,28 @@ def paired_table(
     return agg.reset_index()
 
 
+def _note_unpaired(others, base, pairs, keys, baseline, notes) -> None:
+    """How many runs found no baseline partner, and why (another dense model, or the same
+    dense model under other settings)."""
+    lone = set(others["run_id"]) - set(pairs["run_id"])
+    if not lone:
+        return
+    lone_runs = others[others["run_id"].isin(lone)].drop_duplicates("run_id")
+    dense_keys = [k for k in keys if k not in ("protocol", "t")]
+    same_dense = lone_runs.merge(base[dense_keys].drop_duplicates(), on=dense_keys, how="inner")
+    n_other_settings = same_dense["run_id"].nunique()
+    n_no_dense = len(lone) - n_other_settings
+    why = []
+    if n_no_dense:
+        why.append(f"{n_no_dense} have no {baseline} run on the same dense model")
+    if n_other_settings:
+        why.append(
+            f"{n_other_settings} share the dense model with a {baseline} run but not its "
+            "ratios or retraining settings"
+        )
+    notes.append(f"{len(lone)} runs are left out of the comparison with {baseline}: {'; '.join(why)}")
+
+
 def _t_interval(mean, sd, n, ci):
     """Student-t interval mean +- t_{(1+ci)/2, n-1} * sd / sqrt(n); NaN where n < 2."""
     n = n.astype(float)
@@ -252,12 +339,16 @@ def _summary(g, ci, method, n_resamples, seed, ref=0.0) -> pd.DataFrame:
     """Per group of the grouped column `g`: n, mean and sd, the interval of the mean
     (Student-t or a percentile bootstrap) and the p-value of the one-sample t-test of
     mean = ref (scipy.stats.ttest_1samp, vectorized)."""
-    s = g.agg(["count", "mean", "std"]).rename(columns={"count": "n", "std": "sd"})
+    s = g.agg(["count", "mean", "std", "min", "max"]).rename(columns={"count": "n", "std": "sd"})
     if method == "t":
         s["low"], s["high"] = _t_interval(s["mean"], s["sd"], s["n"], ci)
     else:
         arrays = g.apply(lambda v: v.dropna().to_numpy())
         s["low"], s["high"] = _bootstrap_interval(arrays, ci, n_resamples, seed)
+    # Identical replicates: a zero-width "interval" says nothing about the spread of the
+    # mean (and the t-test is undefined), so there is none, and no mark from it.
+    s["constant"] = (s["n"] >= 2) & (s["min"] == s["max"])
+    s.loc[s["constant"], ["low", "high"]] = np.nan
     se = s["sd"] / np.sqrt(s["n"])
     dof = (s["n"] - 1).where(s["n"] > 1)
     s["p"] = 2 * stats.t.sf(np.abs((s["mean"] - ref) / se.where(se > 0)), dof)
@@ -306,10 +397,25 @@ def mark(low, high, n, ref: float = 1.0) -> pd.Series:
     return pd.Series(out, index=low.index)
 
 
-def group_table(runs, classes, by, ci, method, n_resamples=9999, seed=0) -> pd.DataFrame:
+def group_table(
+    runs, classes, by, ci, method, n_resamples=9999, seed=0, notes=None
+) -> pd.DataFrame:
     keys = [*by, "t"]
     g = runs.groupby(keys, sort=True, dropna=False)
     alpha = _summary(g["alpha"], ci, method, n_resamples, seed, ref=1.0)
+    if notes is not None:
+        undefined = runs.loc[runs["alpha"].isna() & (runs["step"] > 0), "run_id"].nunique()
+        if undefined:
+            notes.append(
+                f"alpha undefined for {undefined} runs (Bn_1 = 0 for every class: each class's "
+                "dense recall equals the accuracy): left out of their groups' n"
+            )
+        constant = alpha["constant"] & (alpha.index.get_level_values("t") > 1)
+        if constant.any():
+            notes.append(
+                f"{int(constant.sum())} (group, t) have the same alpha in every replicate: "
+                "no interval and no mark there"
+            )
     acc = _summary(g["accuracy"], ci, method, n_resamples, seed)
     agg = pd.DataFrame(
         {
@@ -363,12 +469,12 @@ def analyze(
         raise BadInput("no usable records: every class row was left out")
     runs = run_table(classes)
     _note_differing_t(runs, by, notes)
-    groups = group_table(runs, classes, by, ci, ci_method, n_resamples, seed)
+    groups = group_table(runs, classes, by, ci, ci_method, n_resamples, seed, notes)
     class_groups = class_group_table(classes, by, ci, ci_method, n_resamples, seed)
     if vs == "auto":
         strategies = set(runs["strategy"])
         vs = "mp" if "mp" in strategies and len(strategies) > 1 and "strategy" in by else None
-    paired = paired_table(runs, by, vs, ci, ci_method, n_resamples, seed) if vs else None
+    paired = paired_table(runs, by, vs, ci, ci_method, n_resamples, seed, notes) if vs else None
     if paired is not None and paired.empty:
         notes.append(f"no run pruned the same dense model as a {vs} run: no comparison with {vs}")
         paired = None
@@ -376,7 +482,23 @@ def analyze(
 
 
 def _check_replicates(records, by):
-    """Within a group, runs must differ by their seed alone."""
+    """Within a group, runs must differ by their seed alone: the same protocol (training,
+    ratios, retraining), strategy settings and weight decay, one run per seed."""
+    runs = records.drop_duplicates("run_id")
+    checked = [
+        c
+        for c in (*SETTING_COLUMNS, "protocol", "strategy_settings")
+        if c in runs.columns and c not in by and c != "dense_id"
+    ]
+    for col in checked:
+        varying = runs.groupby(list(by), dropna=False)[col].nunique(dropna=False)
+        if (varying > 1).any():
+            key = varying[varying > 1].index[0]
+            sub = runs.set_index(list(by)).loc[[key] if len(by) > 1 else key]
+            raise BadInput(
+                f"the runs of group {_label(key)} differ in {_what_differs(records, sub, col)}: "
+                f"they are not replicates; add it to --by or analyze their folders separately"
+            )
     per_seed = records.drop_duplicates("run_id").groupby([*by, "seed"], dropna=False)
     counts = per_seed["run_id"].nunique()
     if (counts > 1).any():
@@ -393,6 +515,25 @@ def _check_replicates(records, by):
             f"{counts.max()} runs share one group and seed; they differ in {what}: "
             f"add it to --by or analyze their folders separately"
         )
+
+
+def _label(key) -> str:
+    return " ".join(map(str, key)) if isinstance(key, tuple) else str(key)
+
+
+def _what_differs(records, sub: pd.DataFrame, col: str) -> str:
+    """The setting that differs between the runs in `sub`, with two of its values."""
+    if col not in ("protocol", "strategy_settings"):
+        values = sub[col].drop_duplicates().tolist()[:2]
+        return f"{col} ({' vs '.join(map(str, values))})"
+    flat = records.attrs.get("settings", {})
+    first = sub.drop_duplicates(col)["run_id"].tolist()[:2]
+    a, b = (flat.get(r, {}) for r in first)
+    names = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and k != "dense_id")
+    if not names:
+        return "their settings"
+    k = names[0]
+    return f"{k} ({a.get(k)} vs {b.get(k)})" + (f" and {len(names) - 1} more" if len(names) > 1 else "")
 
 
 def _note_differing_t(runs, by, notes):

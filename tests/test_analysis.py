@@ -278,10 +278,10 @@ def test_bootstrap_of_classes_and_pairs_equals_one_scipy_call_per_group():
         change = (
             sub.loc[sub["class"] == c, "recall"] - sub.loc[sub["class"] == c, "R1"]
         ).to_numpy()
-        if np.all(change == change[0]):
-            expect = (change[0], change[0])
-        else:
-            expect = ref(change)
+        if np.all(change == change[0]):  # identical replicates: no interval
+            assert np.isnan(row["change_ci_low"]) and np.isnan(row["change_ci_high"])
+            continue
+        expect = ref(change)
         assert (row["change_ci_low"], row["change_ci_high"]) == (
             pytest.approx(expect[0]),
             pytest.approx(expect[1]),
@@ -371,3 +371,72 @@ def test_bad_arguments():
         analysis.analyze(df, by=("colour",))
     with pytest.raises(BadInput, match="--ci must lie"):
         analysis.analyze(df, ci=1.5)
+
+
+def test_pairs_only_runs_of_the_same_dense_model():
+    """mp and up of seeds 0-2, but up of seeds 1 and 2 pruned another dense model (other
+    training): only seed 0 pairs, and the note says why the other two do not."""
+    x = [0.2, -0.1, -0.1]
+    runs = [run_with(s, x, [a * v for v in x], at=0.6) for s, a in enumerate([1.2, 1.5, 0.9])]
+    ups = [
+        run_with(s, x, [a * v for v in x], strategy="up", at=0.61)
+        for s, a in enumerate([1.0, 1.3, 0.8])
+    ]
+    records = fake_records(runs + ups)
+    other = (records["strategy"] == "up") & (records["seed"] > 0)
+    records.loc[other, "dense_id"] = records.loc[other, "dense_id"] + "-10-epochs"
+    a = analysis.analyze(records, by=("strategy",))
+    p = a.paired[a.paired["t"] == 4.0].iloc[0]
+    assert p["n"] == 1 and p["mark"] == ""  # one pair: no interval
+    assert any("2 runs are left out of the comparison with mp: 2 have no mp run on the same dense model" in n for n in a.notes), a.notes
+    # Same dense models, but up under other ratios or retraining settings (protocol); gp
+    # under mp's own pairs normally.
+    gps = [
+        run_with(s, x, [a * v for v in x], strategy="gp", at=0.6)
+        for s, a in enumerate([1.1, 1.4, 0.7])
+    ]
+    records = fake_records(runs + ups + gps).assign(protocol="p")
+    records.loc[records["strategy"] == "up", "protocol"] = "q"
+    a = analysis.analyze(records, by=("strategy",))
+    n = a.paired[a.paired["t"] == 4.0].set_index("strategy")["n"]
+    assert n.to_dict() == {"gp": 3}
+    assert any("3 share the dense model with a mp run but not its ratios" in n for n in a.notes)
+
+
+def test_all_zero_dense_balance_is_counted_not_dropped_silently():
+    x = [0.2, -0.1, -0.1]
+    runs = [run_with(s, x, [a * v for v in x]) for s, a in enumerate([1.2, 1.5])]
+    runs.append(run_with(2, [0.0, 0.0, 0.0], [0.1, -0.1, 0.0]))  # every R_1 = A_1
+    a = analysis.analyze(fake_records(runs), by=("strategy",))
+    g = a.groups[a.groups["t"] == 4.0].iloc[0]
+    assert g["n"] == 2
+    assert any("alpha undefined for 1 runs" in n for n in a.notes), a.notes
+
+
+@pytest.mark.parametrize("method", ["t", "bootstrap"])
+def test_identical_replicates_give_no_interval_and_no_mark(method):
+    x = [0.2, -0.1, -0.1]
+    runs = [run_with(s, x, [1.5 * v for v in x]) for s in range(3)]
+    a = analysis.analyze(fake_records(runs), by=("strategy",), ci_method=method, n_resamples=200)
+    g = a.groups[a.groups["t"] == 4.0].iloc[0]
+    assert g["mean_alpha"] == pytest.approx(1.5) and g["n"] == 3
+    assert np.isnan(g["ci_low"]) and np.isnan(g["ci_high"]) and g["mark"] == ""
+    assert any("same alpha in every replicate" in n for n in a.notes), a.notes
+
+
+def test_replicates_with_different_settings_are_refused_by_name():
+    x = [0.2, -0.1, -0.1]
+    runs = [run_with(s, x, [a * v for v in x]) for s, a in enumerate([1.2, 1.5, 0.9])]
+    records = fake_records(runs)
+    records.loc[records["seed"] == 0, "weight_decay"] = 1e-3
+    with pytest.raises(BadInput, match=r"differ in weight_decay \(0.001 vs 0.0005\)"):
+        analysis.analyze(records, by=("strategy",))
+    # Settings only the manifests hold (fine-tuning epochs): named from them.
+    records = fake_records(runs).assign(protocol="a")
+    records.loc[records["seed"] == 0, "protocol"] = "b"
+    ids = records.drop_duplicates("run_id").set_index("seed")["run_id"]
+    records.attrs["settings"] = {
+        ids[s]: {"finetune_epochs": 1 if s == 0 else 5, "ratios": [2, 4]} for s in range(3)
+    }
+    with pytest.raises(BadInput, match=r"differ in finetune_epochs \(1 vs 5\)"):
+        analysis.analyze(records, by=("strategy",))
