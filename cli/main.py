@@ -282,7 +282,9 @@ analysis_options = [
         default="t",
         show_default=True,
         type=click.Choice(["t", "bootstrap"]),
-        help="Student-t interval, or scipy.stats.bootstrap (percentile).",
+        help="Student-t interval, or scipy.stats.bootstrap (percentile). The bootstrap "
+        "undercovers with few seeds (89 % for a 99 % interval at 5): its marks are shown only "
+        "from 20 seeds.",
     ),
     click.option(
         "--classes",

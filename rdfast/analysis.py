@@ -56,6 +56,56 @@ SETTING_COLUMNS = (
     "dense_id",
 )
 CI_METHODS = ("t", "bootstrap")
+# Coverage (%) of the intervals as `rdfast analyze` computes them, on normal data, by
+# replicate count: `python -m benchmarks.ci_coverage` (4,000 samples per cell, 2026-11-26;
+# benchmarks/README.md). Marks need an interval within COVERAGE_SLACK points of its nominal
+# level; the percentile bootstrap undercovers badly with few replicates.
+COVERAGE = {
+    ("t", 0.95): {3: 95.2, 5: 94.5, 10: 95.4, 20: 95.0},
+    ("t", 0.99): {3: 99.2, 5: 99.1, 10: 99.0, 20: 99.0},
+    ("bootstrap", 0.95): {3: 74.8, 5: 83.0, 10: 91.0, 20: 92.1},
+    ("bootstrap", 0.99): {3: 75.9, 5: 89.3, 10: 96.2, 20: 97.9},
+}
+COVERAGE_SLACK = 1.5
+
+
+def measured_coverage(method: str, ci: float, n: int) -> float | None:
+    """Simulated coverage (%) at the largest tabulated n <= `n`, for the tabulated level
+    nearest `ci`; None where the table holds nothing for it (n < 3, or t at any n: the
+    Student-t interval is exact for normal data)."""
+    if method == "t" or n < 3:
+        return None
+    level = min((0.95, 0.99), key=lambda lv: abs(lv - ci))
+    table = COVERAGE[(method, level)]
+    return table[max(k for k in table if k <= n)]
+
+
+def undercovering(method: str, ci: float, n: pd.Series) -> pd.Series:
+    """Per group: True where the interval of `method` is known to undercover at its n."""
+    nominal = 100 * min((0.95, 0.99), key=lambda lv: abs(lv - ci))
+
+    def low(k):
+        cov = measured_coverage(method, ci, int(k))
+        return cov is not None and cov < nominal - COVERAGE_SLACK
+
+    return n.map(low).astype(bool)
+
+
+def _note_undercover(method, ci, n: pd.Series, notes) -> None:
+    bad = n[undercovering(method, ci, n)]
+    if notes is None or bad.empty:
+        return
+    counts = sorted({int(k) for k in bad})
+    covs = ", ".join(f"{measured_coverage(method, ci, k):.1f} % at n = {k}" for k in counts)
+    note = (
+        f"no marks where the {ci:.0%} {method} intervals are known to undercover ({covs}, "
+        f"simulated on normal data; Student-t covers {ci:.0%}): use --ci-method t, or at "
+        "least 20 replicates for a 99 % bootstrap"
+    )
+    if note not in notes:
+        notes.append(note)
+
+
 # What a run's manifest settings hold besides its protocol: the dense model it pruned and the
 # strategy with its own parameters. Everything else (training, ratios, retraining) is the
 # protocol, which replicates and paired runs must share.
@@ -281,6 +331,7 @@ def paired_table(
     g = pairs.groupby([*by, "t"], sort=True, dropna=False)
     diff = _summary(g["diff"], ci, method, n_resamples, seed)
     acc = _summary(g["acc_diff"], ci, method, n_resamples, seed)
+    _note_undercover(method, ci, diff["n"], notes)
     constant = (diff["constant"] | acc["constant"]) & (diff.index.get_level_values("t") > 1)
     if notes is not None and constant.any():
         notes.append(
@@ -295,12 +346,16 @@ def paired_table(
             "ci_low": diff["low"],
             "ci_high": diff["high"],
             "p_value": diff["p"],  # = scipy.stats.ttest_rel of the pairs
-            "mark": mark(diff["low"], diff["high"], diff["n"], ref=0.0),
+            "mark": mark(diff["low"], diff["high"], diff["n"], ref=0.0).where(
+                ~undercovering(method, ci, diff["n"]), ""
+            ),
             "mean_acc_diff": acc["mean"],
             "acc_ci_low": acc["low"],
             "acc_ci_high": acc["high"],
             "acc_p_value": acc["p"],
-            "acc_mark": mark(acc["low"], acc["high"], acc["n"], ref=0.0),
+            "acc_mark": mark(acc["low"], acc["high"], acc["n"], ref=0.0).where(
+                ~undercovering(method, ci, acc["n"]), ""
+            ),
         }
     )
     return agg.reset_index()
@@ -403,6 +458,7 @@ def group_table(
     keys = [*by, "t"]
     g = runs.groupby(keys, sort=True, dropna=False)
     alpha = _summary(g["alpha"], ci, method, n_resamples, seed, ref=1.0)
+    _note_undercover(method, ci, alpha["n"], notes)
     if notes is not None:
         undefined = runs.loc[runs["alpha"].isna() & (runs["step"] > 0), "run_id"].nunique()
         if undefined:
@@ -424,7 +480,9 @@ def group_table(
             "ci_low": alpha["low"],
             "ci_high": alpha["high"],
             "p_value": alpha["p"],  # the one-sample t-test of E[alpha] = 1
-            "mark": mark(alpha["low"], alpha["high"], alpha["n"]),
+            "mark": mark(alpha["low"], alpha["high"], alpha["n"]).where(
+                ~undercovering(method, ci, alpha["n"]), ""
+            ),
             "mean_accuracy": acc["mean"],
             "acc_ci_low": acc["low"],
             "acc_ci_high": acc["high"],
