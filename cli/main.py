@@ -82,10 +82,10 @@ def parse_floats(text: str, what: str) -> tuple[float, ...]:
 
 
 def parse_strategies(text: str) -> tuple[str, ...]:
-    from rdfast.config import STRATEGIES
+    from rdfast.config import PAPER_STRATEGIES, STRATEGIES
 
     if text.strip() == "all":
-        return STRATEGIES
+        return PAPER_STRATEGIES
     names = tuple(s.strip() for s in text.split(",") if s.strip())
     bad = [s for s in names if s not in STRATEGIES]
     if bad or not names:
@@ -120,7 +120,9 @@ def parse_strategies(text: str) -> tuple[str, ...]:
     "--strategy",
     default="all",
     show_default=True,
-    help="Pruning strategies: mp, gp, up, rp, a comma list, or all.",
+    help="Pruning strategies: mp, gp, up, rp (global random), rp-layer (random at the "
+    "per-layer densities magnitude pruning gives the same dense model), a comma list, or all "
+    "(mp,gp,up,rp).",
 )
 @click.option(
     "--saliency",
@@ -169,7 +171,8 @@ def parse_strategies(text: str) -> tuple[str, ...]:
     type=click.Choice(["finetune", "rewind"]),
     default="finetune",
     show_default=True,
-    help="After each pruning step: fine-tune, or rewind to --rewind-epoch and retrain.",
+    help="After each pruning step: fine-tune, or rewind to --rewind-epoch k and retrain "
+    "from epoch k to the end of the schedule (OpenLTH's lottery loop).",
 )
 @click.option(
     "--rewind-epoch",

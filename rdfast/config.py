@@ -6,7 +6,10 @@ from dataclasses import dataclass, field, replace
 
 from rdfast.errors import BadInput
 
-STRATEGIES = ("mp", "gp", "up", "rp")
+# rp is global random pruning; rp-layer keeps MP's per-layer densities (OpenLTH's
+# `randomly_prune` default, the authors' random baseline). `all` = the paper's four.
+STRATEGIES = ("mp", "gp", "up", "rp", "rp-layer")
+PAPER_STRATEGIES = ("mp", "gp", "up", "rp")
 STRATEGY_ORDER = {s: i for i, s in enumerate(STRATEGIES)}  # the order tables and plots use
 RETRAIN_MODES = ("finetune", "rewind")
 SCHEDULES = ("cosine", "step")

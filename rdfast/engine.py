@@ -25,7 +25,13 @@ from tqdm.auto import tqdm
 
 import rdfast
 from rdfast import store
-from rdfast.config import PRECISIONS, STRATEGIES, PruneSettings, TrainSettings
+from rdfast.config import (
+    PAPER_STRATEGIES,
+    PRECISIONS,
+    STRATEGIES,
+    PruneSettings,
+    TrainSettings,
+)
 from rdfast.data import TensorData, load_dataset
 from rdfast.errors import BadInput, RunFailed
 from rdfast.kernels._backend import cuda_path, interpreting
@@ -51,7 +57,7 @@ class Experiment:
     model: str = "mlp"
     width: float = 1.0
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
-    strategies: tuple[str, ...] = STRATEGIES
+    strategies: tuple[str, ...] = PAPER_STRATEGIES
     train: TrainSettings | None = None
     prune: PruneSettings = field(default_factory=PruneSettings)
     device: str = "auto"
@@ -232,6 +238,10 @@ class Engine:
             "rewind_epoch": p.rewind_epoch if p.retrain == "rewind" else None,
             "exclude": list(p.exclude),
             "masked_kernels": self.exp.masked_kernels,
+            # Rewound survivors train from the rewind epoch to the end of the schedule, the
+            # learning rate resuming there (OpenLTH's lottery loop); the key is absent for
+            # fine-tuning, whose run ids stay as they were.
+            **({"rewind_schedule": "resume"} if p.retrain == "rewind" else {}),
         }
 
     # ------------------------------------------------------------------ pieces
@@ -468,7 +478,7 @@ class Engine:
                 # Dropout and other draws from the global generator start from a state of
                 # this step's own, so a resumed run repeats them exactly.
                 torch.manual_seed(derive_seed(seed, strategy, i, "step"))
-                masks = self._prune_step(model, layers, masks, strategy, seed, i, t)
+                masks = self._prune_step(model, layers, masks, strategy, seed, i, t, dense)
                 kernels = (
                     masked_linear_layers(model, masks)
                     if exp.masked_kernels
@@ -515,7 +525,7 @@ class Engine:
             self.log(f"run {run_id} (seed {seed}, {strategy}) failed: {e}")
             return RunOutcome(run_id, seed, strategy, "failed", str(e))
 
-    def _prune_step(self, model, layers, masks, strategy, seed, i, t):
+    def _prune_step(self, model, layers, masks, strategy, seed, i, t, dense):
         p, tr = self.exp.prune, self.exp.train
         grads = None
         if strategy in ("gp", "up"):
@@ -537,6 +547,7 @@ class Engine:
                 form=p.saliency,
                 eps=p.eps(tr),
                 seed_parts=(seed, i, "rp"),
+                dense_weights={k: dense["model"][f"{k}.weight"] for k in layers},
             )
         except NaNScoreError as e:  # the gradient estimate blew up
             raise RunFailed(f"pruning to t={t:g} failed: {e}") from None
@@ -554,6 +565,7 @@ class Engine:
                 masks=by_param,
                 seed_parts=(seed, i, "rewind"),
                 forward=forward,
+                start_epoch=p.rewind_epoch,
             )
         if p.finetune_epochs == 0:
             return None

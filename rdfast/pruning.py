@@ -79,6 +79,36 @@ def apply_masks(layers: dict[str, nn.Parameter], masks: dict[str, torch.Tensor])
         w.mul_(masks[name].to(w.dtype))
 
 
+def magnitude_counts(dense_weights: dict[str, torch.Tensor], t: float) -> dict[str, int]:
+    """Per layer: how many weights global magnitude pruning of the dense model to ratio t
+    keeps. Non-increasing in t (one score, a rising threshold), so the masks of a run that
+    follows them stay nested."""
+    names = list(dense_weights)
+    ws = [dense_weights[k] for k in names]
+    total = sum(w.numel() for w in ws)
+    ones = [torch.ones_like(w, dtype=torch.bool) for w in ws]
+    kept = prune_lowest_fused(
+        ws, None, ones, total - target_remaining(total, t), strategy="mp", names=names
+    )
+    return {k: int(m.sum()) for k, m in zip(names, kept)}
+
+
+def layer_matched_random(
+    layers: dict[str, nn.Parameter],
+    masks: dict[str, torch.Tensor],
+    counts: dict[str, int],
+    seed_parts: tuple,
+) -> list[torch.Tensor]:
+    """Random pruning inside each layer down to `counts[layer]` kept weights (uniform among
+    the layer's kept weights, seeded): OpenLTH's `layerwise` random pruning."""
+    scores = random_scores(layers, seed_parts)
+    out = []
+    for (name, _), s in zip(layers.items(), scores):
+        n = max(int(masks[name].sum()) - counts[name], 0)
+        out.append(prune_lowest([s], [masks[name]], n, names=[name])[0])
+    return out
+
+
 def prune_to(
     layers: dict[str, nn.Parameter],
     masks: dict[str, torch.Tensor],
@@ -89,11 +119,13 @@ def prune_to(
     form: str = "taylor",
     eps: float = 0.0,
     seed_parts: tuple = (),
+    dense_weights: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """New masks holding round(total / t) weights; the removed weights are zeroed in place.
 
     mp/gp/up score inside the selection passes (no score tensor is stored); rp draws seeded
-    uniform scores.
+    uniform scores over all layers at once; rp-layer draws them inside each layer, down to
+    the per-layer counts magnitude pruning gives `dense_weights` at t.
     """
     total = sum(m.numel() for m in masks.values())
     remaining = sum(int(m.sum()) for m in masks.values())
@@ -102,6 +134,11 @@ def prune_to(
     old = [masks[k] for k in names]
     if strategy == "rp":
         new = prune_lowest(random_scores(layers, seed_parts), old, n, names=names)
+    elif strategy == "rp-layer":
+        if dense_weights is None:
+            raise ValueError("rp-layer needs the dense model's weights")
+        counts = magnitude_counts({k: dense_weights[k] for k in names}, t)
+        new = layer_matched_random(layers, masks, counts, seed_parts)
     else:
         weights = [layers[k].detach() for k in names]
         g = None if grads is None else [grads[k] for k in names]

@@ -34,7 +34,13 @@ from rdfast.analysis import (  # noqa: E402
 from rdfast.config import STRATEGY_ORDER  # noqa: E402
 from rdfast.errors import BadInput  # noqa: E402
 
-COLORS = {"mp": "tab:blue", "gp": "tab:orange", "up": "tab:green", "rp": "tab:red"}
+COLORS = {
+    "mp": "tab:blue",
+    "gp": "tab:orange",
+    "up": "tab:green",
+    "rp": "tab:red",
+    "rp-layer": "tab:purple",
+}
 
 
 def _color(i: int, name: str):

@@ -42,6 +42,7 @@ def train(
     progress=None,
     forward: Callable | None = None,
     resume: dict | None = None,
+    start_epoch: int = 0,
 ) -> dict:
     """Train in place. Epoch e shuffles with a generator derived from `seed_parts + (e,)`.
 
@@ -49,7 +50,8 @@ def train(
     runs forward and loss under bf16 autocast. `resume` = {"epoch", "optimizer"} continues a
     run whose model state is already loaded, at that epoch: with the data order derived per
     epoch, the result is the uninterrupted one bit for bit. `on_epoch_end(epoch, optimizer)`
-    sees the number of finished epochs. Returns {"seconds", "images_per_second",
+    sees the number of finished epochs. `start_epoch` begins a fresh optimizer at that epoch of
+    the schedule (rewound weights retrained to the end, as OpenLTH does). Returns {"seconds", "images_per_second",
     "last_loss"}; raises RunFailed on a NaN/inf loss.
     """
     forward = model if forward is None else forward
@@ -60,7 +62,7 @@ def train(
     opt = torch.optim.SGD(
         params, lr=lr, momentum=settings.momentum, weight_decay=settings.weight_decay
     )
-    first_epoch = 0
+    first_epoch = start_epoch
     if resume is not None:
         opt.load_state_dict(resume["optimizer"])
         first_epoch = int(resume["epoch"])

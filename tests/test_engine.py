@@ -248,3 +248,47 @@ def test_learning_rate_schedules():
     assert [lr_at(e, 1.0, 8, "step") for e in range(8)] == pytest.approx(
         [1, 1, 1, 1, 0.1, 0.1, 0.01, 0.01]
     )
+
+
+def test_rewind_retrains_from_the_rewind_epoch_to_the_end(tmp_path, monkeypatch):
+    """OpenLTH's lottery loop: survivors rewound to epoch k train epochs k..E-1, the learning
+    rate resuming at epoch k; the dense model trains all E epochs."""
+    import rdfast.training as training
+
+    seen = []
+    original = training.lr_at
+
+    def spy(epoch, lr, epochs, schedule):
+        seen.append(epoch)
+        return original(epoch, lr, epochs, schedule)
+
+    monkeypatch.setattr(training, "lr_at", spy)
+    exp = experiment(tmp_path, retrain="rewind", strategies=("mp",), rewind_epoch=1)
+    Engine(exp, progress=False).execute()
+    # Dense: epochs 0, 1, 2; then each of the three pruning steps: epochs 1, 2.
+    assert seen == [0, 1, 2] + [1, 2] * 3
+
+
+def test_layer_matched_random_keeps_magnitude_densities_per_layer(tmp_path):
+    exp = experiment(tmp_path, strategies=("mp", "rp-layer"))
+    Engine(exp, progress=False).execute()
+    dense_dir = next((tmp_path / "dense").iterdir())
+    dense = store.load_torch(dense_dir / "checkpoint.pt")["model"]
+    names = ["fc1", "fc2", "fc3"]
+    ws = [dense[f"{k}.weight"].numpy().reshape(-1) for k in names]
+    flat = np.abs(np.concatenate(ws))
+    total = flat.size
+    for run_dir in (tmp_path / "runs").iterdir():
+        rec = pd.read_parquet(run_dir / "step-3.parquet")
+        if rec["strategy"].iloc[0] != "rp-layer":
+            continue
+        masks = store.load_torch(run_dir / "step-3.pt")["masks"]
+        # numpy: global magnitude pruning of the dense weights to t = 20, counted per layer.
+        keep = np.ones(total, dtype=bool)
+        keep[np.argsort(flat, kind="stable")[: total - round(total / 20.0)]] = False
+        bounds = np.cumsum([0] + [w.size for w in ws])
+        expected = [int(keep[a:b].sum()) for a, b in zip(bounds, bounds[1:])]
+        assert [int(masks[k].sum()) for k in names] == expected
+        # ... but not the magnitude mask itself: random within each layer.
+        mp_keep = torch.from_numpy(keep[bounds[0] : bounds[1]].reshape(masks["fc1"].shape))
+        assert not torch.equal(masks["fc1"], mp_keep)
