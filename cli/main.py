@@ -9,7 +9,7 @@ import click
 
 import rdfast
 from rdfast.config import PRECISIONS
-from rdfast.errors import BadInput
+from rdfast.errors import BadInput, DamagedFile
 
 
 class OneLineErrors(click.Group):
@@ -28,6 +28,12 @@ class OneLineErrors(click.Group):
             sys.exit(2 if isinstance(e, click.UsageError) else e.exit_code)
         except BadInput as e:
             click.echo(f"rdfast: error: {e}", err=True)
+            sys.exit(2)
+        except DamagedFile as e:
+            click.echo(
+                f"rdfast: error: {e}; rerun `rdfast run` with the same settings to recompute it",
+                err=True,
+            )
             sys.exit(2)
         except OSError as e:  # a folder that cannot be written, a full disk: writes are atomic
             where = f": {e.filename}" if e.filename else ""
@@ -69,8 +75,8 @@ def parse_seeds(text: str) -> tuple[int, ...]:
                 seeds.append(int(lo))
     except ValueError:
         raise BadInput(f"malformed --seeds {text!r}; use e.g. 0-4 or 0,2,5") from None
-    if any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
-        raise BadInput(f"--seeds must be distinct non-negative integers, got {text!r}")
+    if any(not 0 <= s < 2**31 for s in seeds) or len(set(seeds)) != len(seeds):
+        raise BadInput(f"--seeds must be distinct integers in 0..2^31-1, got {text!r}")
     return tuple(seeds)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 
 from rdfast.errors import BadInput
@@ -36,12 +37,12 @@ class TrainSettings:
             )
         if self.epochs < 1:
             raise BadInput(f"--epochs must be >= 1, got {self.epochs}")
-        if not self.lr > 0:
-            raise BadInput(f"--lr must be > 0, got {self.lr}")
+        if not 0 < self.lr < math.inf:
+            raise BadInput(f"--lr must be a finite number > 0, got {self.lr}")
         if self.batch_size < 1:
             raise BadInput(f"--batch-size must be >= 1, got {self.batch_size}")
-        if not self.weight_decay >= 0:
-            raise BadInput(f"--weight-decay must be >= 0, got {self.weight_decay}")
+        if not 0 <= self.weight_decay < math.inf:
+            raise BadInput(f"--weight-decay must be a finite number >= 0, got {self.weight_decay}")
         if self.schedule not in SCHEDULES:
             raise BadInput(
                 f"unknown schedule {self.schedule!r}; choose from {', '.join(SCHEDULES)}"
@@ -68,7 +69,7 @@ class PruneSettings:
         r = self.ratios
         if not r:
             raise BadInput("--ratios is empty")
-        if any(not t > 1 for t in r):
+        if any(not 1 < t < math.inf for t in r):
             raise BadInput(f"every ratio must be > 1 (t = 1 is the dense model), got {list(r)}")
         if any(b <= a for a, b in zip(r, r[1:])):
             raise BadInput(f"--ratios must be strictly increasing, got {list(r)}")
@@ -76,14 +77,14 @@ class PruneSettings:
             raise BadInput(f"unknown saliency form {self.saliency!r}; choose from taylor, sum")
         if self.grad_batches < 1:
             raise BadInput(f"--grad-batches must be >= 1, got {self.grad_batches}")
-        if self.up_eps is not None and not self.up_eps >= 0:
-            raise BadInput(f"--up-eps must be >= 0, got {self.up_eps}")
+        if self.up_eps is not None and not 0 <= self.up_eps < math.inf:
+            raise BadInput(f"--up-eps must be a finite number >= 0, got {self.up_eps}")
         if self.retrain not in RETRAIN_MODES:
             raise BadInput(f"unknown retrain mode {self.retrain!r}; choose from finetune, rewind")
         if self.finetune_epochs < 0:
             raise BadInput(f"--finetune-epochs must be >= 0, got {self.finetune_epochs}")
-        if self.finetune_lr is not None and not self.finetune_lr > 0:
-            raise BadInput(f"--finetune-lr must be > 0, got {self.finetune_lr}")
+        if self.finetune_lr is not None and not 0 < self.finetune_lr < math.inf:
+            raise BadInput(f"--finetune-lr must be a finite number > 0, got {self.finetune_lr}")
         if self.retrain == "rewind" and not 0 <= self.rewind_epoch <= train.epochs:
             raise BadInput(
                 f"--rewind-epoch must lie in 0..{train.epochs} (the dense epochs), "

@@ -194,10 +194,30 @@ CIFAR100_FILES = {
 }
 
 
+class _ArraysOnly(pickle.Unpickler):
+    """CIFAR's python files hold dicts of numpy arrays, lists and strings; any other global a
+    pickle names (os.system, say) is refused before it can run."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("_codecs", "encode"),
+    }
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"it names {module}.{name}, which a data file never needs")
+
+
 def _unpickle(path: Path) -> dict:
     try:
         with open(path, "rb") as f:
-            obj = pickle.load(f, encoding="bytes")
+            obj = _ArraysOnly(f, encoding="bytes").load()
     except Exception as e:
         raise BadInput(f"{path}: not a CIFAR pickle ({_reason(e)})") from None
     if not isinstance(obj, dict):
@@ -444,8 +464,12 @@ def _imagefolder(root, path, size, test_frac, seed, augment):
     )
     cache = Path(root) / "imagefolder-cache" / f"{key}.pt"
     if cache.exists():
-        c = store.load_torch(cache)
-        return Raw(c["x_train"], c["y_train"], c["x_test"], c["y_test"], c["classes"], augment)
+        try:
+            c = store.load_torch(cache)
+            return Raw(c["x_train"], c["y_train"], c["x_test"], c["y_test"], c["classes"], augment)
+        except (store.DamagedFile, KeyError) as e:
+            warnings.warn(f"{e}: decoding the images again", DataWarning, stacklevel=2)
+            store.remove(cache)
     if split:
         x_tr, y_tr, classes = _decode_tree(folder / "train", size)
         x_te, y_te, test_classes = _decode_tree(folder / "test", size)

@@ -283,30 +283,55 @@ class Engine:
         path = self._dense_path(seed)
         return not path.exists() and store.lock_holder(path.with_name(".lock")) is not None
 
+    def _read_dense(self, path: Path, key: dict) -> dict | None:
+        """The cached dense model if it is intact and was trained for `key`; else None, with
+        one line saying why (the caller then trains it again, bit for bit)."""
+        if not path.exists():
+            return None
+        try:
+            ckpt = store.load_torch(path)
+            if ckpt.get("key") != store.stable_hash(key):
+                raise store.DamagedFile(
+                    path, f"holds the dense model {ckpt.get('key')}, not {store.stable_hash(key)}"
+                )
+            return ckpt
+        except store.DamagedFile as e:
+            self.log(f"dense checkpoint {e}: training it again")
+            return None
+
     def _load_or_train_dense(self, seed: int) -> dict:
         key = self.dense_key(seed)
         path = self._dense_path(seed, key)
-        if path.exists():
-            return store.load_torch(path)
+        ckpt = self._read_dense(path, key)
+        if ckpt is not None:
+            return ckpt
         lock = path.with_name(".lock")
         with store.locked(lock, wait=False) as held:
             if held:
                 return self._train_dense(seed, key, path)
         self.log(f"dense seed {seed}: waiting for {store.lock_holder(lock) or 'another process'}")
         with store.locked(lock, wait=True):
-            if path.exists():  # trained by the other process
-                return store.load_torch(path)
-            return self._train_dense(seed, key, path)  # it stopped before finishing
+            ckpt = self._read_dense(path, key)  # trained by the other process
+            return ckpt if ckpt is not None else self._train_dense(seed, key, path)
 
     def _train_dense(self, seed: int, key: dict, path: Path) -> dict:
         """Train the dense model of `seed` (resuming partial.pt) and cache it at `path`."""
         exp = self.exp
+        store.remove(path)  # damaged or foreign, if present (the lock is held)
+        for stale in path.parent.glob(".*.tmp"):  # writes a killed process did not finish
+            stale.unlink(missing_ok=True)
         model = self._new_model(seed)
         rewind = {}
         partial_path = path.with_name("partial.pt")
         resume, last_save = None, time.perf_counter()
+        partial = None
         if partial_path.exists():  # an interrupted training: continue at its last epoch
-            partial = store.load_torch(partial_path)
+            try:
+                partial = store.load_torch(partial_path)
+            except store.DamagedFile as e:
+                self.log(f"dense seed {seed}: {e}: training from the start")
+                store.remove(partial_path)
+        if partial is not None:
             model.load_state_dict(partial["model"])
             rewind = partial["rewind"]
             torch.set_rng_state(partial["rng"])
@@ -377,7 +402,7 @@ class Engine:
         }
         store.save_torch(path, ckpt)
         store.write_json(path.with_name("settings.json"), key)
-        partial_path.unlink(missing_ok=True)
+        store.remove(partial_path)
         return ckpt
 
     def _quiet(self):
@@ -407,13 +432,17 @@ class Engine:
         exp, p = self.exp, self.exp.prune
         for stale in run_dir.glob(".*.tmp"):  # a write the last process did not finish
             stale.unlink()
-        done = store.step_files(run_dir)
-        last_done = max(done) if done else -1
+        last_done, state = self._intact_steps(run_id, run_dir)
         manifest_path = run_dir / "manifest.json"
-        manifest = (
-            store.read_json(manifest_path)
-            if manifest_path.exists()
-            else {
+        manifest = None
+        if manifest_path.exists():
+            try:
+                manifest = store.read_json(manifest_path)
+            except store.DamagedFile as e:
+                self.log(f"run {run_id}: {e}: writing it again")
+                store.remove(manifest_path)
+        if not isinstance(manifest, dict):
+            manifest = {
                 "run_id": run_id,
                 "dataset": self.data.name,
                 "model": exp.model,
@@ -422,8 +451,10 @@ class Engine:
                 "settings": {**settings, "train": asdict(exp.train)},
                 "created": _now(),
             }
-        )
         if last_done == len(p.ratios):
+            if manifest.get("status") != "complete":  # killed after its last step
+                manifest.update(status="complete", error=None, updated=_now())
+                store.write_json(manifest_path, manifest)
             bar.update(len(p.ratios))
             return RunOutcome(run_id, seed, strategy, "complete")
         manifest.update(status="running", error=None, updated=_now(), **environment(self.device))
@@ -454,7 +485,6 @@ class Engine:
                 model.load_state_dict(dense["model"])
                 masks = {k: torch.ones_like(w, dtype=torch.bool) for k, w in layers.items()}
             else:
-                state = store.load_torch(run_dir / f"step-{last_done}.pt")
                 model.load_state_dict(state["model"])
                 masks = {k: v.to(self.device) for k, v in state["masks"].items()}
             if last_done < 0:
@@ -524,6 +554,36 @@ class Engine:
             store.write_json(manifest_path, manifest)
             self.log(f"run {run_id} (seed {seed}, {strategy}) failed: {e}")
             return RunOutcome(run_id, seed, strategy, "failed", str(e))
+
+    def _intact_steps(self, run_id: str, run_dir: Path) -> tuple[int, dict | None]:
+        """(last recorded step, its state) after checking every recorded file of the run.
+
+        Records must parse and agree with their confusion matrices, and the latest state must
+        match its checksum. Anything missing or damaged sends the run back to its dense model
+        (every step is recomputed bit for bit: earlier states are not kept), with one line
+        naming the file."""
+        done = store.step_files(run_dir)
+        if not done:
+            return -1, None
+        last, c = max(done), self.data.num_classes
+        n_test = int(self.data.y_test.shape[0])
+        try:
+            for i in range(last + 1):
+                if i not in done:
+                    raise store.DamagedFile(run_dir / f"step-{i}.parquet", "missing")
+                df = store.read_parquet(done[i])
+                cm = store.read_npy(run_dir / f"step-{i}.npy")
+                if cm.shape != (c, c) or int(cm.sum()) != n_test:
+                    raise store.DamagedFile(run_dir / f"step-{i}.npy", "not this run's matrix")
+                if len(df) != c or not np.array_equal(df["correct"].to_numpy(), cm.diagonal()):
+                    raise store.DamagedFile(done[i], "disagrees with its confusion matrix")
+            state = store.load_torch(run_dir / f"step-{last}.pt") if last >= 1 else None
+        except (store.DamagedFile, KeyError) as e:
+            self.log(f"run {run_id}: {e}: recomputing the run from its dense model")
+            for f in run_dir.glob("step-*"):
+                store.remove(f)
+            return -1, None
+        return last, state
 
     def _prune_step(self, model, layers, masks, strategy, seed, i, t, dense):
         p, tr = self.exp.prune, self.exp.train
@@ -600,7 +660,7 @@ class Engine:
         )
         store.write_parquet(run_dir / f"step-{i}.parquet", df)
         if i > 1:
-            (run_dir / f"step-{i - 1}.pt").unlink(missing_ok=True)
+            store.remove(run_dir / f"step-{i - 1}.pt")
 
     # ------------------------------------------------------------------ all runs
     def execute(self) -> list[RunOutcome]:

@@ -15,5 +15,13 @@ class RunFailed(RuntimeError):
     """A run stopped part-way; the message is stored in its manifest."""
 
 
+class DamagedFile(Exception):
+    """A file under OUT that cannot be used as written: truncated, garbled, foreign."""
+
+    def __init__(self, path, why: str):
+        super().__init__(f"{path}: {why}")
+        self.path, self.why = path, why
+
+
 class DataWarning(UserWarning):
     """The data loaded, but something about it deserves a look (e.g. not the official files)."""

@@ -51,8 +51,8 @@ def model_family(name: str) -> str:
 def build_model(
     name: str, input_shape: tuple[int, ...], num_classes: int, width: float
 ) -> nn.Module:
-    if not width > 0:
-        raise BadInput(f"--width must be > 0, got {width}")
+    if not 0 < width < 1e4:  # inf and NaN too; 1e4 x 300 units is past any machine
+        raise BadInput(f"--width must be a number in (0, 10000), got {width}")
     library, _, arch = name.partition(":")
     if arch:
         if library not in EXTERNAL:

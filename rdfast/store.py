@@ -10,7 +10,10 @@
       dense/<key>/.lock, runs/<key>/.lock, .consolidate.lock   held while being written
 
 Every file is written to a temporary name in the same directory and renamed into place, so
-a killed process leaves either the old file or the new one, never half of one. Several
+a killed process leaves either the old file or the new one, never half of one. Every file is
+checked when it is read back (Parquet and JSON by parsing, checkpoints by the sha256 written
+beside them in `<name>.sha256`); a file that fails raises `DamagedFile` naming it, and the
+engine recomputes what it held (everything in OUT can be recomputed bit for bit). Several
 processes may share one OUT (a grid split over seeds or strategies, or identical commands
 sharing the work): a run is written by one process at a time, a dense model is trained once
 while the others wait for it, and consolidations take turns. The locks are `flock` locks,
@@ -24,6 +27,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import socket
 import tempfile
 from collections.abc import Callable, Iterator
@@ -32,7 +36,11 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
+
+from rdfast.errors import DamagedFile
 
 try:
     import fcntl
@@ -40,6 +48,8 @@ except ImportError:  # pragma: no cover - Windows: no advisory locks, one proces
     fcntl = None
 
 RECORDS_VERSION = 1
+
+
 
 
 def stable_hash(obj: Any, length: int = 12) -> str:
@@ -108,7 +118,24 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 def read_json(path: Path) -> Any:
-    return json.loads(Path(path).read_text())
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise DamagedFile(path, f"unreadable JSON ({type(e).__name__})") from None
+
+
+def read_parquet(path: Path, **kw) -> pd.DataFrame:
+    try:
+        return pd.read_parquet(path, **kw)
+    except (OSError, ValueError) as e:  # pyarrow's errors derive from these
+        raise DamagedFile(path, f"unreadable Parquet ({type(e).__name__})") from None
+
+
+def read_npy(path: Path) -> np.ndarray:
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise DamagedFile(path, f"unreadable array ({type(e).__name__})") from None
 
 
 def write_parquet(path: Path, df: pd.DataFrame) -> None:
@@ -119,12 +146,47 @@ def write_npy(path: Path, array: np.ndarray) -> None:
     atomic_write(path, lambda f: np.save(f, array, allow_pickle=False))
 
 
+def _digest_path(path: Path) -> Path:
+    path = Path(path)
+    return path.with_name(f"{path.name}.sha256")
+
+
 def save_torch(path: Path, obj: Any) -> None:
-    atomic_write(path, lambda f: torch.save(obj, f))
+    """The checkpoint, then its sha256 beside it (a kill between the two leaves a digest that
+    does not match: the checkpoint is then taken for damaged and recomputed)."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    data = buf.getvalue()
+    atomic_write(path, lambda f: f.write(data))
+    digest = hashlib.sha256(data).hexdigest().encode()
+    atomic_write(_digest_path(path), lambda f: f.write(digest))
 
 
 def load_torch(path: Path) -> Any:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """A checkpoint written by `save_torch`, checked against its sha256 first."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise DamagedFile(path, f"unreadable ({e.strerror or type(e).__name__})") from None
+    digest = _digest_path(path)
+    if not digest.exists():
+        raise DamagedFile(path, "no checksum beside it")
+    if hashlib.sha256(data).hexdigest() != digest.read_text().strip():
+        raise DamagedFile(path, "checksum mismatch (truncated or changed)")
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:  # the bytes match what was written: an incompatible checkpoint
+        raise DamagedFile(path, f"cannot be loaded ({type(e).__name__})") from None
+
+
+def remove(path: Path) -> None:
+    """A file and its checksum, if present; a directory where a file belongs, too."""
+    for p in (Path(path), _digest_path(path)):
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink(missing_ok=True)
 
 
 def step_files(run_dir: Path) -> dict[int, Path]:
@@ -135,22 +197,38 @@ def step_files(run_dir: Path) -> dict[int, Path]:
     return out
 
 
+def sources_digest(files) -> str:
+    """Content fingerprint of a set of step files: their names and the sha256 of their bytes."""
+    h = hashlib.sha256()
+    for p in sorted(files):
+        h.update(f"{Path(p).parent.name}/{Path(p).name}:".encode())
+        h.update(hashlib.sha256(Path(p).read_bytes()).digest())
+    return h.hexdigest()
+
+
+SOURCES_KEY = b"rdfast_sources"
+
+
 def load_records(out_dir: Path, prefer_consolidated: bool = False) -> pd.DataFrame:
     """All per-class records under `out_dir`, completed steps of unfinished runs included.
 
-    With `prefer_consolidated`, OUT/records.parquet is read instead of the per-step files
-    when no step file is newer than it (one file instead of thousands for large studies).
+    With `prefer_consolidated`, OUT/records.parquet is read instead of the per-step files when
+    it was made from exactly the step files there are now, byte for byte (the fingerprint it
+    carries; never the modification times, which a concurrent writer can leave older than
+    the steps it already read).
     """
     files = sorted(Path(out_dir).glob("runs/*/step-*.parquet"))
     merged = Path(out_dir) / "records.parquet"
     if not files:
-        return (
-            pd.read_parquet(merged) if prefer_consolidated and merged.exists() else pd.DataFrame()
-        )
+        return read_parquet(merged) if prefer_consolidated and merged.exists() else pd.DataFrame()
     if prefer_consolidated and merged.exists():
-        if merged.stat().st_mtime_ns >= max(p.stat().st_mtime_ns for p in files):
-            return pd.read_parquet(merged)
-    df = pd.concat([pd.read_parquet(p) for p in files], ignore_index=True)
+        try:
+            meta = pq.read_schema(merged).metadata or {}
+        except (OSError, ValueError):
+            meta = {}
+        if meta.get(SOURCES_KEY, b"").decode() == sources_digest(files):
+            return read_parquet(merged)
+    df = pd.concat([read_parquet(p) for p in files], ignore_index=True)
     return df.sort_values(["run_id", "step", "class"], kind="stable").reset_index(drop=True)
 
 
@@ -161,8 +239,8 @@ def load_confusion(out_dir: Path) -> pd.DataFrame:
         npy = rec.with_suffix(".npy")
         if not npy.exists():
             continue
-        meta = pd.read_parquet(rec, columns=["run_id", "step", "t_target"]).iloc[0]
-        cm = np.load(npy)
+        meta = read_parquet(rec, columns=["run_id", "step", "t_target"]).iloc[0]
+        cm = read_npy(npy)
         c = cm.shape[0]
         frames.append(
             pd.DataFrame(
@@ -182,13 +260,22 @@ def load_confusion(out_dir: Path) -> pd.DataFrame:
 
 
 def consolidate(out_dir: Path) -> Path | None:
-    """Rewrite OUT/records.parquet and OUT/confusion.parquet from the per-step files."""
+    """Rewrite OUT/records.parquet and OUT/confusion.parquet from the per-step files; the
+    records carry the fingerprint of the step files they were made from."""
     out_dir = Path(out_dir)
     # One at a time: the last to take the lock reads the most complete set of steps.
     with locked(out_dir / ".consolidate.lock", wait=True):
+        for stale in out_dir.glob(".*.tmp"):  # a consolidation killed mid-write
+            stale.unlink(missing_ok=True)
+        files = sorted(out_dir.glob("runs/*/step-*.parquet"))
+        digest = sources_digest(files)
         records = load_records(out_dir)
         if records.empty:
             return None
-        write_parquet(out_dir / "records.parquet", records)
+        table = pa.Table.from_pandas(records, preserve_index=False)
+        table = table.replace_schema_metadata(
+            {**(table.schema.metadata or {}), SOURCES_KEY: digest.encode()}
+        )
+        atomic_write(out_dir / "records.parquet", lambda f: pq.write_table(table, f))
         write_parquet(out_dir / "confusion.parquet", load_confusion(out_dir))
     return out_dir / "records.parquet"

@@ -1,0 +1,181 @@
+"""Damaged, missing and foreign files in --out, and bad settings: the results equal the
+undamaged reference bit for bit after a rerun, or one line names the path with exit code 2.
+
+One small digits study (one seed, mp and rp, ratios 2 and 4) is the reference; each case
+copies it, damages one file, reruns, and compares records and confusion matrices.
+"""
+
+from __future__ import annotations
+
+import pickle
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from rdfast import store
+from rdfast.cli.main import cli
+from tests.conftest import run_args
+
+ARGS = dict(seeds="0", ratios="2,4", epochs="2", extra=("--strategy", "mp,rp"))
+VOLATILE = ["seconds"]
+
+
+def run(out, **kw):
+    res = CliRunner().invoke(cli, run_args(out, **{**ARGS, **kw}))
+    return res
+
+
+def tables(out):
+    records = store.load_records(out).drop(columns=VOLATILE)
+    cms = {
+        str(p.relative_to(out)): np.load(p) for p in sorted(out.glob("runs/*/step-*.npy"))
+    }
+    return records, cms
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("reference")
+    res = run(out)
+    assert res.exit_code == 0, res.output
+    return out
+
+
+def assert_same(out, reference):
+    a, cms_a = tables(out)
+    b, cms_b = tables(reference)
+    pd.testing.assert_frame_equal(a, b)
+    assert cms_a.keys() == cms_b.keys()
+    for k in cms_a:
+        np.testing.assert_array_equal(cms_a[k], cms_b[k])
+
+
+def copy_of(reference, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(reference, out)
+    return out
+
+
+def damage(path, how):
+    if how == "truncate":
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    elif how == "garble":
+        data = bytearray(path.read_bytes())
+        for i in range(len(data) // 3, len(data) // 3 + 16):
+            data[i] ^= 0xFF
+        path.write_bytes(bytes(data))
+    elif how == "empty":
+        path.write_bytes(b"")
+    elif how == "delete":
+        path.unlink()
+    elif how == "directory":
+        path.unlink()
+        path.mkdir()
+
+
+STEP_FILES = ["step-1.parquet", "step-1.npy", "step-2.npy", "step-2.pt", "manifest.json"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", STEP_FILES)
+@pytest.mark.parametrize("how", ["truncate", "garble", "empty", "delete", "directory"])
+def test_damaged_run_files_are_recomputed_bit_for_bit(reference, tmp_path, name, how):
+    out = copy_of(reference, tmp_path)
+    victim = sorted(out.glob(f"runs/*/{name}"))[0]
+    damage(victim, how)
+    res = run(out)
+    assert res.exit_code == 0, res.output
+    assert_same(out, reference)
+    # analyze and status read the repaired folder like the reference.
+    assert CliRunner().invoke(cli, ["analyze", str(out)]).exit_code == 0
+    status = CliRunner().invoke(cli, ["status", str(out)])
+    assert status.exit_code == 0 and "interrupted" not in status.output
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["truncate", "garble", "foreign"])
+def test_damaged_or_foreign_dense_checkpoint_is_trained_again(reference, tmp_path, how):
+    out = copy_of(reference, tmp_path)
+    ckpt = next(out.glob("dense/*/checkpoint.pt"))
+    if how == "foreign":  # another seed's dense model copied over this one
+        other = tmp_path / "other"
+        assert run(other, seeds="1").exit_code == 0
+        foreign = next(other.glob("dense/*/checkpoint.pt"))
+        shutil.copy(foreign, ckpt)
+        shutil.copy(foreign.with_name("checkpoint.pt.sha256"), ckpt.with_name("checkpoint.pt.sha256"))
+    else:
+        damage(ckpt, how)
+    for run_dir in out.glob("runs/*"):  # the runs must be recomputed from the dense model
+        shutil.rmtree(run_dir)
+    res = run(out)
+    assert res.exit_code == 0, res.output
+    assert "training it again" in res.output
+    assert_same(out, reference)
+
+
+def test_damaged_records_give_one_line_naming_the_file(reference, tmp_path):
+    out = copy_of(reference, tmp_path)
+    victim = sorted(out.glob("runs/*/step-1.parquet"))[0]
+    damage(victim, "truncate")
+    for cmd in (["analyze", str(out)], ["report", str(out), "-o", str(tmp_path / "rep")]):
+        res = CliRunner().invoke(cli, cmd)
+        assert res.exit_code == 2, res.output
+        lines = res.stderr.strip().splitlines()
+        assert len(lines) == 1 and "step-1.parquet" in lines[0], res.stderr
+    assert not (tmp_path / "rep").exists()
+
+
+def test_consolidated_records_are_used_only_when_made_from_these_steps(reference, tmp_path):
+    """Freshness by content: a records.parquet made from other step files (a concurrent
+    writer's older view) is never read, whatever its modification time."""
+    out = copy_of(reference, tmp_path)
+    full = store.load_records(out)
+    # A consolidated file that lacks the last step of one run, and is newer than every step.
+    stale = full[~((full["run_id"] == full["run_id"].iloc[0]) & (full["step"] == 2))]
+    store.write_parquet(out / "records.parquet", stale)
+    got = store.load_records(out, prefer_consolidated=True)
+    pd.testing.assert_frame_equal(got, full)
+    store.consolidate(out)
+    pd.testing.assert_frame_equal(store.load_records(out, prefer_consolidated=True), full)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--up-eps", "inf"], "--up-eps must be a finite number"),
+        (["--lr", "inf"], "--lr must be a finite number"),
+        (["--weight-decay", "nan"], "--weight-decay must be a finite number"),
+        (["--width", "inf"], "--width must be a number"),
+        (["--ratios", "2,inf"], "every ratio must be"),
+        (["--seeds", "99999999999999999999"], "--seeds must be distinct integers"),
+    ],
+)
+def test_non_finite_settings_are_refused_before_anything_is_written(tmp_path, flags, message):
+    out = tmp_path / "out"
+    res = CliRunner().invoke(cli, [*run_args(out, **ARGS), *flags])
+    assert res.exit_code == 2, res.output
+    assert message in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert not out.exists()
+
+
+def test_cifar_files_are_read_without_running_code(tmp_path, monkeypatch):
+    from rdfast.data import load_dataset
+    from rdfast.errors import BadInput
+    from tests.official_formats import write_cifar10
+
+    monkeypatch.setenv("RDFAST_OFFLINE", "1")
+    folder = write_cifar10(tmp_path)
+    marker = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self):
+            return (shutil.copy, (str(folder / "batches.meta"), str(marker)))
+
+    (folder / "data_batch_2").write_bytes(pickle.dumps({b"data": Evil()}, protocol=2))
+    with pytest.warns(UserWarning), pytest.raises(BadInput, match="data_batch_2: not a CIFAR"):
+        load_dataset("cifar10", tmp_path)
+    assert not marker.exists()
