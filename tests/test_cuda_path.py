@@ -25,9 +25,16 @@ import rdfast.kernels.selection as selection_mod
 from rdfast import store
 from rdfast.config import PruneSettings, train_settings
 from rdfast.engine import Engine, Experiment
+from rdfast.kernels import confusion_matrix
+from rdfast.kernels._backend import interpreting
+from rdfast.models import build_model, prunable_layers
+from rdfast.pruning import prune_to
 from tests.official_formats import write_cifar10
 
 pytestmark = pytest.mark.slow
+on_cpu_through_the_interpreter = pytest.mark.skipif(
+    not interpreting(), reason="emulates CUDA on the CPU: needs TRITON_INTERPRET=1"
+)
 
 
 def experiment(out, dataset, model, data_root):
@@ -68,6 +75,7 @@ def cifar10(tmp_path, monkeypatch):
     return write_cifar10(tmp_path / "data", per_batch=60, n_test=200)
 
 
+@on_cpu_through_the_interpreter
 @pytest.mark.parametrize("model", ["lenet5", "resnet20"])
 def test_cuda_path_equals_cpu_path(tmp_path, monkeypatch, shared_data, cifar10, model):
     if model == "lenet5":
@@ -124,3 +132,54 @@ def test_cuda_path_equals_cpu_path(tmp_path, monkeypatch, shared_data, cifar10, 
     ra = store.load_records(tmp_path / "cpu")[cols].sort_values(cols[:3]).reset_index(drop=True)
     rb = store.load_records(tmp_path / "cuda-path")[cols].sort_values(cols[:3])
     pd.testing.assert_frame_equal(ra, rb.reset_index(drop=True))
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or interpreting(), reason="needs a GPU and compiled kernels"
+)
+@pytest.mark.parametrize("model", ["lenet5", "resnet20"])
+def test_gpu_selection_and_confusion_equal_the_cpu(model):
+    """On a real GPU: the same weights, gradients and masks, pruned on CUDA (channels_last,
+    compiled Triton kernels) and on the CPU (torch path), give the same masks bit for bit at
+    every step; the same logits give the same confusion matrix."""
+    shape, classes = ((1, 28, 28), 10) if model == "lenet5" else ((3, 32, 32), 100)
+    torch.manual_seed(0)
+    net = build_model(model, shape, classes, 0.25 if model == "resnet20" else 1.0)
+    x = torch.randn(64, *shape)
+    y = torch.randint(0, classes, (64,))
+    torch.nn.functional.cross_entropy(net(x), y).backward()
+    cpu = prunable_layers(net)
+    grads = {k: w.grad.detach().clone() for k, w in cpu.items()}
+    dense = {k: w.detach().clone() for k, w in cpu.items()}
+
+    def on_gpu(t):
+        t = t.detach().cuda()
+        return t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t
+
+    for strategy in ("mp", "up", "rp", "rp-layer"):
+        layers_cpu = {k: torch.nn.Parameter(w.clone()) for k, w in dense.items()}
+        layers_gpu = {k: torch.nn.Parameter(on_gpu(w)) for k, w in dense.items()}
+        masks_cpu = {k: torch.ones_like(w, dtype=torch.bool) for k, w in layers_cpu.items()}
+        masks_gpu = {k: torch.ones_like(w, dtype=torch.bool) for k, w in layers_gpu.items()}
+        for t in (2.0, 4.0, 16.0):
+            kw = dict(form="taylor", eps=5e-4, seed_parts=(0, t, "rp"))
+            masks_cpu = prune_to(
+                layers_cpu, masks_cpu, t, strategy, grads=grads, dense_weights=dense, **kw
+            )
+            masks_gpu = prune_to(
+                layers_gpu,
+                masks_gpu,
+                t,
+                strategy,
+                grads={k: on_gpu(g) for k, g in grads.items()},
+                dense_weights={k: on_gpu(w) for k, w in dense.items()},
+                **kw,
+            )
+            for k in masks_cpu:
+                assert torch.equal(masks_cpu[k], masks_gpu[k].cpu()), (strategy, t, k)
+    with torch.no_grad():
+        logits = net.eval()(torch.randn(5000, *shape))
+    targets = torch.randint(0, classes, (5000,))
+    expected = confusion_matrix(logits, targets, classes, backend="torch")
+    got = confusion_matrix(logits.cuda(), targets.cuda(), classes)
+    assert torch.equal(got.cpu(), expected)
