@@ -234,6 +234,7 @@ def load_dataset(spec: str, root: Path | str | None = None) -> TensorData:
     root = Path(root).expanduser() if root is not None else DEFAULT_DATA_ROOT
     own = {k: v for k, v in opts.items() if k in entry.options}
     raw = entry.load(root, **own)
+    _check_labels(name, raw)
     x_tr, y_tr = _stratified_subset(raw.x_train, raw.y_train, int(opts["train"]), "training")
     x_te, y_te = _stratified_subset(raw.x_test, raw.y_test, int(opts["test"]), "test")
     if not x_tr.is_floating_point() and x_tr.dtype != torch.uint8:
@@ -250,6 +251,17 @@ def load_dataset(spec: str, root: Path | str | None = None) -> TensorData:
         std,
         raw.augment,
     )
+
+
+def _check_labels(name: str, raw: Raw) -> None:
+    """As many labels as inputs, every label a class: checked before anything trains."""
+    c = len(raw.class_names)
+    for split, x, y in (("training", raw.x_train, raw.y_train), ("test", raw.x_test, raw.y_test)):
+        if len(x) != len(y):
+            raise BadInput(f"{name}: {len(x)} {split} inputs but {len(y)} labels")
+        if len(y) and (int(y.min()) < 0 or int(y.max()) >= c):
+            bad = int(y.min()) if int(y.min()) < 0 else int(y.max())
+            raise BadInput(f"{name}: {split} label {bad} outside the {c} classes 0..{c - 1}")
 
 
 def _register_builtin():

@@ -34,9 +34,17 @@ def _md5(path: Path) -> str:
     return h.hexdigest()
 
 
-def _check_official(folder: Path, files: dict[str, str], what: str) -> None:
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _check_official(folder: Path, files: dict[str, str], what: str, digest=_md5) -> None:
     """Warn once, naming the files, when they are not the official archive's."""
-    differ = [name for name, md5 in files.items() if _md5(folder / name) != md5]
+    differ = [name for name, want in files.items() if digest(folder / name) != want]
     if differ:
         warnings.warn(
             f"{what} files in {folder} differ from the official archive ({', '.join(differ)}): "
@@ -133,6 +141,28 @@ _MNIST_FILES = (
 )
 
 
+# SHA-256 of the official MNIST idx files, uncompressed (the gz archives torchvision checks
+# have other digests). Fashion-MNIST's copy here is re-split: no official digests to hold it to.
+MNIST_SHA256 = {
+    "train-images-idx3-ubyte": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
+    "train-labels-idx1-ubyte": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
+    "t10k-images-idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+    "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
+}
+IDX_MAGIC = {"images": 2051, "labels": 2049}  # ubyte data, 3 dimensions / 1 dimension
+
+
+def _check_idx_headers(raw: Path) -> None:
+    for name in _MNIST_FILES:
+        path = raw / name
+        with open(path, "rb") as f:
+            head = f.read(4)
+        want = IDX_MAGIC["images" if "images" in name else "labels"]
+        got = int.from_bytes(head, "big") if len(head) == 4 else None
+        if got != want:
+            raise BadInput(f"{path}: not an idx {name.split('-')[1]} file (magic {got}, want {want})")
+
+
 def _torchvision_mnist(cls, folder, root):
     raw = Path(root) / folder / "raw"
 
@@ -140,6 +170,9 @@ def _torchvision_mnist(cls, folder, root):
         cls(str(root), train=True, download=True)
 
     _fetch(download, raw, _MNIST_FILES, folder, f"{folder}'s four idx files")
+    _check_idx_headers(raw)
+    if folder == "MNIST":
+        _check_official(raw, MNIST_SHA256, "MNIST", digest=_sha256)
     try:
         train = cls(str(root), train=True, download=False)
         test = cls(str(root), train=False, download=False)

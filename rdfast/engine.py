@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import functools
+import os
 import platform
 import subprocess
 import time
@@ -205,8 +206,13 @@ class Engine:
         check_ratios(sum(w.numel() for w in layers.values()), exp.prune.ratios)
         self.data = data.to(self.device)
         self.out = Path(exp.out)
-        if self.out.exists() and not self.out.is_dir():
-            raise BadInput(f"--out {self.out} exists and is not a directory")
+        for p in (self.out, *self.out.absolute().parents):
+            if p.exists():
+                if not p.is_dir():
+                    raise BadInput(f"--out {self.out}: {p} exists and is not a directory")
+                if not os.access(p, os.W_OK | os.X_OK):
+                    raise BadInput(f"--out {self.out}: {p} is not writable")
+                break
 
     # ------------------------------------------------------------------ keys
     def dense_key(self, seed: int) -> dict:
@@ -220,6 +226,9 @@ class Engine:
             "train": asdict(exp.train),
             "rewind_epoch": exp.prune.rewind_epoch if exp.prune.retrain == "rewind" else None,
             "device": self.device.type,
+            # CPU reductions split work by thread: 1 and 2 threads give losses that differ in
+            # the 7th digit, so the thread count is part of what a CPU model is.
+            **({"threads": torch.get_num_threads()} if self.device.type == "cpu" else {}),
         }
 
     def run_settings(self, seed: int, strategy: str) -> dict:

@@ -48,6 +48,8 @@ except ImportError:  # pragma: no cover - Windows: no advisory locks, one proces
     fcntl = None
 
 RECORDS_VERSION = 1
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # read the process's umask (setting it is the only way) and put it back
 
 
 
@@ -68,6 +70,7 @@ def atomic_write(path: Path, write: Callable[[io.BufferedWriter], None]) -> None
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; results are for sharing
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

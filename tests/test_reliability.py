@@ -179,3 +179,49 @@ def test_cifar_files_are_read_without_running_code(tmp_path, monkeypatch):
     with pytest.warns(UserWarning), pytest.raises(BadInput, match="data_batch_2: not a CIFAR"):
         load_dataset("cifar10", tmp_path)
     assert not marker.exists()
+
+
+def mnist_copy(shared_data, tmp_path):
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for f in (shared_data / "MNIST" / "raw").iterdir():
+        if "images" in f.name:
+            (raw / f.name).symlink_to(f)
+        else:
+            shutil.copy(f, raw / f.name)
+    return raw
+
+
+def test_malformed_mnist_files_are_caught(shared_data, tmp_path):
+    from rdfast.data import load_dataset
+    from rdfast.errors import BadInput, DataWarning
+
+    raw = mnist_copy(shared_data, tmp_path)
+    labels = raw / "t10k-labels-idx1-ubyte"
+    original = labels.read_bytes()
+    # Labels shifted by one: a valid file, not the official one.
+    labels.write_bytes(original[:8] + original[9:] + original[8:9])
+    with pytest.warns(DataWarning, match="t10k-labels-idx1-ubyte"):
+        load_dataset("mnist:train=100,test=100", tmp_path)
+    # A label of 200.
+    labels.write_bytes(original[:8] + bytes([200]) + original[9:])
+    with pytest.warns(DataWarning), pytest.raises(BadInput, match="test label 200 outside"):
+        load_dataset("mnist", tmp_path)
+    # 9,000 labels for 10,000 images.
+    labels.write_bytes(original[:4] + (9000).to_bytes(4, "big") + original[8 : 8 + 9000])
+    with pytest.warns(DataWarning), pytest.raises(BadInput, match="10000 test inputs but 9000"):
+        load_dataset("mnist", tmp_path)
+    # A wrong magic number: the file is named.
+    labels.write_bytes(b"\0\0\x08\x03" + original[4:])
+    with pytest.raises(BadInput, match="t10k-labels-idx1-ubyte: not an idx labels file"):
+        load_dataset("mnist", tmp_path)
+
+
+def test_out_below_a_file_is_refused_and_results_are_readable_by_others(reference, tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    res = run(afile / "sub")
+    assert res.exit_code == 2 and "exists and is not a directory" in res.stderr
+    assert afile.read_text() == "x"
+    modes = {p.stat().st_mode & 0o777 for p in reference.rglob("*") if p.is_file()}
+    assert all(m & 0o044 == 0o044 for m in modes), modes
