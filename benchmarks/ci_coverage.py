@@ -34,9 +34,7 @@ def coverage(method: str, n: int, ci: float, dist: str, reps: int, seed: int = 0
     samples = draw(rng, (reps, n))
     if method == "t":
         s = pd.DataFrame(samples)
-        low, high = _t_interval(
-            s.mean(axis=1), s.std(axis=1), pd.Series(np.full(reps, n)), ci
-        )
+        low, high = _t_interval(s.mean(axis=1), s.std(axis=1), pd.Series(np.full(reps, n)), ci)
     else:
         arrays = pd.Series(list(samples))
         # One seed per replicate, as each `rdfast analyze` draws its own resampling indices:

@@ -18,9 +18,9 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # recording runs the kernels on 
 import pandas as pd  # noqa: E402
 import triton  # noqa: E402
 
+from benchmarks.aot import compile_in_subprocess, representative_launches  # noqa: E402
 from benchmarks.conftest import RESULTS, commit  # noqa: E402
 from rdfast.analysis import markdown  # noqa: E402
-from rdfast.kernels._aot import compile_in_subprocess, representative_launches  # noqa: E402
 
 
 def summary(table: pd.DataFrame) -> pd.DataFrame:

@@ -170,25 +170,31 @@ def selection(rec: Recorder, device: str, total: int, tensors: int, rounds: int)
 def confusion(rec: Recorder, device: str, shapes, rounds: int):
     import torch
 
-    from rdfast.kernels import confusion_matrix
-
     for n, c in shapes:
         gen = torch.Generator(device=device).manual_seed(0)
         x = torch.randn(n, c, device=device, generator=gen)
         y = torch.randint(0, c, (n,), device=device, generator=gen)
         group = f"confusion-{n:.0e}x{c}"
-        cases = {
-            "rdfast": lambda: confusion_matrix(x, y, c),
-            "argmax_bincount": lambda: torch.bincount(y * c + x.argmax(1), minlength=c * c),
-        }
-        try:
-            from torchmetrics.functional.classification import multiclass_confusion_matrix
-
-            cases["torchmetrics"] = lambda: multiclass_confusion_matrix(x, y, num_classes=c)
-        except ImportError:
-            pass
-        for case, fn in cases.items():
+        for case, fn in _confusion_cases(x, y, c).items():
             rec.add(group, case, timed(fn, device, rounds), x.numel() * 4 + y.numel() * 8)
+
+
+def _confusion_cases(x, y, c) -> dict:
+    import torch
+
+    from rdfast.kernels import confusion_matrix
+
+    cases = {
+        "rdfast": lambda: confusion_matrix(x, y, c),
+        "argmax_bincount": lambda: torch.bincount(y * c + x.argmax(1), minlength=c * c),
+    }
+    try:
+        from torchmetrics.functional.classification import multiclass_confusion_matrix
+
+        cases["torchmetrics"] = lambda: multiclass_confusion_matrix(x, y, num_classes=c)
+    except ImportError:
+        pass
+    return cases
 
 
 def masked_linear_gemm(rec: Recorder, device: str, batches, rounds: int, features: int):
@@ -205,8 +211,14 @@ def masked_linear_gemm(rec: Recorder, device: str, batches, rounds: int, feature
     for b in batches:
         x = torch.randn(b, features, device=device, generator=gen).to(dtype)
         group = f"masked-linear-{features}x{features}-{str(dtype)[6:]}-batch{b}"
-        rec.add(group, "rdfast", timed(lambda x=x: masked_linear(x, w, mask, backend=backend), device, rounds))
-        rec.add(group, "F.linear(x, w*mask)", timed(lambda x=x: F.linear(x, w * mask), device, rounds))
+        rec.add(
+            group,
+            "rdfast",
+            timed(lambda x=x: masked_linear(x, w, mask, backend=backend), device, rounds),
+        )
+        rec.add(
+            group, "F.linear(x, w*mask)", timed(lambda x=x: F.linear(x, w * mask), device, rounds)
+        )
 
 
 def resnet_throughput(rec: Recorder, device: str, n: int):

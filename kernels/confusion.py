@@ -67,7 +67,9 @@ if HAS_TRITON:
                 ok = row_ok[:, None] & (cols[None, :] < C)
                 x = to_f32(
                     tl.load(
-                        x_ptr + rows[:, None] * stride_n + cols[None, :] * stride_c, mask=ok, other=0
+                        x_ptr + rows[:, None] * stride_n + cols[None, :] * stride_c,
+                        mask=ok,
+                        other=0,
                     )
                 )
                 k = tl.where(ok, _order_key(x), -0x7FFFFFFF - 1)

@@ -145,7 +145,9 @@ class _Source:
                 if buf_x is None:
                     buf_x = torch.empty(CHUNK, dtype=torch.float32, device=x.device)
                     buf_m = (
-                        None if masks is None else torch.empty(CHUNK, dtype=torch.bool, device=x.device)
+                        None
+                        if masks is None
+                        else torch.empty(CHUNK, dtype=torch.bool, device=x.device)
                     )
                 buf_x[fill : fill + size] = x
                 if buf_m is not None:

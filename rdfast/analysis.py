@@ -25,7 +25,7 @@ from scipy import stats
 
 from rdfast import store
 from rdfast.config import STRATEGY_ORDER
-from rdfast.errors import BadInput
+from rdfast.errors import BadInput, DamagedFile
 
 DEFAULT_BY = ("strategy", "saliency", "dataset", "model", "width")
 RUN_COLUMNS = (
@@ -168,7 +168,7 @@ def attach_settings(records: pd.DataFrame, runs_dir: Path) -> pd.DataFrame:
                 "settings"
             ]
             settings = dict(settings)
-        except (OSError, ValueError, KeyError, TypeError):
+        except (DamagedFile, KeyError, TypeError):  # missing or foreign: no protocol known
             continue
         rest = {k: v for k, v in settings.items() if k not in ("dense_id", *STRATEGY_SETTINGS)}
         protocol[run_id] = store.stable_hash(rest)
@@ -380,7 +380,9 @@ def _note_unpaired(others, base, pairs, keys, baseline, notes) -> None:
             f"{n_other_settings} share the dense model with a {baseline} run but not its "
             "ratios or retraining settings"
         )
-    notes.append(f"{len(lone)} runs are left out of the comparison with {baseline}: {'; '.join(why)}")
+    notes.append(
+        f"{len(lone)} runs are left out of the comparison with {baseline}: {'; '.join(why)}"
+    )
 
 
 def _t_interval(mean, sd, n, ci):
@@ -591,7 +593,9 @@ def _what_differs(records, sub: pd.DataFrame, col: str) -> str:
     if not names:
         return "their settings"
     k = names[0]
-    return f"{k} ({a.get(k)} vs {b.get(k)})" + (f" and {len(names) - 1} more" if len(names) > 1 else "")
+    return f"{k} ({a.get(k)} vs {b.get(k)})" + (
+        f" and {len(names) - 1} more" if len(names) > 1 else ""
+    )
 
 
 def _note_differing_t(runs, by, notes):

@@ -38,11 +38,11 @@ class TrainSettings:
         if self.epochs < 1:
             raise BadInput(f"--epochs must be >= 1, got {self.epochs}")
         if not 0 < self.lr < math.inf:
-            raise BadInput(f"--lr must be a finite number > 0, got {self.lr}")
+            raise BadInput(f"--lr must be > 0 and finite, got {self.lr}")
         if self.batch_size < 1:
             raise BadInput(f"--batch-size must be >= 1, got {self.batch_size}")
         if not 0 <= self.weight_decay < math.inf:
-            raise BadInput(f"--weight-decay must be a finite number >= 0, got {self.weight_decay}")
+            raise BadInput(f"--weight-decay must be >= 0 and finite, got {self.weight_decay}")
         if self.schedule not in SCHEDULES:
             raise BadInput(
                 f"unknown schedule {self.schedule!r}; choose from {', '.join(SCHEDULES)}"
@@ -78,13 +78,13 @@ class PruneSettings:
         if self.grad_batches < 1:
             raise BadInput(f"--grad-batches must be >= 1, got {self.grad_batches}")
         if self.up_eps is not None and not 0 <= self.up_eps < math.inf:
-            raise BadInput(f"--up-eps must be a finite number >= 0, got {self.up_eps}")
+            raise BadInput(f"--up-eps must be >= 0 and finite, got {self.up_eps}")
         if self.retrain not in RETRAIN_MODES:
             raise BadInput(f"unknown retrain mode {self.retrain!r}; choose from finetune, rewind")
         if self.finetune_epochs < 0:
             raise BadInput(f"--finetune-epochs must be >= 0, got {self.finetune_epochs}")
         if self.finetune_lr is not None and not 0 < self.finetune_lr < math.inf:
-            raise BadInput(f"--finetune-lr must be a finite number > 0, got {self.finetune_lr}")
+            raise BadInput(f"--finetune-lr must be > 0 and finite, got {self.finetune_lr}")
         if self.retrain == "rewind" and not 0 <= self.rewind_epoch <= train.epochs:
             raise BadInput(
                 f"--rewind-epoch must lie in 0..{train.epochs} (the dense epochs), "

@@ -1,7 +1,9 @@
-"""Datasets as device-resident tensors, and the registry that names them.
+"""Datasets as device-resident tensors, named by specs.
 
 Add a dataset in one place (`rdfast/datasets.py`): a function decorated with
-`@register_dataset` that returns a `Raw` (CPU tensors, uint8 images or float features).
+`@register_dataset` (from `rdfast.dataset_registry`) that returns a `Raw` (CPU tensors, uint8
+images or float features). The registry imports nothing of this module, and this module
+imports the built-in entries once, so there is no import circle.
 Everything else -- subsets, normalisation, augmentation, moving to the device, batching -- is
 shared and lives here.
 
@@ -13,30 +15,25 @@ Every dataset accepts `train=N` and `test=N` (a stratified subset drawn with a f
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from rdfast.dataset_registry import (  # noqa: F401  (re-exported: the public names)
+    AUGMENTATIONS,
+    COMMON_OPTIONS,
+    DATASETS,
+    DatasetEntry,
+    Option,
+    Raw,
+    register_dataset,
+)
 from rdfast.errors import BadInput
 
 DEFAULT_DATA_ROOT = Path(os.environ.get("RDFAST_DATA", "~/.cache/rdfast/data")).expanduser()
-AUGMENTATIONS = ("none", "crop", "crop-flip")
-
-
-@dataclass
-class Raw:
-    """What a dataset entry returns: CPU tensors as stored (uint8 images are kept uint8)."""
-
-    x_train: torch.Tensor
-    y_train: torch.Tensor
-    x_test: torch.Tensor
-    y_test: torch.Tensor
-    class_names: list[str]
-    augment: str = "none"  # training augmentation: none, crop (4-pixel pad), crop-flip
 
 
 @dataclass
@@ -111,45 +108,6 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator, flip: bool, pad: 
         mirror = (torch.rand(n, generator=generator) < 0.5).to(x.device)
         out = torch.where(mirror[:, None, None, None], out.flip(3), out)
     return out
-
-
-@dataclass
-class Option:
-    kind: type
-    default: object
-    help: str
-
-
-@dataclass
-class DatasetEntry:
-    name: str
-    description: str
-    load: Callable[..., Raw]
-    options: dict[str, Option] = field(default_factory=dict)
-    # Files that must exist under the data root (relative paths); empty = nothing to read.
-    files: tuple[str, ...] = ()
-    positional: str | None = None  # an option given without `key=`, e.g. imagefolder's path
-
-    def present(self, root: Path) -> bool:
-        return all((Path(root) / f).exists() for f in self.files)
-
-
-DATASETS: dict[str, DatasetEntry] = {}
-
-COMMON_OPTIONS = {
-    "train": Option(int, 0, "use a stratified subset of N training examples (0 = all)"),
-    "test": Option(int, 0, "use a stratified subset of N test examples (0 = all)"),
-}
-
-
-def register_dataset(name: str, description: str, options=None, files=(), positional=None):
-    def wrap(fn):
-        DATASETS[name] = DatasetEntry(
-            name, description, fn, dict(options or {}), tuple(files), positional
-        )
-        return fn
-
-    return wrap
 
 
 def parse_spec(spec: str) -> tuple[str, dict[str, object]]:
@@ -264,8 +222,4 @@ def _check_labels(name: str, raw: Raw) -> None:
             raise BadInput(f"{name}: {split} label {bad} outside the {c} classes 0..{c - 1}")
 
 
-def _register_builtin():
-    from rdfast import datasets  # noqa: F401  (registers the entries)
-
-
-_register_builtin()
+import rdfast.datasets  # noqa: E402, F401  (the built-in entries register themselves)

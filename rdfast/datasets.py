@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from rdfast import store
-from rdfast.data import AUGMENTATIONS, Option, Raw, register_dataset
+from rdfast.dataset_registry import AUGMENTATIONS, Option, Raw, register_dataset
 from rdfast.errors import BadInput, DataWarning
 
 
@@ -160,7 +160,8 @@ def _check_idx_headers(raw: Path) -> None:
         want = IDX_MAGIC["images" if "images" in name else "labels"]
         got = int.from_bytes(head, "big") if len(head) == 4 else None
         if got != want:
-            raise BadInput(f"{path}: not an idx {name.split('-')[1]} file (magic {got}, want {want})")
+            kind = name.split("-")[1]
+            raise BadInput(f"{path}: not an idx {kind} file (magic {got}, want {want})")
 
 
 def _torchvision_mnist(cls, folder, root):

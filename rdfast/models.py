@@ -52,7 +52,7 @@ def build_model(
     name: str, input_shape: tuple[int, ...], num_classes: int, width: float
 ) -> nn.Module:
     if not 0 < width < 1e4:  # inf and NaN too; 1e4 x 300 units is past any machine
-        raise BadInput(f"--width must be a number in (0, 10000), got {width}")
+        raise BadInput(f"--width must be > 0 and below 10000, got {width}")
     library, _, arch = name.partition(":")
     if arch:
         if library not in EXTERNAL:

@@ -26,11 +26,15 @@ def check(out: Path, kind: str, records: Path | None = None) -> Path:
     if out.exists() and not out.is_dir():
         raise BadInput(f"-o {out} is a file; give a folder that is new, empty or an earlier {kind}")
     if records is not None and _overlaps(out.resolve(), Path(records).resolve()):
-        raise BadInput(f"-o {out} would hold or replace the records in {records}; give another folder")
+        raise BadInput(
+            f"-o {out} would hold or replace the records in {records}; give another folder"
+        )
     if out.is_dir() and any(out.iterdir()):
         made_by = owner(out)
         if made_by != kind:
-            what = f"an rdfast {made_by} folder" if made_by else "not empty and not written by rdfast"
+            what = (
+                f"an rdfast {made_by} folder" if made_by else "not empty and not written by rdfast"
+            )
             raise BadInput(
                 f"refusing to write the {kind} into {out}: it is {what}; give a new or empty folder"
             )

@@ -52,8 +52,6 @@ _UMASK = os.umask(0o022)
 os.umask(_UMASK)  # read the process's umask (setting it is the only way) and put it back
 
 
-
-
 def stable_hash(obj: Any, length: int = 12) -> str:
     """Hex digest of a JSON-serialisable object, independent of dict order."""
     text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)

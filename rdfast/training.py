@@ -51,8 +51,8 @@ def train(
     run whose model state is already loaded, at that epoch: with the data order derived per
     epoch, the result is the uninterrupted one bit for bit. `on_epoch_end(epoch, optimizer)`
     sees the number of finished epochs. `start_epoch` begins a fresh optimizer at that epoch of
-    the schedule (rewound weights retrained to the end, as OpenLTH does). Returns {"seconds", "images_per_second",
-    "last_loss"}; raises RunFailed on a NaN/inf loss.
+    the schedule (rewound weights retrained to the end, as OpenLTH does). Returns {"seconds",
+    "images_per_second", "last_loss"}; raises RunFailed on a NaN/inf loss.
     """
     forward = model if forward is None else forward
     device = data.x_train.device

@@ -388,7 +388,11 @@ def test_pairs_only_runs_of_the_same_dense_model():
     a = analysis.analyze(records, by=("strategy",))
     p = a.paired[a.paired["t"] == 4.0].iloc[0]
     assert p["n"] == 1 and p["mark"] == ""  # one pair: no interval
-    assert any("2 runs are left out of the comparison with mp: 2 have no mp run on the same dense model" in n for n in a.notes), a.notes
+    assert any(
+        "2 runs are left out of the comparison with mp: 2 have no mp run on the same dense model"
+        in n
+        for n in a.notes
+    ), a.notes
     # Same dense models, but up under other ratios or retraining settings (protocol); gp
     # under mp's own pairs normally.
     gps = [
@@ -450,7 +454,9 @@ def test_bootstrap_marks_only_where_its_coverage_is_known_to_hold():
     def analyzed(n, method):
         gen = np.random.default_rng(n)
         runs = [run_with(s, x, [a * v for v in x]) for s, a in enumerate(2 + gen.random(n))]
-        return analysis.analyze(fake_records(runs), by=("strategy",), ci_method=method, n_resamples=500)
+        return analysis.analyze(
+            fake_records(runs), by=("strategy",), ci_method=method, n_resamples=500
+        )
 
     t5, boot5, boot20 = analyzed(5, "t"), analyzed(5, "bootstrap"), analyzed(20, "bootstrap")
     at4 = [a.groups[a.groups["t"] == 4.0].iloc[0] for a in (t5, boot5, boot20)]

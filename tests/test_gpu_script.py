@@ -14,7 +14,16 @@ pytestmark = pytest.mark.slow
 
 def test_gpu_script_dry_run(tmp_path):
     done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.gpu", "--dry-run", "--out", str(tmp_path), "--skip", "tests"],
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.gpu",
+            "--dry-run",
+            "--out",
+            str(tmp_path),
+            "--skip",
+            "tests",
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -30,9 +30,7 @@ def run(out, **kw):
 
 def tables(out):
     records = store.load_records(out).drop(columns=VOLATILE)
-    cms = {
-        str(p.relative_to(out)): np.load(p) for p in sorted(out.glob("runs/*/step-*.npy"))
-    }
+    cms = {str(p.relative_to(out)): np.load(p) for p in sorted(out.glob("runs/*/step-*.npy"))}
     return records, cms
 
 
@@ -106,7 +104,9 @@ def test_damaged_or_foreign_dense_checkpoint_is_trained_again(reference, tmp_pat
         assert run(other, seeds="1").exit_code == 0
         foreign = next(other.glob("dense/*/checkpoint.pt"))
         shutil.copy(foreign, ckpt)
-        shutil.copy(foreign.with_name("checkpoint.pt.sha256"), ckpt.with_name("checkpoint.pt.sha256"))
+        shutil.copy(
+            foreign.with_name("checkpoint.pt.sha256"), ckpt.with_name("checkpoint.pt.sha256")
+        )
     else:
         damage(ckpt, how)
     for run_dir in out.glob("runs/*"):  # the runs must be recomputed from the dense model
@@ -146,10 +146,10 @@ def test_consolidated_records_are_used_only_when_made_from_these_steps(reference
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (["--up-eps", "inf"], "--up-eps must be a finite number"),
-        (["--lr", "inf"], "--lr must be a finite number"),
-        (["--weight-decay", "nan"], "--weight-decay must be a finite number"),
-        (["--width", "inf"], "--width must be a number"),
+        (["--up-eps", "inf"], "--up-eps must be >= 0 and finite"),
+        (["--lr", "inf"], "--lr must be > 0 and finite"),
+        (["--weight-decay", "nan"], "--weight-decay must be >= 0 and finite"),
+        (["--width", "inf"], "--width must be > 0 and below"),
         (["--ratios", "2,inf"], "every ratio must be"),
         (["--seeds", "99999999999999999999"], "--seeds must be distinct integers"),
     ],

@@ -30,7 +30,7 @@ STREAMING = ("_saliency_kernel", "_histogram_kernel", "_equal_count_kernel", "_m
 
 @pytest.fixture(scope="module")
 def compiled():
-    from rdfast.kernels._aot import compile_in_subprocess, representative_launches
+    from benchmarks.aot import compile_in_subprocess, representative_launches
 
     launches = representative_launches()
     table = pd.DataFrame(compile_in_subprocess(launches, arches=(80, 90)))

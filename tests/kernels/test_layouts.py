@@ -25,7 +25,14 @@ from rdfast.kernels._layout import logical_slices
 from tests.kernels.conftest import DEVICE
 
 SHAPES_2D = [(0, 5), (1, 1), (1, 431), (25, 41), (50, 100), (3, 2731)]
-SHAPES_4D = [(0, 3, 2, 2), (1, 1, 1, 1), (4, 3, 6, 6), (41, 1, 5, 5), (10, 5, 10, 10), (41, 8, 5, 5)]
+SHAPES_4D = [
+    (0, 3, 2, 2),
+    (1, 1, 1, 1),
+    (4, 3, 6, 6),
+    (41, 1, 5, 5),
+    (10, 5, 10, 10),
+    (41, 8, 5, 5),
+]
 LAYOUTS = ["contiguous", "channels_last", "transposed", "sliced", "expanded"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -101,9 +108,7 @@ def kept_mask(shape, seed, frac=0.8):
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("mask_layout", ["same", "contiguous"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_prune_lowest_pairs_scores_and_masks_by_logical_index(
-    backend, layout, mask_layout, dtype
-):
+def test_prune_lowest_pairs_scores_and_masks_by_logical_index(backend, layout, mask_layout, dtype):
     for k, shape in enumerate(shapes_for(layout)):
         scores = [
             in_layout(draw(shape, k, dtype, levels=7), layout),
@@ -154,7 +159,8 @@ def test_kth_smallest_with_and_without_masks(backend, layout):
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize(
-    "strategy,form", [("mp", "taylor"), ("gp", "taylor"), ("up", "taylor"), ("gp", "sum"), ("up", "sum")]
+    "strategy,form",
+    [("mp", "taylor"), ("gp", "taylor"), ("up", "taylor"), ("gp", "sum"), ("up", "sum")],
 )
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_saliency_bits_equal_the_formula(layout, strategy, form, dtype):
@@ -190,7 +196,9 @@ def test_bf16_subnormals_are_exact(backend):
     out = prune_lowest([x], masks, 1000, backend=backend)
     np.testing.assert_array_equal(flat(out), numpy_keep([torch.from_numpy(exact)], masks, 1000))
     logits = x.view(1000, 3)
-    cm = confusion_matrix(logits, torch.zeros(1000, dtype=torch.long, device=DEVICE), 3, backend=backend)
+    cm = confusion_matrix(
+        logits, torch.zeros(1000, dtype=torch.long, device=DEVICE), 3, backend=backend
+    )
     assert cm[0].tolist() == np.bincount(exact.reshape(1000, 3).argmax(1), minlength=3).tolist()
 
 
@@ -242,7 +250,10 @@ def numpy_confusion(pred, target, c):
 def test_confusion_in_every_layout(backend, layout, n, c):
     gen = torch.Generator().manual_seed(n + c)
     logits = in_layout(torch.randint(-3, 4, (n, c), generator=gen).float().to(DEVICE), layout)
-    y = in_layout(torch.randint(0, c, (n,), generator=gen).to(DEVICE), layout if layout == "expanded" else "contiguous")
+    y = in_layout(
+        torch.randint(0, c, (n,), generator=gen).to(DEVICE),
+        layout if layout == "expanded" else "contiguous",
+    )
     if layout == "sliced" and n:
         y = torch.stack([y, y], 1)[:, 0]  # a strided 1-D target view
     cm = confusion_matrix(logits, y, c, backend=backend)
@@ -270,7 +281,9 @@ def test_confusion_refuses_labels_out_of_range(backend, bad):
 
 def test_confusion_compares_fp64_in_fp64(backend):
     logits = torch.tensor([[1.0, 1.0 + 1e-12], [2.0, 2.0 - 1e-12]], dtype=torch.float64)
-    cm = confusion_matrix(logits.to(DEVICE), torch.tensor([1, 0], device=DEVICE), 2, backend=backend)
+    cm = confusion_matrix(
+        logits.to(DEVICE), torch.tensor([1, 0], device=DEVICE), 2, backend=backend
+    )
     assert cm.tolist() == [[1, 0], [0, 1]]
 
 

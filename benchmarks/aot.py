@@ -1,4 +1,5 @@
-"""Compile the Triton kernels for a CUDA GPU on a machine that has none.
+"""Compile the Triton kernels for a CUDA GPU on a machine that has none (a development
+tool beside the benchmarks and tests that use it; not installed with the package).
 
 The interpreter (`TRITON_INTERPRET=1`) checks what the kernels compute, not that they compile:
 it runs programs the compiler rejects and says nothing of registers, spills, vector widths or
@@ -12,7 +13,8 @@ whether a `tl.dot` reaches the tensor cores. So the kernels are checked in two s
    the `ptxas` that Triton ships. `ptxas -v` then gives the registers, spills and shared memory
    that GPU would run with; the PTX shows the loads, atomics and matrix instructions.
 
-`python -m rdfast.kernels._aot LAUNCHES.json --arch 90` prints one JSON line per launch.
+`python -m benchmarks.aot LAUNCHES.json --arch 90`, from the repository root, prints one JSON
+line per launch.
 """
 
 from __future__ import annotations
@@ -159,9 +161,7 @@ def representative_launches() -> list[dict]:
             [conv], [conv], [keep_conv], 5000, strategy="up", eps=5e-4, backend="triton"
         )
         flipped = (randn(128, 64) * 4).round().t()
-        K.prune_lowest(
-            [flipped], [torch.ones(64, 128, dtype=torch.bool)], 3000, backend="triton"
-        )
+        K.prune_lowest([flipped], [torch.ones(64, 128, dtype=torch.bool)], 3000, backend="triton")
         K.saliency(randn(4099), strategy="mp", backend="triton")
         scores = [randn(4096).abs(), randn(4099).abs()]
         K.kth_smallest(scores, 1000, backend="triton")
@@ -299,11 +299,15 @@ def compile_in_subprocess(launches: list[dict], arches=(80, 90)) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "launches.json"
         path.write_text(json.dumps(launches))
-        cmd = [sys.executable, "-m", "rdfast.kernels._aot", str(path)]
+        cmd = [sys.executable, "-m", "benchmarks.aot", str(path)]
         for arch in arches:
             cmd += ["--arch", str(arch)]
         done = subprocess.run(
-            cmd, env=dict(os.environ, TRITON_INTERPRET="0"), capture_output=True, text=True
+            cmd,
+            env=dict(os.environ, TRITON_INTERPRET="0"),
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).resolve().parents[1],  # where `benchmarks` imports from
         )
     if done.returncode:
         raise RuntimeError(f"compiling the kernels failed:\n{done.stderr[-3000:]}")
