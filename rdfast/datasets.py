@@ -26,25 +26,17 @@ def offline() -> bool:
     return os.environ.get("RDFAST_OFFLINE", "") not in ("", "0")
 
 
-def _md5(path: Path) -> str:
-    h = hashlib.md5()
+def _digest(path: Path, algorithm: str = "md5") -> str:
+    h = hashlib.new(algorithm)
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _check_official(folder: Path, files: dict[str, str], what: str, digest=_md5) -> None:
+def _check_official(folder: Path, files: dict[str, str], what: str, algorithm="md5") -> None:
     """Warn once, naming the files, when they are not the official archive's."""
-    differ = [name for name, want in files.items() if digest(folder / name) != want]
+    differ = [name for name, want in files.items() if _digest(folder / name, algorithm) != want]
     if differ:
         warnings.warn(
             f"{what} files in {folder} differ from the official archive ({', '.join(differ)}): "
@@ -173,7 +165,7 @@ def _torchvision_mnist(cls, folder, root):
     _fetch(download, raw, _MNIST_FILES, folder, f"{folder}'s four idx files")
     _check_idx_headers(raw)
     if folder == "MNIST":
-        _check_official(raw, MNIST_SHA256, "MNIST", digest=_sha256)
+        _check_official(raw, MNIST_SHA256, "MNIST", algorithm="sha256")
     try:
         train = cls(str(root), train=True, download=False)
         test = cls(str(root), train=False, download=False)

@@ -23,6 +23,8 @@ from rdfast.kernels import (
 )
 from rdfast.kernels._layout import logical_slices
 from tests.kernels.conftest import DEVICE
+from tests.kernels.test_selection import flat
+from tests.kernels.test_selection import numpy_reference as numpy_keep
 
 SHAPES_2D = [(0, 5), (1, 1), (1, 431), (25, 41), (50, 100), (3, 2731)]
 SHAPES_4D = [
@@ -64,20 +66,6 @@ def in_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
 def numpy_of(t: torch.Tensor) -> np.ndarray:
     """Logical values as float32 (bf16 and fp16 widen exactly)."""
     return t.detach().float().cpu().numpy().reshape(-1)
-
-
-def numpy_keep(scores, masks, n):
-    flat = np.concatenate([numpy_of(s) for s in scores])
-    keep = np.concatenate([m.cpu().numpy().reshape(-1) for m in masks])
-    cand = np.flatnonzero(keep)
-    drop = cand[np.argsort(flat[cand], kind="stable")[:n]]
-    keep = keep.copy()
-    keep[drop] = False
-    return keep
-
-
-def flat(masks):
-    return np.concatenate([m.cpu().numpy().reshape(-1) for m in masks])
 
 
 def numpy_scores(w, g, strategy, form, eps):
