@@ -201,8 +201,8 @@ def test_nan_is_not_read_when_nothing_is_removed(backend):
 
 
 def test_too_many_dims_in_mixed_layouts_are_refused_by_name():
-    x = torch.rand(2, 3, 2, 2, 2).transpose(0, 4)
-    m = torch.ones(2, 3, 2, 2, 2, dtype=torch.bool)
+    x = torch.rand(2, 3, 2, 2, 2, device=DEVICE).transpose(0, 4)
+    m = torch.ones(2, 3, 2, 2, 2, dtype=torch.bool, device=DEVICE)
     with pytest.raises(ValueError, match="conv3d: a 5-D tensor"):
         prune_lowest([x], [m], 1, names=["conv3d"], backend="triton")
     # The torch path reads any number of dimensions.
