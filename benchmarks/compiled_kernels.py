@@ -24,10 +24,15 @@ from rdfast.analysis import markdown  # noqa: E402
 
 
 def summary(table: pd.DataFrame) -> pd.DataFrame:
+    def dtype(d):
+        # bf16 reaches the kernels as its int16 bit patterns (exact widening), so an int16
+        # operand is a bf16 input.
+        if "int16" in d:
+            return "bfloat16"
+        return next((x for x in d if x.startswith(("float", "bfloat"))), d[0])
+
     t = table.assign(
-        dtype=table["dtypes"].map(
-            lambda d: next((x for x in d if x.startswith(("float", "bfloat"))), d[0])
-        ),
+        dtype=table["dtypes"].map(dtype),
         tensor_core=(table["mma"] + table["wgmma"]) > 0,
         vector_loads=table["ld_global_v4"] > 0,
     )
@@ -41,6 +46,7 @@ def summary(table: pd.DataFrame) -> pd.DataFrame:
             shared_max=("shared", "max"),
             with_v4_loads=("vector_loads", "sum"),
             on_tensor_cores=("tensor_core", "sum"),
+            fma_f32_max=("fma_f32", "max"),
         )
         .reset_index()
     )
