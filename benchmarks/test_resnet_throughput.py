@@ -59,6 +59,8 @@ def model(channels_last=False):
 
 
 def record(benchmark):
+    if benchmark.stats is None:  # --benchmark-disable: the case ran once, untimed
+        return
     benchmark.extra_info["images_per_second"] = round(N / benchmark.stats.stats.median, 1)
 
 
