@@ -6,6 +6,8 @@ import base64
 import html
 import shutil
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import matplotlib
@@ -389,6 +391,202 @@ def pick_scatter_ts(ts) -> list[float]:
     return [ts[0], ts[len(ts) // 2], ts[-1]]
 
 
+@dataclass
+class Table:
+    """A table of a section; `key` names a column that is the row label (no index shown)."""
+
+    frame: pd.DataFrame
+    key: str | None = None
+    empty: str = ""
+
+
+@dataclass
+class Figure:
+    file: str
+    caption: str
+
+
+@dataclass
+class Section:
+    """One `##` section: paragraphs (str), tables, bullet lists (list[str]) and figures, in
+    order. Built once; `render_markdown` and `render_html` write it."""
+
+    title: str
+    parts: list = field(default_factory=list)
+
+
+def plan_figures(a: Analysis, scatter_ts, run_id: str) -> list[tuple[Figure, Callable]]:
+    """Which figures the report holds, each with the call that draws it into a path."""
+    plan = [
+        (
+            Figure("alpha_by_strategy.png", "alpha_t(m) of every model against t, per strategy"),
+            lambda p: alpha_boxplot(a.runs, p),
+        )
+    ]
+    for col in ("dataset", "width", "model"):
+        if a.runs[col].nunique() > 1:
+            plan.append(
+                (
+                    Figure(f"alpha_by_{col}.png", f"alpha_t(m) split by {col}"),
+                    lambda p, c=col: alpha_boxplot(
+                        a.runs, p, panel=c, title=f"alpha_t per strategy, split by {c}"
+                    ),
+                )
+            )
+    if scatter_ts:
+        plan.append(
+            (
+                Figure("scatter.png", "Bn_t against Bn_1 with the pooled slope and y = x"),
+                lambda p: scatter_grid(a, p, scatter_ts),
+            )
+        )
+    plan.append(
+        (
+            Figure("accuracy.png", "mean accuracy against t with confidence bands"),
+            lambda p: accuracy_plot(a, p),
+        )
+    )
+    vs = a.baseline
+    if vs is not None and (a.paired["t"] > 1).any():
+        plan.append(
+            (
+                Figure(f"vs_{vs}.png", f"alpha and accuracy of each strategy minus {vs}"),
+                lambda p: paired_plot(a, p),
+            )
+        )
+    if (a.class_groups["t"] > 1).any():
+        plan.append(
+            (
+                Figure(
+                    "class_change.png", "recall change of every class beyond the accuracy change"
+                ),
+                lambda p: class_change_heatmap(a, p),
+            )
+        )
+    plan.append(
+        (
+            Figure("recall_heatmap.png", f"per-class recall of run {run_id}"),
+            lambda p: recall_heatmap(a.classes, run_id, p),
+        )
+    )
+    return plan
+
+
+def report_sections(a: Analysis, runs_dir: Path, figures, top_classes: int) -> list[Section]:
+    alpha_tab, acc_tab = paper_tables(a)
+    sections = [
+        Section("E[alpha_t]", [legend(a) + ".", Table(alpha_tab)]),
+        Section("Mean accuracy", [Table(acc_tab)]),
+    ]
+    vs = a.baseline
+    if vs is not None:
+        alpha_diff, acc_diff = paired_tables(a)
+        sections.append(
+            Section(
+                f"Strategies against {vs}, seed by seed",
+                [
+                    paired_legend(a) + ".",
+                    Table(alpha_diff),
+                    f"Accuracy minus {vs}:",
+                    Table(acc_diff),
+                ],
+            )
+        )
+    paying = paying_classes(a, top_classes)
+    if not paying.empty:
+        sections.append(
+            Section("Which classes pay", [paying_legend(a, top_classes) + ".", Table(paying)])
+        )
+    settings = settings_table(runs_dir, a.runs["run_id"].unique())
+    return sections + [
+        Section("Notes", [a.notes or ["none"]]),
+        Section("Figures", list(figures)),
+        Section("Settings of the runs", [Table(settings, key="run_id", empty="(no manifests)")]),
+    ]
+
+
+def _header(a: Analysis) -> str:
+    return f"{a.runs['run_id'].nunique()} runs; grouped by {', '.join(a.by)}."
+
+
+def render_markdown(sections: list[Section], a: Analysis, runs_dir: Path) -> str:
+    lines = ["# Recall distortion report", "", f"Records: `{runs_dir}`; {_header(a)}", ""]
+    for section in sections:
+        lines += [f"## {section.title}", ""]
+        for part in section.parts:
+            if isinstance(part, str):
+                lines += [part, ""]
+            elif isinstance(part, list):
+                lines += [*(f"- {item}" for item in part), ""]
+            elif isinstance(part, Figure):
+                lines.append(f"### {part.caption}\n\n![{part.caption}]({part.file})\n")
+            elif part.frame.empty and part.empty:
+                lines += [part.empty, ""]
+            elif part.key is not None:
+                lines += [markdown(part.frame.set_index(part.key), part.key), ""]
+            else:
+                lines += [markdown(part.frame), ""]
+    return "\n".join(lines)
+
+
+def render_html(sections: list[Section], a: Analysis, runs_dir: Path, folder: Path) -> str:
+    """One self-contained page: the figures inlined as base64 PNG."""
+    esc = html.escape
+    body = [
+        "<h1>Recall distortion report</h1>",
+        f"<p>Records: <code>{esc(str(runs_dir))}</code>; {esc(_header(a))}</p>",
+    ]
+    for section in sections:
+        body.append(f"<h2>{esc(section.title)}</h2>")
+        for part in section.parts:
+            if isinstance(part, str):
+                body.append(f"<p>{esc(part)}</p>")
+            elif isinstance(part, list):
+                body.append("<ul>" + "".join(f"<li>{esc(item)}</li>" for item in part) + "</ul>")
+            elif isinstance(part, Figure):
+                data = base64.b64encode((folder / part.file).read_bytes()).decode()
+                body.append(
+                    f'<figure><img src="data:image/png;base64,{data}" alt="{esc(part.file)}">'
+                    f"<figcaption>{esc(part.caption)}</figcaption></figure>"
+                )
+            else:
+                body.append(part.frame.to_html(index=part.key is None))
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'><title>rdfast report</title>"
+        "<style>body{font-family:sans-serif;max-width:1200px;margin:2em auto}"
+        "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;"
+        "padding:2px 6px;text-align:right}img{max-width:100%}</style></head><body>"
+        + "\n".join(body)
+        + "</body></html>"
+    )
+
+
+def _default_run(a: Analysis, run_id: str | None) -> str:
+    """The run of the recall heatmap: the one asked for, else the first mp (lowest seed)."""
+    if run_id is None:
+        first = a.runs.sort_values(
+            ["strategy", "seed", "run_id"],
+            key=lambda s: s.map(STRATEGY_ORDER) if s.name == "strategy" else s,
+        )
+        return first["run_id"].iloc[0]
+    if run_id not in set(a.runs["run_id"]):
+        raise BadInput(f"--run {run_id} is not among the analyzed runs")
+    return run_id
+
+
+def _swap_into_place(tmp: Path, out: Path) -> None:
+    """The finished folder replaces `out`; an older report (checked: empty, or marked as a
+    report) is removed only afterwards, from a name no one else uses."""
+    old = None
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+        old.rmdir()
+        out.rename(old)
+    tmp.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def build_report(
     a: Analysis,
     runs_dir: Path,
@@ -403,176 +601,20 @@ def build_report(
     missing = [t for t in scatter_ts if t not in all_ts]
     if missing:
         raise BadInput(f"--scatter-t {missing} not among the recorded t: {all_ts}")
-    if run_id is None:
-        first = a.runs.sort_values(
-            ["strategy", "seed", "run_id"],
-            key=lambda s: s.map(STRATEGY_ORDER) if s.name == "strategy" else s,
-        )
-        run_id = first["run_id"].iloc[0]
-    elif run_id not in set(a.runs["run_id"]):
-        raise BadInput(f"--run {run_id} is not among the analyzed runs")
-
+    run_id = _default_run(a, run_id)
     out = outdir.check(Path(out), "report", records=runs_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     tmp.chmod(0o755)
     try:
         outdir.mark(tmp, "report")
-        figs = []  # (file, caption)
-        alpha_boxplot(a.runs, tmp / "alpha_by_strategy.png")
-        figs.append(("alpha_by_strategy.png", "alpha_t(m) of every model against t, per strategy"))
-        for col in ("dataset", "width", "model"):
-            if a.runs[col].nunique() > 1:
-                alpha_boxplot(
-                    a.runs,
-                    tmp / f"alpha_by_{col}.png",
-                    panel=col,
-                    title=f"alpha_t per strategy, split by {col}",
-                )
-                figs.append((f"alpha_by_{col}.png", f"alpha_t(m) split by {col}"))
-        if scatter_ts:
-            scatter_grid(a, tmp / "scatter.png", scatter_ts)
-            figs.append(("scatter.png", "Bn_t against Bn_1 with the pooled slope and y = x"))
-        accuracy_plot(a, tmp / "accuracy.png")
-        figs.append(("accuracy.png", "mean accuracy against t with confidence bands"))
-        vs = a.baseline
-        if vs is not None and (a.paired["t"] > 1).any():
-            paired_plot(a, tmp / f"vs_{vs}.png")
-            figs.append((f"vs_{vs}.png", f"alpha and accuracy of each strategy minus {vs}"))
-        if (a.class_groups["t"] > 1).any():
-            class_change_heatmap(a, tmp / "class_change.png")
-            figs.append(
-                ("class_change.png", "recall change of every class beyond the accuracy change")
-            )
-        recall_heatmap(a.classes, run_id, tmp / "recall_heatmap.png")
-        figs.append(("recall_heatmap.png", f"per-class recall of run {run_id}"))
-
-        alpha_tab, acc_tab = paper_tables(a)
-        paying = paying_classes(a, top_classes)
-        paired = paired_tables(a) if vs is not None else None
-        settings = settings_table(runs_dir, a.runs["run_id"].unique())
-        notes = a.notes or ["none"]
-        md = [
-            "# Recall distortion report",
-            "",
-            f"Records: `{runs_dir}`; {a.runs['run_id'].nunique()} runs; grouped by "
-            f"{', '.join(a.by)}.",
-            "",
-            "## E[alpha_t]",
-            "",
-            legend(a) + ".",
-            "",
-            markdown(alpha_tab),
-            "",
-            "## Mean accuracy",
-            "",
-            markdown(acc_tab),
-            "",
-            *(
-                [
-                    f"## Strategies against {vs}, seed by seed",
-                    "",
-                    paired_legend(a) + ".",
-                    "",
-                    markdown(paired[0]),
-                    "",
-                    f"Accuracy minus {vs}:",
-                    "",
-                    markdown(paired[1]),
-                    "",
-                ]
-                if paired is not None
-                else []
-            ),
-            *(
-                [
-                    "## Which classes pay",
-                    "",
-                    paying_legend(a, top_classes) + ".",
-                    "",
-                    markdown(paying),
-                    "",
-                ]
-                if not paying.empty
-                else []
-            ),
-            "## Notes",
-            "",
-            *[f"- {n}" for n in notes],
-            "",
-            "## Figures",
-            "",
-            *[f"### {cap}\n\n![{cap}]({f})\n" for f, cap in figs],
-            "## Settings of the runs",
-            "",
-            markdown(settings.set_index("run_id"), "run_id")
-            if not settings.empty
-            else "(no manifests)",
-            "",
-        ]
-        (tmp / "report.md").write_text("\n".join(md))
-
-        def img(f):
-            data = base64.b64encode((tmp / f).read_bytes()).decode()
-            return f'<img src="data:image/png;base64,{data}" alt="{html.escape(f)}">'
-
-        body = [
-            "<h1>Recall distortion report</h1>",
-            f"<p>Records: <code>{html.escape(str(runs_dir))}</code>; "
-            f"{a.runs['run_id'].nunique()} runs; grouped by {html.escape(', '.join(a.by))}.</p>",
-            "<h2>E[alpha_t]</h2>",
-            f"<p>{html.escape(legend(a))}.</p>",
-            alpha_tab.to_html(),
-            "<h2>Mean accuracy</h2>",
-            acc_tab.to_html(),
-            *(
-                [
-                    f"<h2>Strategies against {html.escape(str(vs))}, seed by seed</h2>",
-                    f"<p>{html.escape(paired_legend(a))}.</p>",
-                    paired[0].to_html(),
-                    f"<p>Accuracy minus {html.escape(str(vs))}:</p>",
-                    paired[1].to_html(),
-                ]
-                if paired is not None
-                else []
-            ),
-            *(
-                [
-                    "<h2>Which classes pay</h2>",
-                    f"<p>{html.escape(paying_legend(a, top_classes))}.</p>",
-                    paying.to_html(),
-                ]
-                if not paying.empty
-                else []
-            ),
-            "<h2>Notes</h2><ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in notes) + "</ul>",
-            "<h2>Figures</h2>",
-            *[
-                f"<figure>{img(f)}<figcaption>{html.escape(cap)}</figcaption></figure>"
-                for f, cap in figs
-            ],
-            "<h2>Settings of the runs</h2>",
-            settings.to_html(index=False),
-        ]
-        page = (
-            "<!doctype html><html><head><meta charset='utf-8'><title>rdfast report</title>"
-            "<style>body{font-family:sans-serif;max-width:1200px;margin:2em auto}"
-            "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;"
-            "padding:2px 6px;text-align:right}img{max-width:100%}</style></head><body>"
-            + "\n".join(body)
-            + "</body></html>"
-        )
-        (tmp / "index.html").write_text(page)
-        # Swap the finished folder into place; an older report (checked above: empty, or
-        # marked as a report) is removed only afterwards, from a name no one else uses.
-        old = None
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
-            old.rmdir()
-            out.rename(old)
-        tmp.rename(out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        plan = plan_figures(a, scatter_ts, run_id)
+        for figure, draw in plan:
+            draw(tmp / figure.file)
+        sections = report_sections(a, runs_dir, [f for f, _ in plan], top_classes)
+        (tmp / "report.md").write_text(render_markdown(sections, a, runs_dir))
+        (tmp / "index.html").write_text(render_html(sections, a, runs_dir, tmp))
+        _swap_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
