@@ -19,7 +19,8 @@ import numpy as np
 import pandas as pd
 
 from benchmarks.conftest import RESULTS, commit
-from rdfast.analysis import _bootstrap_interval, _t_interval, markdown
+from rdfast.analysis import _bootstrap_interval, _t_interval
+from rdfast.tables import markdown
 
 DISTRIBUTIONS = {
     "normal": (lambda rng, size: rng.normal(1.0, 0.2, size), 1.0),

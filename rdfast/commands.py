@@ -112,14 +112,14 @@ def run_command(
             "prints them whole, as does `rdfast analyze` later)"
         )
     if not mine.empty:
-        from rdfast import analysis
+        from rdfast import analysis, tables
 
         try:
             a = analysis.analyze(mine)
-            alpha_tab, acc_tab = analysis.paper_tables(a)
+            alpha_tab, acc_tab = tables.paper_tables(a)
             echo("\nmean test accuracy (over seeds) by strategy and pruning ratio t:")
             echo(acc_tab.to_string())
-            echo(f"\n{analysis.legend(a)}:")
+            echo(f"\n{tables.legend(a)}:")
             echo(alpha_tab.to_string())
             _echo_extras(a, echo)
         except BadInput as e:  # the records are written; only the summary cannot be made
@@ -140,19 +140,19 @@ def run_command(
 def _echo_extras(a, echo, *, md: bool = False, top_classes: int = 0) -> None:
     """After the alpha and accuracy tables: the strategies against the baseline (if any) and
     the `top_classes` classes of each group that pay most, as plain text or Markdown."""
-    from rdfast import analysis
+    from rdfast import tables
 
     def section(title, table):
         echo(f"\n{title}" + ("\n" if md else ":"))
-        echo(analysis.markdown(table) if md else table.to_string())
+        echo(tables.markdown(table) if md else table.to_string())
 
     if a.paired is not None:
-        alpha_diff, acc_diff = analysis.paired_tables(a)
-        section(analysis.paired_legend(a), alpha_diff)
+        alpha_diff, acc_diff = tables.paired_tables(a)
+        section(tables.paired_legend(a), alpha_diff)
         section(f"accuracy minus {a.baseline}", acc_diff)
-    paying = analysis.paying_classes(a, top_classes)
+    paying = tables.paying_classes(a, top_classes)
     if not paying.empty:
-        section(analysis.paying_legend(a, top_classes), paying)
+        section(tables.paying_legend(a, top_classes), paying)
 
 
 def _analysis(runs_dir, by, ci, ci_method, vs="auto"):
@@ -167,7 +167,7 @@ def analyze_command(
     """Print E[alpha_t] and mean accuracy as group x t tables; write the stats tables."""
     import json
 
-    from rdfast import analysis, outdir
+    from rdfast import analysis, outdir, tables
 
     if out is not None and Path(out).resolve() != Path(runs_dir).resolve():
         outdir.check(out, "analyze")
@@ -176,7 +176,7 @@ def analyze_command(
         Path(out).mkdir(parents=True, exist_ok=True)
         outdir.mark(out, "analyze")
     written = analysis.write_tables(a, out or runs_dir)
-    alpha_tab, acc_tab = analysis.paper_tables(a)
+    alpha_tab, acc_tab = tables.paper_tables(a)
     if fmt == "csv":
         echo(a.groups.to_csv(index=False), nl=False)
     elif fmt == "json":
@@ -185,7 +185,7 @@ def analyze_command(
                 {
                     "groups": json.loads(a.groups.to_json(orient="records")),
                     "paying_classes": json.loads(
-                        analysis.paying_classes(a, top_classes)
+                        tables.paying_classes(a, top_classes)
                         .reset_index()
                         .to_json(orient="records")
                     ),
@@ -198,13 +198,13 @@ def analyze_command(
             )
         )
     elif fmt == "markdown":
-        echo(f"{analysis.legend(a)}\n")
-        echo(analysis.markdown(alpha_tab))
+        echo(f"{tables.legend(a)}\n")
+        echo(tables.markdown(alpha_tab))
         echo("\nmean accuracy\n")
-        echo(analysis.markdown(acc_tab))
+        echo(tables.markdown(acc_tab))
         _echo_extras(a, echo, md=True, top_classes=top_classes)
     else:
-        echo(analysis.legend(a))
+        echo(tables.legend(a))
         echo(alpha_tab.to_string())
         echo("\nmean accuracy")
         echo(acc_tab.to_string())

@@ -20,8 +20,10 @@ from matplotlib.colors import SymLogNorm  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
 from rdfast import outdir, store  # noqa: E402
-from rdfast.analysis import (  # noqa: E402
-    Analysis,
+from rdfast.analysis import Analysis  # noqa: E402
+from rdfast.config import STRATEGY_ORDER  # noqa: E402
+from rdfast.errors import BadInput  # noqa: E402
+from rdfast.tables import (  # noqa: E402
     at_largest_t,
     group_label,
     legend,
@@ -33,8 +35,6 @@ from rdfast.analysis import (  # noqa: E402
     paying_legend,
     sorted_groups,
 )
-from rdfast.config import STRATEGY_ORDER  # noqa: E402
-from rdfast.errors import BadInput  # noqa: E402
 
 COLORS = {
     "mp": "tab:blue",

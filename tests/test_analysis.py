@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from rdfast import analysis, store
+from rdfast import analysis, store, tables
 from rdfast.errors import BadInput
 
 
@@ -121,11 +121,11 @@ def test_class_recall_change_against_hand_values_and_scipy():
     # The dense rows change by exactly nothing.
     assert (a.class_groups.loc[a.class_groups["t"] == 1.0, "mean_recall_change"] == 0).all()
 
-    top = analysis.paying_classes(a, 2)
+    top = tables.paying_classes(a, 2)
     assert list(top["class"]) == ["2", "1"] and list(top["t"]) == ["4", "4"]
     assert list(top["change"]) == ["-0.250", "-0.067"]
     assert top["95 % CI"].iloc[0] == f"{lo:+.3f} to {hi:+.3f}"
-    assert analysis.paying_classes(a, 0).empty
+    assert tables.paying_classes(a, 0).empty
 
 
 def crafted_group(alphas, strategy="mp"):
@@ -171,7 +171,7 @@ def test_paired_differences_equal_scipy_ttest_rel():
     # The unpaired intervals of the two groups overlap; the paired one lies below 0.
     g = a.groups[a.groups["t"] == 4.0].set_index("strategy")
     assert g.loc["up", "ci_high"] > g.loc["mp", "ci_low"] and hi < 0
-    alpha_tab, acc_tab = analysis.paired_tables(a)
+    alpha_tab, acc_tab = tables.paired_tables(a)
     assert list(alpha_tab.index) == ["up"] and alpha_tab.loc["up", "t=4"] == "-0.10<"
     # No comparison without the baseline, on request, or when strategy is not a group column.
     assert analysis.analyze(fake_records(runs), by=("strategy",), vs=None).paired is None
@@ -220,7 +220,7 @@ def test_paired_differences_equal_scipy_ttest_rel():
 def test_marks_on_crafted_groups(alphas, expected):
     a = analysis.analyze(fake_records(crafted_group(alphas)), by=("strategy",))
     assert a.groups.loc[a.groups["t"] == 4.0, "mark"].item() == expected
-    alpha_tab, _ = analysis.paper_tables(a)
+    alpha_tab, _ = tables.paper_tables(a)
     assert alpha_tab.loc["mp", "t=4"] == f"{np.mean(alphas):.2f}{expected}"
 
 
@@ -311,7 +311,7 @@ def test_single_replicate_has_no_ci_and_no_mark():
     a = analysis.analyze(fake_records(crafted_group([1.4])), by=("strategy",))
     g = a.groups[a.groups["t"] == 4.0].iloc[0]
     assert g["n"] == 1 and np.isnan(g["ci_low"]) and g["mark"] == ""
-    assert analysis.paper_tables(a)[0].loc["mp", "t=4"] == "1.40 (n=1)"
+    assert tables.paper_tables(a)[0].loc["mp", "t=4"] == "1.40 (n=1)"
 
 
 def test_zero_support_classes_left_out_and_reported():

@@ -1,0 +1,144 @@
+"""Text from an `Analysis`: the paper's group x t tables with their marks, the classes that
+pay, the paired comparison, legends and Markdown. Formatting only; the statistics live in
+`rdfast.analysis`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from rdfast.analysis import Analysis
+from rdfast.config import STRATEGY_ORDER
+
+
+def group_label(row, by) -> str:
+    parts = []
+    for b in by:
+        v = row[b]
+        if b == "saliency" and v == "none":
+            continue
+        parts.append(f"{v:g}" if isinstance(v, float) else str(v))
+    return " ".join(parts)
+
+
+def sorted_groups(groups, by):
+    order = groups[list(by)].drop_duplicates()
+    if "strategy" in by:
+        order = order.assign(_s=order["strategy"].map(STRATEGY_ORDER).fillna(9))
+        order = order.sort_values(["_s", *[b for b in by if b != "strategy"]], kind="stable")
+        order = order.drop(columns="_s")
+    return order
+
+
+def _cell(value, mark_, n, fmt) -> str:
+    """`1.12>`: a mean and its mark, `(n=1)` where there is no interval, `-` where no mean."""
+    if np.isnan(value):
+        return "-"
+    return f"{value:{fmt}}{mark_}" + (" (n=1)" if n < 2 else "")
+
+
+def _by_t(frame: pd.DataFrame, a: Analysis, cells) -> pd.DataFrame:
+    """Rows: the groups of `frame` in table order; columns: t; values: `cells` (one per row)."""
+    order = [group_label(r, a.by) for _, r in sorted_groups(frame, a.by).iterrows()]
+    tab = pd.DataFrame(
+        {
+            "group": frame.apply(lambda r: group_label(r, a.by), axis=1),
+            "t": frame["t"],
+            "cell": list(cells),
+        }
+    ).pivot(index="group", columns="t", values="cell")
+    tab.columns = [f"t={c:g}" for c in tab.columns]
+    tab.index.name = None
+    return tab.reindex([o for o in order if o in tab.index]).fillna("")
+
+
+def paper_tables(a: Analysis) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Rows: groups; columns: t. Cells `1.12>` (E[alpha_t] and its mark), then accuracy."""
+    g = a.groups
+    pruned = g[g["t"] > 1]
+    alpha = [_cell(*r, ".2f") for r in zip(pruned["mean_alpha"], pruned["mark"], pruned["n"])]
+    acc = [f"{v:.3f}" for v in g["mean_accuracy"]]
+    return _by_t(pruned, a, alpha), _by_t(g, a, acc)
+
+
+def at_largest_t(a: Analysis) -> pd.DataFrame:
+    """The rows of `class_groups` at each group's largest t (t > 1)."""
+    cg = a.class_groups[a.class_groups["t"] > 1]
+    return cg[cg["t"] == cg.groupby(list(a.by), dropna=False)["t"].transform("max")]
+
+
+def paying_classes(a: Analysis, top: int) -> pd.DataFrame:
+    """The `top` classes of each group that lose the most recall at the group's largest t."""
+    cg = at_largest_t(a)
+    if cg.empty or top <= 0:
+        return pd.DataFrame()
+    keys = list(a.by)
+    cg = cg.sort_values([*keys, "mean_recall_change", "class"], kind="stable")
+    cg = cg.groupby(keys, dropna=False, sort=False).head(top)
+    order = {group_label(r, a.by): i for i, (_, r) in enumerate(sorted_groups(cg, a.by).iterrows())}
+    pct = f"{a.ci * 100:g} %"
+    out = pd.DataFrame(
+        {
+            "group": cg.apply(lambda r: group_label(r, a.by), axis=1),
+            "t": cg["t"].map(lambda v: f"{v:g}"),
+            "class": cg["class_name"].astype(str),
+            "dense recall": cg["mean_dense_recall"].map(lambda v: f"{v:.3f}"),
+            "recall": cg["mean_recall"].map(lambda v: f"{v:.3f}"),
+            "change": cg["mean_recall_change"].map(lambda v: f"{v:+.3f}"),
+            f"{pct} CI": [
+                "" if np.isnan(lo) else f"{lo:+.3f} to {hi:+.3f}"
+                for lo, hi in zip(cg["change_ci_low"], cg["change_ci_high"])
+            ],
+            "accuracy change": cg["mean_accuracy_change"].map(lambda v: f"{v:+.3f}"),
+        }
+    )
+    out = out.iloc[np.argsort(out["group"].map(order).to_numpy(), kind="stable")]
+    return out.set_index("group")
+
+
+def paying_legend(a: Analysis, top: int) -> str:
+    return (
+        f"The {top} classes of each group that lose the most recall at its largest t: "
+        f"mean recall at t = 1 and at t over seeds, the change with its {a.ci * 100:g} % "
+        f"{_method_name(a)} interval, and the model's accuracy change for comparison"
+    )
+
+
+def paired_tables(a: Analysis) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Rows: strategies other than the baseline; columns: t; cells `-0.05<` (E[difference] and
+    its mark against 0), for alpha and then for accuracy."""
+    p = a.paired[a.paired["t"] > 1]
+    alpha = [_cell(*r, "+.2f") for r in zip(p["mean_diff"], p["mark"], p["n"])]
+    acc = [_cell(*r, "+.3f") for r in zip(p["mean_acc_diff"], p["acc_mark"], p["n"])]
+    return _by_t(p, a, alpha), _by_t(p, a, acc)
+
+
+def paired_legend(a: Analysis) -> str:
+    baseline = a.baseline
+    return (
+        f"E[alpha_t(s) - alpha_t({baseline})] and E[A_t(s) - A_t({baseline})] over seeds, each "
+        f"difference between two runs that pruned the same dense model; mark: < "
+        f"{a.ci * 100:g} % CI below 0, > above 0, ? overlaps 0 ({_method_name(a)})"
+    )
+
+
+def markdown(df: pd.DataFrame, index_name: str = "group") -> str:
+    head = [index_name, *map(str, df.columns)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for idx, row in df.iterrows():
+        lines.append("| " + " | ".join([str(idx), *map(str, row.tolist())]) + " |")
+    return "\n".join(lines)
+
+
+def _method_name(a: Analysis) -> str:
+    return "Student-t" if a.ci_method == "t" else "bootstrap (percentile)"
+
+
+def legend(a: Analysis) -> str:
+    pct = f"{a.ci * 100:g} %"
+    method = _method_name(a)
+    return (
+        f"E[alpha_t] over seeds; mark: < {pct} CI below 1 (de-intensification), "
+        f"> above 1 (intensification), ? overlaps 1; {method} interval"
+    )
