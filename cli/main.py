@@ -88,18 +88,11 @@ def parse_floats(text: str, what: str) -> tuple[float, ...]:
 
 
 def parse_strategies(text: str) -> tuple[str, ...]:
-    from rdfast.config import PAPER_STRATEGIES, STRATEGIES
+    from rdfast.config import PAPER_STRATEGIES, check_strategies
 
     if text.strip() == "all":
         return PAPER_STRATEGIES
-    names = tuple(s.strip() for s in text.split(",") if s.strip())
-    bad = [s for s in names if s not in STRATEGIES]
-    if bad or not names:
-        raise BadInput(
-            f"unknown strategy {', '.join(bad) or repr(text)}; choose from "
-            f"{', '.join(STRATEGIES)} or all"
-        )
-    return names
+    return check_strategies((s.strip() for s in text.split(",") if s.strip()), repr(text))
 
 
 @cli.command()

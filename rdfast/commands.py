@@ -4,10 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pandas as pd
-
-from rdfast import store
-from rdfast.config import STRATEGY_ORDER, PruneSettings, preset, train_settings
+from rdfast import manifests, store
+from rdfast.config import PruneSettings, preset, train_settings
 from rdfast.data import DATASETS, parse_spec
 from rdfast.engine import Engine, Experiment
 from rdfast.errors import BadInput
@@ -101,7 +99,9 @@ def run_command(
     outcomes = engine.execute()
     # Runs left to another process may have been finished by it in the meantime; checked
     # before the records are read, so a run counted finished has all its steps in them.
-    busy = [o for o in outcomes if o.status == "busy" and not _finished(engine.out, o.run_id)]
+    busy = [
+        o for o in outcomes if o.status == "busy" and not manifests.finished(engine.out, o.run_id)
+    ]
     records = store.load_records(engine.out, prefer_consolidated=True)  # just consolidated
     ids = {o.run_id for o in outcomes}
     mine = records[records["run_id"].isin(ids)] if not records.empty else records
@@ -230,53 +230,11 @@ def report_command(
     return 0
 
 
-def _finished(out: Path, run_id: str) -> bool:
-    manifest = Path(out) / "runs" / run_id / "manifest.json"
-    return manifest.exists() and store.read_json(manifest).get("status") == "complete"
-
-
-def _live_status(status: str | None, run_dir: Path) -> str | None:
-    """A manifest says "running" from the start of a run; whether a process still writes it
-    is told by the run's lock: otherwise the run was interrupted (rerun to resume it)."""
-    if status == "running" and store.lock_holder(run_dir / ".lock") is None:
-        return "interrupted"
-    return status
-
-
-def status_table(runs_dir) -> pd.DataFrame:
-    """One row per run under `runs_dir`, from its manifest and recorded steps."""
-    rows = []
-    for manifest in sorted(Path(runs_dir).glob("runs/*/manifest.json")):
-        m = store.read_json(manifest)
-        s = m.get("settings", {})
-        done = len(store.step_files(manifest.parent))
-        rows.append(
-            {
-                "run_id": m.get("run_id"),
-                "dataset": m.get("dataset"),
-                "model": m.get("model"),
-                "width": m.get("width"),
-                "seed": m.get("seed"),
-                "strategy": s.get("strategy"),
-                "saliency": s.get("saliency"),
-                "status": _live_status(m.get("status"), manifest.parent),
-                "steps": f"{max(done - 1, 0)}/{len(s.get('ratios', []))}",
-                "error": m.get("error") or "",
-            }
-        )
-    table = pd.DataFrame(rows)
-    if table.empty:
-        return table
-    order = table["strategy"].map(STRATEGY_ORDER)
-    keys = ["dataset", "model", "width", "seed", "_order", "run_id"]
-    return table.assign(_order=order).sort_values(keys).drop(columns="_order")
-
-
 def status_command(*, runs_dir, echo=print) -> int:
     """Print every run's status; exit code 1 when any failed."""
     if not Path(runs_dir).is_dir():
         raise BadInput(f"{runs_dir} is not a directory")
-    table = status_table(runs_dir)
+    table = manifests.status_table(runs_dir)
     if table.empty:
         raise BadInput(f"no runs under {runs_dir} (start some with `rdfast run --out {runs_dir}`)")
     echo(table.to_string(index=False))

@@ -13,6 +13,18 @@ STRATEGIES = ("mp", "gp", "up", "rp", "rp-layer")
 PAPER_STRATEGIES = ("mp", "gp", "up", "rp")
 STRATEGY_ORDER = {s: i for i, s in enumerate(STRATEGIES)}  # the order tables and plots use
 RETRAIN_MODES = ("finetune", "rewind")
+
+
+def check_strategies(names, given: str = "(none)") -> tuple[str, ...]:
+    """The strategies asked for, or one line naming the unknown ones (`given`: as typed)."""
+    names = tuple(names)
+    bad = [s for s in names if s not in STRATEGIES]
+    if bad or not names:
+        choices = ", ".join(STRATEGIES)
+        raise BadInput(f"unknown strategy {', '.join(bad) or given}; choose from {choices} or all")
+    return names
+
+
 SCHEDULES = ("cosine", "step")
 PRECISIONS = ("fp32", "bf16")
 DEFAULT_RATIOS = (2.0, 4.0, 8.0, 16.0, 32.0, 64.0)

@@ -29,9 +29,9 @@ from rdfast import store
 from rdfast.config import (
     PAPER_STRATEGIES,
     PRECISIONS,
-    STRATEGIES,
     PruneSettings,
     TrainSettings,
+    check_strategies,
 )
 from rdfast.data import TensorData, load_dataset
 from rdfast.errors import BadInput, RunFailed
@@ -165,12 +165,7 @@ class Engine:
             raise BadInput("training settings are missing")
         exp.train.validate()
         exp.prune.validate(exp.train)
-        bad = [s for s in exp.strategies if s not in STRATEGIES]
-        if bad or not exp.strategies:
-            raise BadInput(
-                f"unknown strategy {', '.join(bad) or '(none)'}; choose from "
-                f"{', '.join(STRATEGIES)} or all"
-            )
+        check_strategies(exp.strategies)
         if not exp.seeds:
             raise BadInput("no seeds given")
         self.device = resolve_device(exp.device)

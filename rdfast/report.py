@@ -19,10 +19,11 @@ import pandas as pd  # noqa: E402
 from matplotlib.colors import SymLogNorm  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
-from rdfast import outdir, store  # noqa: E402
+from rdfast import outdir  # noqa: E402
 from rdfast.analysis import Analysis  # noqa: E402
 from rdfast.config import STRATEGY_ORDER  # noqa: E402
 from rdfast.errors import BadInput  # noqa: E402
+from rdfast.manifests import settings_table  # noqa: E402
 from rdfast.tables import (  # noqa: E402
     at_largest_t,
     group_label,
@@ -350,38 +351,6 @@ def class_change_heatmap(a: Analysis, path: Path):
     )
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def settings_table(runs_dir: Path, run_ids) -> pd.DataFrame:
-    rows = []
-    for rid in sorted(run_ids):
-        m = Path(runs_dir) / "runs" / rid / "manifest.json"
-        if not m.exists():
-            continue
-        man = store.read_json(m)
-        s = man.get("settings", {})
-        tr = s.get("train", {})
-        rows.append(
-            {
-                "run_id": rid,
-                "dataset": man.get("dataset"),
-                "model": man.get("model"),
-                "width": man.get("width"),
-                "seed": man.get("seed"),
-                "strategy": s.get("strategy"),
-                "saliency": s.get("saliency"),
-                "eps": s.get("eps"),
-                "ratios": ",".join(f"{t:g}" for t in s.get("ratios", [])),
-                "retrain": s.get("retrain"),
-                "epochs": tr.get("epochs"),
-                "lr": tr.get("lr"),
-                "batch": tr.get("batch_size"),
-                "weight_decay": tr.get("weight_decay"),
-                "status": man.get("status"),
-                "device": man.get("device"),
-            }
-        )
-    return pd.DataFrame(rows)
 
 
 def pick_scatter_ts(ts) -> list[float]:

@@ -15,8 +15,8 @@ from click.testing import CliRunner
 import rdfast.engine as engine_mod
 from rdfast import store
 from rdfast.cli.main import cli
-from rdfast.commands import status_table
 from rdfast.engine import Engine
+from rdfast.manifests import status_table
 from tests.conftest import process_args, run_args
 from tests.test_engine import VOLATILE, experiment, table
 
