@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 import rdfast
-from rdfast import store
+from rdfast import store, training
 from rdfast.config import (
     PAPER_STRATEGIES,
     PRECISIONS,
@@ -34,6 +34,7 @@ from rdfast.config import (
     check_strategies,
 )
 from rdfast.data import TensorData, load_dataset
+from rdfast.dense import DenseModels
 from rdfast.errors import BadInput, RunFailed
 from rdfast.kernels._backend import cuda_path, interpreting
 from rdfast.kernels.selection import NaNScoreError
@@ -45,7 +46,7 @@ from rdfast.pruning import (
     prune_to,
 )
 from rdfast.seeding import derive_seed
-from rdfast.training import evaluate, masked_linear_layers, train
+from rdfast.training import masked_linear_layers
 
 DENSE_FORMAT = 1
 
@@ -152,10 +153,7 @@ class Engine:
         self.progress = progress
         self.log = log or (lambda msg: tqdm.write(msg))
         self.data: TensorData | None = None
-        self._dense: dict[int, dict | RunFailed] = {}  # per seed: checkpoint or its failure
-        # Dense training saves its state at the end of an epoch when this many seconds have
-        # passed since the last save: a killed run repeats at most that much of it.
-        self.save_every = 60.0
+        self.dense_models = DenseModels(self)
 
     # ------------------------------------------------------------------ validation
     def prepare(self) -> None:
@@ -264,150 +262,7 @@ class Engine:
         return torch.compile(model) if self.exp.compile else model
 
     def dense(self, seed: int) -> dict:
-        """The trained dense model of `seed`, from the cache or trained now (then cached).
-
-        Held in memory too, so the strategies of one seed neither reload nor retrain it, and
-        a dense model whose training failed is tried once per command.
-        """
-        if seed not in self._dense:
-            try:
-                self._dense[seed] = self._load_or_train_dense(seed)
-            except RunFailed as e:
-                self._dense[seed] = e
-        if isinstance(self._dense[seed], RunFailed):
-            raise RunFailed(f"dense training failed: {self._dense[seed]}")
-        return self._dense[seed]
-
-    def _dense_path(self, seed: int, key: dict | None = None) -> Path:
-        key = key or self.dense_key(seed)
-        return self.out / "dense" / store.stable_hash(key) / "checkpoint.pt"
-
-    def _dense_elsewhere(self, seed: int) -> bool:
-        """Whether another process is training this seed's dense model right now."""
-        path = self._dense_path(seed)
-        return not path.exists() and store.lock_holder(path.with_name(".lock")) is not None
-
-    def _read_dense(self, path: Path, key: dict) -> dict | None:
-        """The cached dense model if it is intact and was trained for `key`; else None, with
-        one line saying why (the caller then trains it again, bit for bit)."""
-        if not path.exists():
-            return None
-        try:
-            ckpt = store.load_torch(path)
-            if ckpt.get("key") != store.stable_hash(key):
-                raise store.DamagedFile(
-                    path, f"holds the dense model {ckpt.get('key')}, not {store.stable_hash(key)}"
-                )
-            return ckpt
-        except store.DamagedFile as e:
-            self.log(f"dense checkpoint {e}: training it again")
-            return None
-
-    def _load_or_train_dense(self, seed: int) -> dict:
-        key = self.dense_key(seed)
-        path = self._dense_path(seed, key)
-        ckpt = self._read_dense(path, key)
-        if ckpt is not None:
-            return ckpt
-        lock = path.with_name(".lock")
-        with store.locked(lock, wait=False) as held:
-            if held:
-                return self._train_dense(seed, key, path)
-        self.log(f"dense seed {seed}: waiting for {store.lock_holder(lock) or 'another process'}")
-        with store.locked(lock, wait=True):
-            ckpt = self._read_dense(path, key)  # trained by the other process
-            return ckpt if ckpt is not None else self._train_dense(seed, key, path)
-
-    def _train_dense(self, seed: int, key: dict, path: Path) -> dict:
-        """Train the dense model of `seed` (resuming partial.pt) and cache it at `path`."""
-        exp = self.exp
-        store.remove(path)  # damaged or foreign, if present (the lock is held)
-        for stale in path.parent.glob(".*.tmp"):  # writes a killed process did not finish
-            stale.unlink(missing_ok=True)
-        model = self._new_model(seed)
-        rewind = {}
-        partial_path = path.with_name("partial.pt")
-        resume, last_save = None, time.perf_counter()
-        partial = None
-        if partial_path.exists():  # an interrupted training: continue at its last epoch
-            try:
-                partial = store.load_torch(partial_path)
-            except store.DamagedFile as e:
-                self.log(f"dense seed {seed}: {e}: training from the start")
-                store.remove(partial_path)
-        if partial is not None:
-            model.load_state_dict(partial["model"])
-            rewind = partial["rewind"]
-            torch.set_rng_state(partial["rng"])
-            resume = {"epoch": partial["epoch"], "optimizer": partial["optimizer"]}
-
-        def snapshot(epoch):
-            if exp.prune.retrain == "rewind" and epoch == exp.prune.rewind_epoch:
-                rewind["state"] = {
-                    k: v.detach().cpu().clone() for k, v in model.state_dict().items()
-                }
-
-        def on_epoch_end(epoch, opt):
-            nonlocal last_save
-            snapshot(epoch)
-            if epoch < exp.train.epochs and time.perf_counter() - last_save >= self.save_every:
-                store.save_torch(
-                    partial_path,
-                    {
-                        "epoch": epoch,
-                        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                        "optimizer": opt.state_dict(),
-                        "rewind": rewind,
-                        "rng": torch.get_rng_state(),
-                    },
-                )
-                last_save = time.perf_counter()
-
-        if resume is None:
-            snapshot(0)
-        bar = tqdm(
-            total=exp.train.epochs,
-            initial=0 if resume is None else resume["epoch"],
-            desc=f"dense seed {seed}",
-            unit="epoch",
-            leave=False,
-            disable=self._quiet(),
-        )
-        forward = self._forward(model)
-        try:
-            stats = train(
-                model,
-                self.data,
-                exp.train,
-                seed_parts=(seed, "dense"),
-                on_epoch_end=on_epoch_end,
-                progress=bar,
-                forward=forward,
-                resume=resume,
-            )
-        finally:
-            bar.close()
-        ev = evaluate(model, self.data, precision=exp.train.precision, forward=forward)
-        self.log(
-            f"dense seed {seed}: {stats['seconds']:.1f} s, "
-            f"{stats['images_per_second']:,.0f} img/s training, "
-            f"{ev['eval_images_per_second']:,.0f} img/s evaluation, "
-            f"test accuracy {ev['confusion'].trace() / ev['confusion'].sum():.4f}"
-        )
-        ckpt = {
-            "key": store.stable_hash(key),
-            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-            "rewind": rewind.get("state"),
-            "confusion": torch.from_numpy(ev["confusion"]),
-            "loss": ev["loss"],
-            "seconds": stats["seconds"],
-            "images_per_second": stats["images_per_second"],
-            "eval_images_per_second": ev["eval_images_per_second"],
-        }
-        store.save_torch(path, ckpt)
-        store.write_json(path.with_name("settings.json"), key)
-        store.remove(partial_path)
-        return ckpt
+        return self.dense_models.get(seed)
 
     def _quiet(self):
         return None if self.progress is None else not self.progress
@@ -520,7 +375,9 @@ class Engine:
                 )
                 with kernels:
                     stats = self._retrain(model, layers, masks, dense, seed, i, forward)
-                    ev = evaluate(model, self.data, precision=exp.train.precision, forward=forward)
+                    ev = training.evaluate(
+                        model, self.data, precision=exp.train.precision, forward=forward
+                    )
                 if stats:
                     throughput.append(stats["images_per_second"])
                 remaining = sum(int(m.sum()) for m in masks.values())
@@ -622,7 +479,7 @@ class Engine:
         if p.retrain == "rewind":
             model.load_state_dict(dense["rewind"])
             apply_masks(layers, masks)
-            return train(
+            return training.train(
                 model,
                 self.data,
                 tr,
@@ -633,7 +490,7 @@ class Engine:
             )
         if p.finetune_epochs == 0:
             return None
-        return train(
+        return training.train(
             model,
             self.data,
             tr,
@@ -684,15 +541,15 @@ class Engine:
                     if (
                         queue
                         and seed not in deferred
-                        and seed not in self._dense
-                        and self._dense_elsewhere(seed)
+                        and not self.dense_models.in_memory(seed)
+                        and self.dense_models.elsewhere(seed)
                     ):
                         deferred.add(seed)
                         queue.append(seed)
                         break
                     outcomes.append(self.run_one(seed, todo[seed].pop(0), bar))
                 else:
-                    self._dense.pop(seed, None)  # its strategies are done: free the weights
+                    self.dense_models.forget(seed)  # its strategies are done: free the weights
         store.consolidate(self.out)
         return outcomes
 

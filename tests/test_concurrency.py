@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-import rdfast.engine as engine_mod
+import rdfast.training as training_mod
 from rdfast import store
 from rdfast.cli.main import cli
 from rdfast.engine import Engine
@@ -99,7 +99,7 @@ def test_dense_model_in_training_elsewhere_is_waited_for(tmp_path, monkeypatch):
     thread = threading.Thread(target=other_process)
     thread.start()
     held.wait(30)
-    real_train = engine_mod.train
+    real_train = training_mod.train
 
     def spy(*args, **kw):
         assert kw.get("seed_parts")[1] != "dense", "trained the dense model a second time"
@@ -112,7 +112,7 @@ def test_dense_model_in_training_elsewhere_is_waited_for(tmp_path, monkeypatch):
         if "waiting for pid" in msg:
             release.set()  # the other process finishes only once this one waits
 
-    monkeypatch.setattr(engine_mod, "train", spy)
+    monkeypatch.setattr(training_mod, "train", spy)
     engine.log = log
     try:
         engine.execute()

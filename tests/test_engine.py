@@ -6,7 +6,7 @@ import pytest
 import torch
 from sklearn.metrics import recall_score
 
-import rdfast.engine as engine_mod
+import rdfast.training as training_mod
 from rdfast import store
 from rdfast.config import PruneSettings, train_settings
 from rdfast.data import load_dataset
@@ -85,13 +85,13 @@ def test_records_recall_matches_sklearn_on_final_model(tmp_path):
 
 def test_dense_trained_once_for_four_strategies(tmp_path, monkeypatch):
     calls = []
-    real_train = engine_mod.train
+    real_train = training_mod.train
 
     def spy(*args, **kw):
         calls.append(kw.get("seed_parts"))
         return real_train(*args, **kw)
 
-    monkeypatch.setattr(engine_mod, "train", spy)
+    monkeypatch.setattr(training_mod, "train", spy)
     Engine(experiment(tmp_path), progress=False).execute()
     dense_calls = [c for c in calls if c[1] == "dense"]
     assert len(dense_calls) == 1
@@ -120,7 +120,7 @@ def test_interrupted_run_resumes_to_identical_table(tmp_path, monkeypatch):
     Engine(experiment(tmp_path / "a"), progress=False).execute()
     reference = table(tmp_path / "a")
 
-    real_evaluate = engine_mod.evaluate
+    real_evaluate = training_mod.evaluate
     count = {"n": 0}
 
     def dying(*args, **kw):
@@ -129,7 +129,7 @@ def test_interrupted_run_resumes_to_identical_table(tmp_path, monkeypatch):
             raise Interrupt
         return real_evaluate(*args, **kw)
 
-    monkeypatch.setattr(engine_mod, "evaluate", dying)
+    monkeypatch.setattr(training_mod, "evaluate", dying)
     with pytest.raises(Interrupt):
         Engine(experiment(tmp_path / "b"), progress=False).execute()
     partial = store.load_records(tmp_path / "b")
@@ -138,7 +138,7 @@ def test_interrupted_run_resumes_to_identical_table(tmp_path, monkeypatch):
         < partial.drop_duplicates(["run_id", "step"]).shape[0]
         < reference.drop_duplicates(["run_id", "step"]).shape[0]
     )
-    monkeypatch.setattr(engine_mod, "evaluate", real_evaluate)
+    monkeypatch.setattr(training_mod, "evaluate", real_evaluate)
     Engine(experiment(tmp_path / "b"), progress=False).execute()
     pd.testing.assert_frame_equal(table(tmp_path / "b"), reference)
     consolidated = pd.read_parquet(tmp_path / "b" / "records.parquet").drop(columns=VOLATILE)
@@ -147,7 +147,7 @@ def test_interrupted_run_resumes_to_identical_table(tmp_path, monkeypatch):
 
 def test_completed_run_is_skipped(tmp_path, monkeypatch):
     Engine(experiment(tmp_path), progress=False).execute()
-    monkeypatch.setattr(engine_mod, "train", lambda *a, **k: pytest.fail("retrained"))
+    monkeypatch.setattr(training_mod, "train", lambda *a, **k: pytest.fail("retrained"))
     outcomes = Engine(experiment(tmp_path), progress=False).execute()
     assert all(o.status == "complete" for o in outcomes)
 
@@ -159,14 +159,14 @@ def test_same_command_same_table(tmp_path):
 
 
 def test_failed_run_recorded_and_others_go_on(tmp_path, monkeypatch):
-    real_train = engine_mod.train
+    real_train = training_mod.train
 
     def diverge_seed_1(model, data, settings, **kw):
         if kw["seed_parts"][0] == 1:
             raise RunFailed("training loss became nan in epoch 1")
         return real_train(model, data, settings, **kw)
 
-    monkeypatch.setattr(engine_mod, "train", diverge_seed_1)
+    monkeypatch.setattr(training_mod, "train", diverge_seed_1)
     outcomes = Engine(
         experiment(tmp_path, seeds=(0, 1), strategies=("mp",)), progress=False
     ).execute()
@@ -199,7 +199,7 @@ def test_masked_kernels_through_the_interpreter(tmp_path):
 def test_interrupted_dense_training_resumes_bit_for_bit(tmp_path, monkeypatch, retrain):
     ref = Engine(experiment(tmp_path / "a", strategies=("mp",), retrain=retrain), progress=False)
     ref.execute()
-    real_train = engine_mod.train
+    real_train = training_mod.train
     resumed_at = []
 
     def dying(*args, **kw):
@@ -216,14 +216,14 @@ def test_interrupted_dense_training_resumes_bit_for_bit(tmp_path, monkeypatch, r
             resumed_at.append(kw["resume"]["epoch"])
         return real_train(*args, **kw)
 
-    monkeypatch.setattr(engine_mod, "train", dying)
+    monkeypatch.setattr(training_mod, "train", dying)
     eng = Engine(experiment(tmp_path / "b", strategies=("mp",), retrain=retrain), progress=False)
-    eng.save_every = 0  # save after every epoch
+    eng.dense_models.save_every = 0  # save after every epoch
     with pytest.raises(Interrupt):
         eng.execute()
     assert list((tmp_path / "b" / "dense").glob("*/partial.pt"))
     eng = Engine(experiment(tmp_path / "b", strategies=("mp",), retrain=retrain), progress=False)
-    eng.save_every = 0
+    eng.dense_models.save_every = 0
     eng.execute()
     assert resumed_at == [2]
     assert not list((tmp_path / "b" / "dense").glob("*/partial.pt"))
