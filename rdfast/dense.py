@@ -148,13 +148,26 @@ class DenseModels:
         if resume is None:
             self._snapshot(model, rewind, 0)
         first = 0 if resume is None else resume["epoch"]
-        bar = tqdm(total=exp.train.epochs, initial=first, desc=f"dense seed {seed}",
-                   unit="epoch", leave=False, disable=engine._quiet())  # fmt: skip
+        bar = tqdm(
+            total=exp.train.epochs,
+            initial=first,
+            desc=f"dense seed {seed}",
+            unit="epoch",
+            leave=False,
+            disable=engine._quiet(),
+        )
         forward = engine._forward(model)
         try:
-            stats = training.train(model, engine.data, exp.train, seed_parts=(seed, "dense"),
-                                   on_epoch_end=on_epoch_end, progress=bar, forward=forward,
-                                   resume=resume)  # fmt: skip
+            stats = training.train(
+                model,
+                engine.data,
+                exp.train,
+                seed_parts=(seed, "dense"),
+                on_epoch_end=on_epoch_end,
+                progress=bar,
+                forward=forward,
+                resume=resume,
+            )
         finally:
             bar.close()
         ev = training.evaluate(model, engine.data, precision=exp.train.precision, forward=forward)
@@ -182,5 +195,7 @@ class DenseModels:
 
 
 def _cpu_state(model, clone: bool = False) -> dict:
-    return {k: (v.detach().cpu().clone() if clone else v.detach().cpu())
-            for k, v in model.state_dict().items()}  # fmt: skip
+    return {
+        k: (v.detach().cpu().clone() if clone else v.detach().cpu())
+        for k, v in model.state_dict().items()
+    }

@@ -1,0 +1,391 @@
+"""One pruning run: a (seed, strategy) of an experiment, from its dense model through every
+ratio, each step pruned, retrained, evaluated and recorded.
+
+Resumable: the recorded steps are checked (`_intact_steps`) and the run continues after the
+last intact one; each step writes its state, its confusion matrix and then its records, so a
+killed process loses at most the step in progress. The run's lock keeps other processes out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import functools
+import platform
+import subprocess
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+import rdfast
+from rdfast import store, training
+from rdfast.errors import RunFailed
+from rdfast.kernels.selection import NaNScoreError
+from rdfast.models import prunable_layers
+from rdfast.pruning import apply_masks, data_gradients, prune_to
+from rdfast.seeding import derive_seed
+from rdfast.training import masked_linear_layers
+
+
+@dataclass
+class RunOutcome:
+    run_id: str
+    seed: int
+    strategy: str
+    status: str
+    error: str | None = None
+
+
+@functools.cache
+def _git_commit() -> str | None:
+    try:
+        here = Path(rdfast.__file__).resolve().parent
+        out = subprocess.run(
+            ["git", "-C", str(here), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def environment(device: torch.device) -> dict:
+    return {
+        "versions": {
+            "rdfast": rdfast.__version__,
+            "torch": torch.__version__,
+            "numpy": np.__version__,
+            "pandas": pd.__version__,
+            "python": platform.python_version(),
+        },
+        "device": device_name(device),
+        "git_commit": _git_commit(),
+        "platform": platform.platform(),
+    }
+
+
+def step_records(meta: dict, cm: np.ndarray, class_names, **step) -> pd.DataFrame:
+    """One row per class: support, recall, and the model-level accuracy and loss."""
+    support = cm.sum(axis=1)
+    correct = np.diagonal(cm)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        recall = np.where(support > 0, correct / np.maximum(support, 1), np.nan)
+    n = len(class_names)
+    df = pd.DataFrame(
+        {
+            **meta,
+            **step,
+            "class": np.arange(n),
+            "class_name": list(class_names),
+            "support": support.astype(np.int64),
+            "correct": correct.astype(np.int64),
+            "recall": recall,
+            "accuracy": correct.sum() / cm.sum(),
+        }
+    )
+    return df
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+class PruningRun:
+    """One (seed, strategy) of an experiment: `run` resumes it and records every step."""
+
+    def __init__(self, engine, seed: int, strategy: str):
+        self.engine, self.seed, self.strategy = engine, seed, strategy
+        self.exp, self.data = engine.exp, engine.data
+        self.settings = engine.run_settings(seed, strategy)
+        self.run_id = engine.run_id(seed, strategy, self.settings)
+        self.dir = engine.out / "runs" / self.run_id
+        self.manifest_path = self.dir / "manifest.json"
+
+    def outcome(self, status: str, error: str | None = None) -> RunOutcome:
+        return RunOutcome(self.run_id, self.seed, self.strategy, status, error)
+
+    def run(self, bar) -> RunOutcome:
+        """The run, unless another process is writing it (then "busy")."""
+        with store.locked(self.dir / ".lock", wait=False) as held:
+            if held:
+                return self._locked(bar)
+        holder = store.lock_holder(self.dir / ".lock") or "another process"
+        self.engine.log(
+            f"run {self.run_id} (seed {self.seed}, {self.strategy}) is being written by "
+            f"{holder}: skipped"
+        )
+        bar.update(len(self.exp.prune.ratios))
+        return self.outcome("busy", f"being written by {holder}")
+
+    def _locked(self, bar) -> RunOutcome:
+        """Resume from the recorded steps; the caller holds the run's lock."""
+        n_steps = len(self.exp.prune.ratios)
+        for stale in self.dir.glob(".*.tmp"):  # a write the last process did not finish
+            stale.unlink()
+        last_done, state = intact_steps(self.dir, self.data, self.engine.log)
+        manifest = self._manifest()
+        if last_done == n_steps:
+            if manifest.get("status") != "complete":  # killed after its last step
+                manifest.update(status="complete", error=None, updated=_now())
+                store.write_json(self.manifest_path, manifest)
+            bar.update(n_steps)
+            return self.outcome("complete")
+        manifest.update(
+            status="running", error=None, updated=_now(), **environment(self.engine.device)
+        )
+        store.write_json(self.manifest_path, manifest)
+        try:
+            manifest.update(self._steps(last_done, state, bar))
+            manifest.update(status="complete", updated=_now())
+            store.write_json(self.manifest_path, manifest)
+            return self.outcome("complete")
+        except RunFailed as e:
+            manifest.update(status="failed", error=str(e), updated=_now())
+            store.write_json(self.manifest_path, manifest)
+            self.engine.log(f"run {self.run_id} (seed {self.seed}, {self.strategy}) failed: {e}")
+            return self.outcome("failed", str(e))
+
+    def _manifest(self) -> dict:
+        """The run's manifest as recorded, or a new one (also for a damaged one)."""
+        exp = self.exp
+        return load_manifest(self.manifest_path, self.engine.log) or {
+            "run_id": self.run_id,
+            "dataset": self.data.name,
+            "model": exp.model,
+            "width": exp.width,
+            "seed": self.seed,
+            "settings": {**self.settings, "train": asdict(exp.train)},
+            "created": _now(),
+        }
+
+    def _steps(self, last_done: int, state: dict | None, bar) -> dict:
+        """Every step after `last_done`; returns what the manifest records of the run."""
+        exp, p = self.exp, self.exp.prune
+        dense = self.engine.dense(self.seed)
+        model = self.engine._new_model(self.seed)
+        forward = self.engine._forward(model)
+        layers = prunable_layers(model, p.exclude)
+        total = sum(w.numel() for w in layers.values())
+        meta = record_meta(self)
+        if last_done <= 0:
+            model.load_state_dict(dense["model"])
+            masks = {k: torch.ones_like(w, dtype=torch.bool) for k, w in layers.items()}
+        else:
+            model.load_state_dict(state["model"])
+            masks = {k: v.to(self.engine.device) for k, v in state["masks"].items()}
+        if last_done < 0:
+            self._write_step(
+                0,
+                meta,
+                dense["confusion"].numpy(),
+                dense["loss"],
+                1.0,
+                total,
+                total,
+                dense["seconds"],
+                state=None,
+            )
+        throughput = []
+        for i in range(max(last_done, 0) + 1, len(p.ratios) + 1):
+            t = p.ratios[i - 1]
+            start = time.perf_counter()
+            # Dropout and other draws from the global generator start from a state of this
+            # step's own, so a resumed run repeats them exactly.
+            torch.manual_seed(derive_seed(self.seed, self.strategy, i, "step"))
+            masks = self._prune(model, layers, masks, i, t, dense)
+            kernels = (
+                masked_linear_layers(model, masks)
+                if exp.masked_kernels
+                else contextlib.nullcontext()
+            )
+            with kernels:
+                stats = self._retrain(model, layers, masks, dense, i, forward)
+                ev = training.evaluate(
+                    model, self.data, precision=exp.train.precision, forward=forward
+                )
+            if stats:
+                throughput.append(stats["images_per_second"])
+            remaining = sum(int(m.sum()) for m in masks.values())
+            state = {
+                "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                "masks": {k: v.cpu() for k, v in masks.items()},
+            }
+            self._write_step(
+                i,
+                meta,
+                ev["confusion"],
+                ev["loss"],
+                t,
+                remaining,
+                total,
+                time.perf_counter() - start,
+                state=state,
+            )
+            bar.update(1)
+        return {
+            "dense": {
+                "seconds": dense["seconds"],
+                "train_images_per_second": dense["images_per_second"],
+                "eval_images_per_second": dense["eval_images_per_second"],
+            },
+            "retrain_images_per_second": float(np.mean(throughput)) if throughput else None,
+        }
+
+    def _prune(self, model, layers, masks, i, t, dense):
+        p, tr = self.exp.prune, self.exp.train
+        grads = None
+        if self.strategy in ("gp", "up"):
+            grads = data_gradients(
+                model,
+                layers,
+                self.data,
+                batches=p.grad_batches,
+                batch_size=tr.batch_size,
+                seed_parts=(self.seed, i, "grad"),
+            )
+        try:
+            return prune_to(
+                layers,
+                masks,
+                t,
+                self.strategy,
+                grads=grads,
+                form=p.saliency,
+                eps=p.eps(tr),
+                seed_parts=(self.seed, i, "rp"),
+                dense_weights={k: dense["model"][f"{k}.weight"] for k in layers},
+            )
+        except NaNScoreError as e:  # the gradient estimate blew up
+            raise RunFailed(f"pruning to t={t:g} failed: {e}") from None
+
+    def _write_step(self, i, meta, cm, loss, t, remaining, total, seconds, state):
+        write_step(
+            self.dir, i, meta, cm, self.data.class_names, loss, t, remaining, total, seconds, state
+        )
+
+    def _retrain(self, model, layers, masks, dense, i, forward):
+        p, tr = self.exp.prune, self.exp.train
+        by_param = {layers[k]: m for k, m in masks.items()}
+        if p.retrain == "rewind":
+            model.load_state_dict(dense["rewind"])
+            apply_masks(layers, masks)
+            return training.train(
+                model,
+                self.data,
+                tr,
+                masks=by_param,
+                seed_parts=(self.seed, i, "rewind"),
+                forward=forward,
+                start_epoch=p.rewind_epoch,
+            )
+        if p.finetune_epochs == 0:
+            return None
+        return training.train(
+            model,
+            self.data,
+            tr,
+            lr=p.finetune_rate(tr),
+            epochs=p.finetune_epochs,
+            masks=by_param,
+            seed_parts=(self.seed, i, "finetune"),
+            forward=forward,
+        )
+
+
+def intact_steps(run_dir: Path, data, log) -> tuple[int, dict | None]:
+    """(last recorded step, its state) after checking every recorded file of a run.
+
+    Records must parse and agree with their confusion matrices, and the latest state must
+    match its checksum. Anything missing or damaged sends the run back to its dense model
+    (every step is recomputed bit for bit: earlier states are not kept), with one line
+    naming the file."""
+    done = store.step_files(run_dir)
+    if not done:
+        return -1, None
+    last, c = max(done), data.num_classes
+    n_test = int(data.y_test.shape[0])
+    try:
+        for i in range(last + 1):
+            if i not in done:
+                raise store.DamagedFile(run_dir / f"step-{i}.parquet", "missing")
+            df = store.read_parquet(done[i])
+            cm = store.read_npy(run_dir / f"step-{i}.npy")
+            if cm.shape != (c, c) or int(cm.sum()) != n_test:
+                raise store.DamagedFile(run_dir / f"step-{i}.npy", "not this run's matrix")
+            if len(df) != c or not np.array_equal(df["correct"].to_numpy(), cm.diagonal()):
+                raise store.DamagedFile(done[i], "disagrees with its confusion matrix")
+        state = store.load_torch(run_dir / f"step-{last}.pt") if last >= 1 else None
+    except (store.DamagedFile, KeyError) as e:
+        log(f"run {run_dir.name}: {e}: recomputing the run from its dense model")
+        for f in run_dir.glob("step-*"):
+            store.remove(f)
+        return -1, None
+    return last, state
+
+
+def write_step(run_dir: Path, i, meta, cm, class_names, loss, t, remaining, total, seconds, state):
+    """Step i of a run. Order matters for resuming: the state first, then the confusion
+    matrix, then the records that mark the step done; the previous state goes only after."""
+    if state is not None:
+        store.save_torch(run_dir / f"step-{i}.pt", state)
+    store.write_npy(run_dir / f"step-{i}.npy", np.asarray(cm, dtype=np.int64))
+    df = step_records(
+        meta,
+        np.asarray(cm),
+        class_names,
+        step=i,
+        t_target=float(t),
+        t_actual=total / remaining,
+        remaining=remaining,
+        total=total,
+        loss=float(loss),
+        seconds=float(seconds),
+    )
+    store.write_parquet(run_dir / f"step-{i}.parquet", df)
+    if i > 1:
+        store.remove(run_dir / f"step-{i - 1}.pt")
+
+
+def load_manifest(path: Path, log) -> dict | None:
+    """A run's recorded manifest; None when missing or damaged (then removed, one line)."""
+    if not path.exists():
+        return None
+    try:
+        manifest = store.read_json(path)
+    except store.DamagedFile as e:
+        log(f"run {path.parent.name}: {e}: writing it again")
+        store.remove(path)
+        return None
+    return manifest if isinstance(manifest, dict) else None
+
+
+def record_meta(run: PruningRun) -> dict:
+    """The columns every record row of a run carries."""
+    exp, s = run.exp, run.settings
+    return {
+        "records_version": store.RECORDS_VERSION,
+        "run_id": run.run_id,
+        "dense_id": s["dense_id"],
+        "dataset": run.data.name,
+        "model": exp.model,
+        "width": float(exp.width),
+        "seed": run.seed,
+        "strategy": run.strategy,
+        "saliency": s["saliency"],
+        "eps": float("nan") if s["eps"] is None else float(s["eps"]),
+        "weight_decay": float(exp.train.weight_decay),
+        "retrain": exp.prune.retrain,
+        "device": run.engine.device.type,
+    }
