@@ -23,7 +23,7 @@ def with_image_size(dataset: str, image_size: int | None) -> str:
     return f"{dataset}{',' if ':' in dataset else ':'}size={image_size}"
 
 
-def run_command(
+def build_experiment(
     *,
     dataset,
     model,
@@ -47,14 +47,12 @@ def run_command(
     device,
     data_root,
     out,
-    progress,
     masked_kernels=False,
     precision="auto",
     compile=False,
     image_size=None,
-    echo=print,
-) -> int:
-    """Validate, run every (seed, strategy), print the accuracy table; return the exit code."""
+) -> Experiment:
+    """The `rdfast run` flags as an Experiment: presets filled in where a flag is left out."""
     dataset = with_image_size(dataset, image_size)
     name, _ = parse_spec(dataset)
     train = train_settings(
@@ -66,20 +64,20 @@ def run_command(
         weight_decay=weight_decay,
         schedule=schedule,
     )
+    if finetune_epochs is None:
+        finetune_epochs = preset(name, model)["finetune_epochs"]
     prune = PruneSettings(
         ratios=tuple(ratios),
         saliency=saliency,
         grad_batches=grad_batches,
         up_eps=up_eps,
         retrain=retrain,
-        finetune_epochs=preset(name, model)["finetune_epochs"]
-        if finetune_epochs is None
-        else finetune_epochs,
+        finetune_epochs=finetune_epochs,
         finetune_lr=finetune_lr,
         rewind_epoch=rewind_epoch,
         exclude=tuple(exclude),
     )
-    exp = Experiment(
+    return Experiment(
         dataset=dataset,
         model=model,
         width=width,
@@ -94,15 +92,23 @@ def run_command(
         precision=precision,
         compile=compile,
     )
-    engine = Engine(exp, progress=progress)
+
+
+def run_command(*, progress, echo=print, **flags) -> int:
+    """Validate, run every (seed, strategy), print the summary; return the exit code."""
+    engine = Engine(build_experiment(**flags), progress=progress)
     engine.prepare()  # raises BadInput before anything is written
     outcomes = engine.execute()
+    return print_run_summary(engine.out, outcomes, echo)
+
+
+def print_run_summary(out: Path, outcomes, echo) -> int:
+    """The accuracy and alpha tables of this command's runs, what failed or was left to
+    another process, and the exit code: 1 when a run failed."""
     # Runs left to another process may have been finished by it in the meantime; checked
     # before the records are read, so a run counted finished has all its steps in them.
-    busy = [
-        o for o in outcomes if o.status == "busy" and not manifests.finished(engine.out, o.run_id)
-    ]
-    records = store.load_records(engine.out, prefer_consolidated=True)  # just consolidated
+    busy = [o for o in outcomes if o.status == "busy" and not manifests.finished(out, o.run_id)]
+    records = store.load_records(out, prefer_consolidated=True)  # just consolidated
     ids = {o.run_id for o in outcomes}
     mine = records[records["run_id"].isin(ids)] if not records.empty else records
     if busy and not mine.empty:
@@ -129,10 +135,7 @@ def run_command(
         echo(f"{o.status}: seed {o.seed} {o.strategy} ({o.run_id}): {o.error}")
     complete = len(outcomes) - len(failed) - len(busy)
     note = f"; {len(busy)} still being written by another process" if busy else ""
-    echo(
-        f"\nrecords: {engine.out / 'records.parquet'}  "
-        f"({complete}/{len(outcomes)} runs complete{note})"
-    )
+    echo(f"\nrecords: {out / 'records.parquet'}  ({complete}/{len(outcomes)} runs complete{note})")
     # Runs another process is writing are its work, not a failure of this command.
     return 1 if failed else 0
 
