@@ -139,42 +139,48 @@ def representative_launches() -> list[dict]:
             K.masked_linear(
                 x, weight, keep, randn(64, dtype=dtype), backend="triton"
             ).sum().backward()
-        # fp32 GEMMs with TF32 allowed and without (exact), then the ragged and given-score
-        # paths.
-        tf32 = torch.backends.cuda.matmul.allow_tf32
-        try:
-            for allow in (True, False):
-                torch.backends.cuda.matmul.allow_tf32 = allow
-                K.masked_linear(
-                    x.detach().float().requires_grad_(),
-                    weight.detach().float().requires_grad_(),
-                    keep,
-                    backend="triton",
-                ).sum().backward()
-        finally:
-            torch.backends.cuda.matmul.allow_tf32 = tf32
-        # Strided layouts: channels_last conv weights with their masks (memory order), a
-        # transposed score tensor with a contiguous mask (logical indices), tie ranks.
-        conv = (randn(64, 16, 3, 3) * 4).round().contiguous(memory_format=torch.channels_last)
-        keep_conv = torch.ones_like(conv, dtype=torch.bool)
-        K.prune_lowest_fused(
-            [conv], [conv], [keep_conv], 5000, strategy="up", eps=5e-4, backend="triton"
-        )
-        flipped = (randn(128, 64) * 4).round().t()
-        K.prune_lowest([flipped], [torch.ones(64, 128, dtype=torch.bool)], 3000, backend="triton")
-        K.saliency(randn(4099), strategy="mp", backend="triton")
-        scores = [randn(4096).abs(), randn(4099).abs()]
-        K.kth_smallest(scores, 1000, backend="triton")
-        K.prune_lowest(
-            scores, [torch.ones_like(s, dtype=torch.bool) for s in scores], 1000, backend="triton"
-        )
-        K.confusion_matrix(
-            torch.randint(0, 10, (64,), generator=gen),
-            torch.randint(0, 10, (64,), generator=gen),
-            10,
-            backend="triton",
-        )
+        _fp32_gemms_and_layouts(K, randn, gen, x, weight, keep)
     return launches
+
+
+def _fp32_gemms_and_layouts(K, randn, gen, x, weight, keep) -> None:
+    """The launches beside the per-dtype ones: fp32 GEMMs with TF32 and exact, strided
+    selection inputs, ragged lengths, given scores and predicted labels."""
+    # fp32 GEMMs with TF32 allowed and without (exact), then the ragged and given-score
+    # paths.
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    try:
+        for allow in (True, False):
+            torch.backends.cuda.matmul.allow_tf32 = allow
+            K.masked_linear(
+                x.detach().float().requires_grad_(),
+                weight.detach().float().requires_grad_(),
+                keep,
+                backend="triton",
+            ).sum().backward()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    # Strided layouts: channels_last conv weights with their masks (memory order), a
+    # transposed score tensor with a contiguous mask (logical indices), tie ranks.
+    conv = (randn(64, 16, 3, 3) * 4).round().contiguous(memory_format=torch.channels_last)
+    keep_conv = torch.ones_like(conv, dtype=torch.bool)
+    K.prune_lowest_fused(
+        [conv], [conv], [keep_conv], 5000, strategy="up", eps=5e-4, backend="triton"
+    )
+    flipped = (randn(128, 64) * 4).round().t()
+    K.prune_lowest([flipped], [torch.ones(64, 128, dtype=torch.bool)], 3000, backend="triton")
+    K.saliency(randn(4099), strategy="mp", backend="triton")
+    scores = [randn(4096).abs(), randn(4099).abs()]
+    K.kth_smallest(scores, 1000, backend="triton")
+    K.prune_lowest(
+        scores, [torch.ones_like(s, dtype=torch.bool) for s in scores], 1000, backend="triton"
+    )
+    K.confusion_matrix(
+        torch.randint(0, 10, (64,), generator=gen),
+        torch.randint(0, 10, (64,), generator=gen),
+        10,
+        backend="triton",
+    )
 
 
 class _Pointer:

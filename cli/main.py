@@ -8,8 +8,9 @@ from pathlib import Path
 import click
 
 import rdfast
-from rdfast.config import PRECISIONS
+from rdfast.config import Experiment, PruneSettings, TrainSettings
 from rdfast.errors import BadInput, DamagedFile
+from rdfast.settings import click_options, parse_floats
 
 
 class OneLineErrors(click.Group):
@@ -60,160 +61,9 @@ def cli():
     warnings.showwarning = _one_line_warning
 
 
-def parse_seeds(text: str) -> tuple[int, ...]:
-    """'0-4' -> (0..4); '0,2,5' -> (0, 2, 5); ranges and lists mix: '0-2,7'."""
-    seeds: list[int] = []
-    try:
-        for part in text.split(","):
-            lo, dash, hi = part.strip().partition("-")
-            if dash:
-                a, b = int(lo), int(hi)
-                if b < a:
-                    raise ValueError
-                seeds.extend(range(a, b + 1))
-            else:
-                seeds.append(int(lo))
-    except ValueError:
-        raise BadInput(f"malformed --seeds {text!r}; use e.g. 0-4 or 0,2,5") from None
-    if any(not 0 <= s < 2**31 for s in seeds) or len(set(seeds)) != len(seeds):
-        raise BadInput(f"--seeds must be distinct integers in 0..2^31-1, got {text!r}")
-    return tuple(seeds)
-
-
-def parse_floats(text: str, what: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise BadInput(f"malformed {what} {text!r}; use comma-separated numbers") from None
-
-
-def parse_strategies(text: str) -> tuple[str, ...]:
-    from rdfast.config import PAPER_STRATEGIES, check_strategies
-
-    if text.strip() == "all":
-        return PAPER_STRATEGIES
-    return check_strategies((s.strip() for s in text.split(",") if s.strip()), repr(text))
-
-
 @cli.command()
-@click.option(
-    "--dataset",
-    default="digits",
-    show_default=True,
-    help="Dataset name, optionally with options: NAME[:key=value,...] (see `rdfast datasets`).",
-)
-@click.option(
-    "--model",
-    default="mlp",
-    show_default=True,
-    help="Model: mlp, lenet5, resnet20/32/44/56/110, vgg11, vgg16, timm:NAME, torchvision:NAME.",
-)
-@click.option(
-    "--width",
-    default=1.0,
-    show_default=True,
-    type=float,
-    help="Width multiplier of the model's layers.",
-)
-@click.option(
-    "--strategy",
-    default="all",
-    show_default=True,
-    help="Pruning strategies: mp, gp, up, rp (global random), rp-layer (random at the "
-    "per-layer densities magnitude pruning gives the same dense model), a comma list, or all "
-    "(mp,gp,up,rp).",
-)
-@click.option(
-    "--saliency",
-    default="taylor",
-    show_default=True,
-    type=click.Choice(["taylor", "sum"]),
-    help="Form of the gp/up scores: taylor |w*g|, |-w*g+eps*w^2|; sum |g|, |g|+eps*|w|.",
-)
-@click.option(
-    "--ratios",
-    default="2,4,8,16,32,64",
-    show_default=True,
-    help="Pruning ratios t (total/remaining weights), > 1, strictly increasing.",
-)
-@click.option(
-    "--seeds",
-    default="0-4",
-    show_default=True,
-    help="Replicate seeds: a range 0-4, a list 0,2,5, or both.",
-)
-@click.option("--epochs", type=int, help="Dense training epochs [preset of the dataset].")
-@click.option(
-    "--finetune-epochs", type=int, help="Epochs of fine-tuning after each pruning step [preset]."
-)
-@click.option("--finetune-lr", type=float, help="Fine-tuning learning rate [lr / 10].")
-@click.option("--lr", type=float, help="Learning rate of dense training [preset].")
-@click.option(
-    "--schedule",
-    type=click.Choice(["cosine", "step"]),
-    default="cosine",
-    show_default=True,
-    help="Learning-rate schedule.",
-)
-@click.option("--weight-decay", type=float, help="Weight decay eps of SGD [preset].")
-@click.option("--batch-size", type=int, help="Training batch size [preset].")
-@click.option(
-    "--grad-batches",
-    default=16,
-    show_default=True,
-    type=int,
-    help="Training batches averaged for the gradient of gp/up (1 = authors' code).",
-)
-@click.option("--up-eps", type=float, help="eps of UP = GP + eps*MP [the weight decay].")
-@click.option(
-    "--retrain",
-    type=click.Choice(["finetune", "rewind"]),
-    default="finetune",
-    show_default=True,
-    help="After each pruning step: fine-tune, or rewind to --rewind-epoch k and retrain "
-    "from epoch k to the end of the schedule (OpenLTH's lottery loop).",
-)
-@click.option(
-    "--rewind-epoch",
-    default=1,
-    show_default=True,
-    type=int,
-    help="Dense epoch whose weights the survivors are rewound to (--retrain rewind).",
-)
-@click.option("--exclude", default="", help="Comma list of layers never pruned, e.g. fc3.")
-@click.option(
-    "--device",
-    default="auto",
-    show_default=True,
-    type=click.Choice(["auto", "cpu", "cuda"]),
-    help="Where to train.",
-)
-@click.option(
-    "--data-root",
-    type=click.Path(path_type=Path),
-    help="Folder of downloaded datasets [$RDFAST_DATA or ~/.cache/rdfast/data].",
-)
-@click.option(
-    "--out",
-    default="runs",
-    show_default=True,
-    type=click.Path(path_type=Path),
-    help="Experiment folder: records, manifests, checkpoints.",
-)
-@click.option(
-    "--precision",
-    default="auto",
-    show_default=True,
-    type=click.Choice(["auto", *PRECISIONS]),
-    help="Training arithmetic: bf16 autocast on CUDA with auto, fp32 on the CPU.",
-)
-@click.option("--compile", is_flag=True, help="torch.compile the model (CUDA; first steps slower).")
+@click_options(Experiment, TrainSettings, PruneSettings)
 @click.option("--image-size", type=int, help="Resize image-folder datasets to N x N (as size=N).")
-@click.option(
-    "--masked-kernels",
-    is_flag=True,
-    help="Run pruned Linear layers through the masked-linear Triton kernel (CUDA).",
-)
 @click.option(
     "--progress/--no-progress", default=None, help="Progress bars [on when stderr is a terminal]."
 )
@@ -227,14 +77,7 @@ def run(**kw):
     """
     from rdfast.commands import run_command
 
-    return run_command(
-        seeds=parse_seeds(kw.pop("seeds")),
-        strategies=parse_strategies(kw.pop("strategy")),
-        ratios=parse_floats(kw.pop("ratios"), "--ratios"),
-        exclude=tuple(x.strip() for x in kw.pop("exclude").split(",") if x.strip()),
-        echo=click.echo,
-        **kw,
-    )
+    return run_command(echo=click.echo, **kw)
 
 
 @cli.command()
@@ -312,6 +155,17 @@ def with_analysis_options(fn):
     return fn
 
 
+def analysis_args(by, ci, ci_method, top_classes, vs) -> dict:
+    """The options `with_analysis_options` adds, as the keywords the commands take."""
+    return {
+        "by": parse_by(by),
+        "ci": ci,
+        "ci_method": ci_method,
+        "top_classes": top_classes,
+        "vs": None if vs == "none" else vs,
+    }
+
+
 @cli.command()
 @click.argument("runs_dir", type=click.Path(path_type=Path))
 @with_analysis_options
@@ -340,11 +194,7 @@ def analyze(runs_dir, by, ci, ci_method, top_classes, vs, fmt, out):
 
     return analyze_command(
         runs_dir=runs_dir,
-        by=parse_by(by),
-        ci=ci,
-        ci_method=ci_method,
-        top_classes=top_classes,
-        vs=None if vs == "none" else vs,
+        **analysis_args(by, ci, ci_method, top_classes, vs),
         fmt=fmt,
         out=out,
         echo=click.echo,
@@ -373,11 +223,7 @@ def report(runs_dir, out, by, ci, ci_method, top_classes, vs, run_id, scatter_t)
     return report_command(
         runs_dir=runs_dir,
         out=out,
-        by=parse_by(by),
-        ci=ci,
-        ci_method=ci_method,
-        top_classes=top_classes,
-        vs=None if vs == "none" else vs,
+        **analysis_args(by, ci, ci_method, top_classes, vs),
         run_id=run_id,
         scatter_ts=list(parse_floats(scatter_t, "--scatter-t")) or None,
         echo=click.echo,

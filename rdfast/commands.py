@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from rdfast import manifests, store
-from rdfast.config import PruneSettings, preset, train_settings
+from rdfast.config import Experiment, PruneSettings, TrainSettings, prune_settings, train_settings
 from rdfast.data import DATASETS, parse_spec
-from rdfast.engine import Engine, Experiment
+from rdfast.engine import Engine
 from rdfast.errors import BadInput
+from rdfast.settings import parse_flags
 
 
 def with_image_size(dataset: str, image_size: int | None) -> str:
@@ -23,74 +24,23 @@ def with_image_size(dataset: str, image_size: int | None) -> str:
     return f"{dataset}{',' if ':' in dataset else ':'}size={image_size}"
 
 
-def build_experiment(
-    *,
-    dataset,
-    model,
-    width,
-    strategies,
-    saliency,
-    ratios,
-    seeds,
-    epochs,
-    finetune_epochs,
-    finetune_lr,
-    lr,
-    schedule,
-    weight_decay,
-    batch_size,
-    grad_batches,
-    up_eps,
-    retrain,
-    rewind_epoch,
-    exclude,
-    device,
-    data_root,
-    out,
-    masked_kernels=False,
-    precision="auto",
-    compile=False,
-    image_size=None,
-) -> Experiment:
-    """The `rdfast run` flags as an Experiment: presets filled in where a flag is left out."""
-    dataset = with_image_size(dataset, image_size)
+def build_experiment(*, image_size: int | None = None, **flags) -> Experiment:
+    """The `rdfast run` flags (text as typed, or values) as an Experiment: every field of
+    Experiment, TrainSettings and PruneSettings by name, presets where a flag is left out."""
+    exp_kw = parse_flags(Experiment, flags)
+    train_kw = parse_flags(TrainSettings, flags)
+    prune_kw = parse_flags(PruneSettings, flags)
+    unknown = set(flags) - set(exp_kw) - set(train_kw) - set(prune_kw)
+    if unknown:
+        raise TypeError(f"not a setting of rdfast run: {', '.join(sorted(unknown))}")
+    dataset = with_image_size(exp_kw.pop("dataset", Experiment.dataset), image_size)
     name, _ = parse_spec(dataset)
-    train = train_settings(
-        name,
-        model,
-        epochs=epochs,
-        lr=lr,
-        batch_size=batch_size,
-        weight_decay=weight_decay,
-        schedule=schedule,
-    )
-    if finetune_epochs is None:
-        finetune_epochs = preset(name, model)["finetune_epochs"]
-    prune = PruneSettings(
-        ratios=tuple(ratios),
-        saliency=saliency,
-        grad_batches=grad_batches,
-        up_eps=up_eps,
-        retrain=retrain,
-        finetune_epochs=finetune_epochs,
-        finetune_lr=finetune_lr,
-        rewind_epoch=rewind_epoch,
-        exclude=tuple(exclude),
-    )
+    model = exp_kw.get("model", Experiment.model)
     return Experiment(
         dataset=dataset,
-        model=model,
-        width=width,
-        seeds=tuple(seeds),
-        strategies=tuple(strategies),
-        train=train,
-        prune=prune,
-        device=device,
-        data_root=data_root,
-        out=out,
-        masked_kernels=masked_kernels,
-        precision=precision,
-        compile=compile,
+        train=train_settings(name, model, **train_kw),
+        prune=prune_settings(name, model, **prune_kw),
+        **exp_kw,
     )
 
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
 
 from rdfast.errors import BadInput
+from rdfast.settings import parse_floats, parse_names, parse_seeds, setting
 
 # rp is global random pruning; rp-layer keeps MP's per-layer densities (OpenLTH's
 # `randomly_prune` default, the authors' random baseline). `all` = the paper's four.
@@ -13,6 +15,13 @@ STRATEGIES = ("mp", "gp", "up", "rp", "rp-layer")
 PAPER_STRATEGIES = ("mp", "gp", "up", "rp")
 STRATEGY_ORDER = {s: i for i, s in enumerate(STRATEGIES)}  # the order tables and plots use
 RETRAIN_MODES = ("finetune", "rewind")
+
+
+def parse_strategies(text: str) -> tuple[str, ...]:
+    """`all`, or a comma list of strategy names."""
+    if text.strip() == "all":
+        return PAPER_STRATEGIES
+    return check_strategies(parse_names(text), repr(text))
 
 
 def check_strategies(names, given: str = "(none)") -> tuple[str, ...]:
@@ -34,13 +43,14 @@ DEFAULT_RATIOS = (2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
 class TrainSettings:
     """Dense training: SGD with momentum and weight decay eps, per-epoch lr schedule."""
 
-    epochs: int
-    lr: float
-    batch_size: int
-    weight_decay: float
-    momentum: float = 0.9
-    schedule: str = "cosine"
-    precision: str = "fp32"  # fp32, or bf16 autocast (the default on CUDA)
+    epochs: int = setting(help="Dense training epochs", preset=True, kind=int)
+    lr: float = setting(help="Learning rate of dense training", preset=True, kind=float)
+    batch_size: int = setting(help="Training batch size", preset=True, kind=int)
+    weight_decay: float = setting(help="Weight decay eps of SGD", preset=True, kind=float)
+    momentum: float = setting(0.9, cli=False)
+    schedule: str = setting("cosine", "Learning-rate schedule.", choices=("cosine", "step"))
+    # fp32, or bf16 autocast (the default on CUDA): set from the experiment's --precision
+    precision: str = setting("fp32", cli=False)
 
     def validate(self) -> None:
         if self.precision not in PRECISIONS:
@@ -61,19 +71,67 @@ class TrainSettings:
             )
 
 
+def _saliency_forms() -> tuple[str, ...]:
+    from rdfast.kernels import SALIENCY_FORMS
+
+    return SALIENCY_FORMS
+
+
 @dataclass(frozen=True)
 class PruneSettings:
     """How the ratios are reached and how the network recovers after each step."""
 
-    ratios: tuple[float, ...] = DEFAULT_RATIOS
-    saliency: str = "taylor"
-    grad_batches: int = 16
-    up_eps: float | None = None  # None: the training weight decay
-    retrain: str = "finetune"
-    finetune_epochs: int = 5
-    finetune_lr: float | None = None  # None: a tenth of the training lr
-    rewind_epoch: int = 1
-    exclude: tuple[str, ...] = field(default_factory=tuple)
+    ratios: tuple[float, ...] = setting(
+        DEFAULT_RATIOS,
+        "Pruning ratios t (total/remaining weights), > 1, strictly increasing.",
+        parse=parse_floats,
+        shown="2,4,8,16,32,64",
+    )
+    saliency: str = setting(
+        "taylor",
+        "Form of the gp/up scores: taylor |w*g|, |-w*g+eps*w^2|; sum |g|, |g|+eps*|w|.",
+        choices=_saliency_forms,
+        key=lambda v, run: v if run.uses_gradient else "none",
+    )
+    grad_batches: int = setting(
+        16,
+        "Training batches averaged for the gradient of gp/up (1 = authors' code).",
+        key=lambda v, run: v if run.uses_gradient else None,
+    )
+    up_eps: float | None = setting(
+        None,
+        "eps of UP = GP + eps*MP [the weight decay].",
+        kind=float,
+        key=lambda v, run: run.prune.eps(run.train) if run.strategy == "up" else None,
+        key_name="eps",
+    )
+    retrain: str = setting(
+        "finetune",
+        "After each pruning step: fine-tune, or rewind to --rewind-epoch k and retrain "
+        "from epoch k to the end of the schedule (OpenLTH's lottery loop).",
+        choices=RETRAIN_MODES,
+    )
+    finetune_epochs: int = setting(
+        5,
+        "Epochs of fine-tuning after each pruning step",
+        preset=True,
+        kind=int,
+        key=lambda v, run: v if run.finetunes else None,
+    )
+    finetune_lr: float | None = setting(
+        None,
+        "Fine-tuning learning rate [lr / 10].",
+        kind=float,
+        key=lambda v, run: run.prune.finetune_rate(run.train) if run.finetunes else None,
+    )
+    rewind_epoch: int = setting(
+        1,
+        "Dense epoch whose weights the survivors are rewound to (--retrain rewind).",
+        key=lambda v, run: v if run.rewinds else None,
+    )
+    exclude: tuple[str, ...] = setting(
+        (), "Comma list of layers never pruned, e.g. fc3.", parse=parse_names, shown=""
+    )
 
     def validate(self, train: TrainSettings) -> None:
         from rdfast.kernels import SALIENCY_FORMS
@@ -108,6 +166,52 @@ class PruneSettings:
 
     def finetune_rate(self, train: TrainSettings) -> float:
         return train.lr / 10 if self.finetune_lr is None else self.finetune_lr
+
+
+@dataclass
+class Experiment:
+    """Everything one `rdfast run` command asks for (with `train` and `prune`)."""
+
+    dataset: str = setting(
+        "digits",
+        "Dataset name, optionally with options: NAME[:key=value,...] (see `rdfast datasets`).",
+    )
+    model: str = setting(
+        "mlp",
+        "Model: mlp, lenet5, resnet20/32/44/56/110, vgg11, vgg16, timm:NAME, torchvision:NAME.",
+    )
+    width: float = setting(1.0, "Width multiplier of the model's layers.")
+    seeds: tuple[int, ...] = setting(
+        (0, 1, 2, 3, 4),
+        "Replicate seeds: a range 0-4, a list 0,2,5, or both.",
+        parse=parse_seeds,
+        shown="0-4",
+    )
+    strategies: tuple[str, ...] = setting(
+        PAPER_STRATEGIES,
+        "Pruning strategies: mp, gp, up, rp (global random), rp-layer (random at the "
+        "per-layer densities magnitude pruning gives the same dense model), a comma list, or "
+        "all (mp,gp,up,rp).",
+        flag="--strategy",
+        parse=parse_strategies,
+        shown="all",
+    )
+    train: TrainSettings | None = None
+    prune: PruneSettings = field(default_factory=PruneSettings)
+    device: str = setting("auto", "Where to train.", choices=("auto", "cpu", "cuda"))
+    data_root: Path | None = setting(
+        None, "Folder of downloaded datasets [$RDFAST_DATA or ~/.cache/rdfast/data].", kind=Path
+    )
+    out: Path = setting(Path("runs"), "Experiment folder: records, manifests, checkpoints.")
+    masked_kernels: bool = setting(
+        False, "Run pruned Linear layers through the masked-linear Triton kernel (CUDA)."
+    )
+    precision: str = setting(
+        "auto",
+        "Training arithmetic: bf16 autocast on CUDA with auto, fp32 on the CPU.",
+        choices=("auto", *PRECISIONS),
+    )
+    compile: bool = setting(False, "torch.compile the model (CUDA; first steps slower).")
 
 
 # Presets per dataset: enough training to reach sensible accuracy, small enough for a laptop.
@@ -152,6 +256,15 @@ def preset(dataset_name: str, model: str = "mlp") -> dict:
 
     key = (dataset_name, model_family(model))
     return dict(FAMILY_PRESETS.get(key) or PRESETS.get(dataset_name, FALLBACK_PRESET))
+
+
+def prune_settings(dataset_name: str, model: str = "mlp", **overrides) -> PruneSettings:
+    """Defaults, then the overrides; preset fields left None come from the preset."""
+    base = preset(dataset_name, model)
+    for f in fields(PruneSettings):
+        if f.metadata.get("preset") and overrides.get(f.name) is None:
+            overrides[f.name] = base[f.name]
+    return PruneSettings(**overrides)
 
 
 def train_settings(dataset_name: str, model: str = "mlp", **overrides) -> TrainSettings:

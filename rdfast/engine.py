@@ -10,7 +10,7 @@ and a rerun continues where it stopped.
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -18,10 +18,8 @@ from tqdm.auto import tqdm
 
 from rdfast import store
 from rdfast.config import (
-    PAPER_STRATEGIES,
     PRECISIONS,
-    PruneSettings,
-    TrainSettings,
+    Experiment,
     check_strategies,
 )
 from rdfast.data import TensorData, load_dataset
@@ -34,27 +32,9 @@ from rdfast.pruning import (
 )
 from rdfast.pruning_run import PruningRun, RunOutcome, environment, step_records  # noqa: F401
 from rdfast.seeding import derive_seed
+from rdfast.settings import run_key
 
 DENSE_FORMAT = 1
-
-
-@dataclass
-class Experiment:
-    """Everything one `rdfast run` command asks for."""
-
-    dataset: str = "digits"
-    model: str = "mlp"
-    width: float = 1.0
-    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
-    strategies: tuple[str, ...] = PAPER_STRATEGIES
-    train: TrainSettings | None = None
-    prune: PruneSettings = field(default_factory=PruneSettings)
-    device: str = "auto"
-    data_root: Path | None = None
-    out: Path = Path("runs")
-    masked_kernels: bool = False  # Linear layers through the masked-linear kernel (CUDA)
-    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on the CPU
-    compile: bool = False  # torch.compile the model for training and evaluation
 
 
 def resolve_device(name: str) -> torch.device:
@@ -145,20 +125,13 @@ class Engine:
         }
 
     def run_settings(self, seed: int, strategy: str) -> dict:
-        p, tr = self.exp.prune, self.exp.train
-        uses_grad = strategy in ("gp", "up")
+        """What determines a run besides its dense model: every PruneSettings field (through
+        its key function), the strategy and the kernels it trains with."""
+        p = self.exp.prune
         return {
             "dense_id": store.stable_hash(self.dense_key(seed)),
             "strategy": strategy,
-            "saliency": p.saliency if uses_grad else "none",
-            "grad_batches": p.grad_batches if uses_grad else None,
-            "eps": p.eps(tr) if strategy == "up" else None,
-            "ratios": list(p.ratios),
-            "retrain": p.retrain,
-            "finetune_epochs": p.finetune_epochs if p.retrain == "finetune" else None,
-            "finetune_lr": p.finetune_rate(tr) if p.retrain == "finetune" else None,
-            "rewind_epoch": p.rewind_epoch if p.retrain == "rewind" else None,
-            "exclude": list(p.exclude),
+            **run_key(p, self.exp.train, strategy),
             "masked_kernels": self.exp.masked_kernels,
             # Rewound survivors train from the rewind epoch to the end of the schedule, the
             # learning rate resuming there (OpenLTH's lottery loop); the key is absent for

@@ -1,4 +1,4 @@
-"""The records and statistics of a small grid, bit for bit as they were recorded when this
+"""The records, statistics and report of a small grid, bit for bit as they were recorded when this
 test was written (tests/data/): a refactor of the engine, the settings or the CLI must not
 move a single number or run id.
 
@@ -28,6 +28,13 @@ GROUP_COLUMNS = ["strategy", "saliency", "t", "n", "mean_alpha", "ci_low", "ci_h
 GROUP_COLUMNS += ["mean_accuracy"]
 
 
+def report_md(out: Path, folder: Path) -> str:
+    """The grid's report.md, its records path written as RUNS (it is a temporary folder)."""
+    res = CliRunner().invoke(cli, ["report", str(out), "-o", str(folder)])
+    assert res.exit_code == 0, res.output
+    return (folder / "report.md").read_text().replace(str(out), "RUNS")
+
+
 def grid(out: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -53,6 +60,7 @@ def test_records_and_statistics_are_unchanged(tmp_path):
     expected["mark"] = expected["mark"].fillna("").astype(object)
     groups = groups.assign(mark=groups["mark"].astype(object))
     pd.testing.assert_frame_equal(groups, expected, check_exact=True, check_dtype=False)
+    assert report_md(tmp_path, tmp_path / "report") == (DATA / "expected_report.md").read_text()
 
 
 if __name__ == "__main__":
@@ -60,6 +68,7 @@ if __name__ == "__main__":
 
     with tempfile.TemporaryDirectory() as tmp:
         records, groups = grid(Path(tmp))
+        (DATA / "expected_report.md").write_text(report_md(Path(tmp), Path(tmp) / "report"))
     DATA.mkdir(exist_ok=True)
     records.to_csv(DATA / "expected_records.csv", index=False)
     groups.to_csv(DATA / "expected_groups.csv", index=False)
