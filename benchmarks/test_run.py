@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from rdfast.commands import run_command
+from rdfast.commands import run_experiment
 
 # `rdfast run --device cpu`: every other setting at its declared default or preset.
 DEFAULTS = dict(device="cpu", progress=False)
@@ -19,6 +19,7 @@ DEFAULTS = dict(device="cpu", progress=False)
 def test_default_run(benchmark):
     def once():
         with tempfile.TemporaryDirectory() as d:
-            assert run_command(out=Path(d), echo=lambda *_: None, **DEFAULTS) == 0
+            result = run_experiment(out=Path(d), **DEFAULTS)
+            assert result.complete == len(result.outcomes)
 
     benchmark.pedantic(once, rounds=2, warmup_rounds=0)

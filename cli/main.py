@@ -75,9 +75,10 @@ def run(**kw):
     share one OUT (a grid split by seed or strategy, or one command started N times): each
     run is written by one of them. Records: OUT/records.parquet, one row per (run, t, class).
     """
-    from rdfast.commands import run_command
+    from rdfast.cli.output import print_run
+    from rdfast.commands import run_experiment
 
-    return run_command(echo=click.echo, **kw)
+    return print_run(run_experiment(**kw), click.echo)
 
 
 @cli.command()
@@ -190,15 +191,13 @@ def analyze(runs_dir, by, ci, ci_method, top_classes, vs, fmt, out):
     at the largest t. Writes alpha_runs, alpha_groups, class_groups and alpha_paired (Parquet
     and CSV) next to the records or to -o.
     """
-    from rdfast.commands import analyze_command
+    from rdfast.cli.output import print_analysis
+    from rdfast.commands import analyze_runs
 
-    return analyze_command(
-        runs_dir=runs_dir,
-        **analysis_args(by, ci, ci_method, top_classes, vs),
-        fmt=fmt,
-        out=out,
-        echo=click.echo,
-        err=lambda m: click.echo(m, err=True),
+    args = analysis_args(by, ci, ci_method, top_classes, vs)
+    a, written = analyze_runs(runs_dir=runs_dir, out=out, **args)
+    return print_analysis(
+        a, written, fmt, top_classes, click.echo, lambda m: click.echo(m, err=True)
     )
 
 
@@ -218,16 +217,16 @@ def analyze(runs_dir, by, ci, ci_method, top_classes, vs, fmt, out):
 )
 def report(runs_dir, out, by, ci, ci_method, top_classes, vs, run_id, scatter_t):
     """Tables and figures of the recall-distortion study: index.html and report.md."""
-    from rdfast.commands import report_command
+    from rdfast.commands import make_report
 
-    return report_command(
+    path = make_report(
         runs_dir=runs_dir,
         out=out,
         **analysis_args(by, ci, ci_method, top_classes, vs),
         run_id=run_id,
         scatter_ts=list(parse_floats(scatter_t, "--scatter-t")) or None,
-        echo=click.echo,
     )
+    click.echo(f"report: {path / 'index.html'} and {path / 'report.md'}")
 
 
 @cli.command()
@@ -237,9 +236,10 @@ def status(runs_dir):
 
     Steps count the pruning ratios recorded so far. Exit code 1 when a run failed.
     """
-    from rdfast.commands import status_command
+    from rdfast.cli.output import print_status
+    from rdfast.commands import run_status
 
-    return status_command(runs_dir=runs_dir, echo=click.echo)
+    return print_status(run_status(runs_dir), click.echo)
 
 
 def main():

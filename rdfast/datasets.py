@@ -180,26 +180,24 @@ def _torchvision_mnist(cls, folder, root):
     )
 
 
-@register_dataset(
-    "mnist",
-    "MNIST handwritten digits (60,000 / 10,000, 28x28) through torchvision",
-    files=tuple(f"MNIST/raw/{f}" for f in _MNIST_FILES),
+def _mnist_family(name: str, folder: str, description: str) -> None:
+    """Register a torchvision dataset of the MNIST idx format (its class is named `folder`)."""
+
+    @register_dataset(name, description, files=tuple(f"{folder}/raw/{f}" for f in _MNIST_FILES))
+    def load(root):
+        import torchvision.datasets
+
+        return _torchvision_mnist(getattr(torchvision.datasets, folder), folder, root)
+
+
+_mnist_family(
+    "mnist", "MNIST", "MNIST handwritten digits (60,000 / 10,000, 28x28) through torchvision"
 )
-def _mnist(root):
-    from torchvision.datasets import MNIST
-
-    return _torchvision_mnist(MNIST, "MNIST", root)
-
-
-@register_dataset(
+_mnist_family(
     "fashion-mnist",
+    "FashionMNIST",
     "Fashion-MNIST clothing images (60,000 / 10,000, 28x28) through torchvision",
-    files=tuple(f"FashionMNIST/raw/{f}" for f in _MNIST_FILES),
 )
-def _fashion_mnist(root):
-    from torchvision.datasets import FashionMNIST
-
-    return _torchvision_mnist(FashionMNIST, "FashionMNIST", root)
 
 
 # --------------------------------------------------------------------------- CIFAR

@@ -1,0 +1,99 @@
+"""How the commands' results are printed: plain text or Markdown tables, notes on stderr."""
+
+from __future__ import annotations
+
+import json
+
+from rdfast import tables
+
+
+def print_run(result, echo) -> int:
+    """The accuracy and alpha tables of a run's own runs, what failed or was left to another
+    process; the exit code: 1 when a run failed (runs another process writes are its work)."""
+    busy, a = result.busy, result.analysis
+    if busy and (a is not None or result.no_summary):
+        echo(
+            f"\nnote: {len(busy)} run(s) still being written by another process; "
+            "the tables hold only the steps recorded so far (the last process to finish "
+            "prints them whole, as does `rdfast analyze` later)"
+        )
+    if a is not None:
+        alpha_tab, acc_tab = tables.paper_tables(a)
+        echo("\nmean test accuracy (over seeds) by strategy and pruning ratio t:")
+        echo(acc_tab.to_string())
+        echo(f"\n{tables.legend(a)}:")
+        echo(alpha_tab.to_string())
+        print_extras(a, echo)
+    elif result.no_summary:
+        echo(f"\nno summary tables: {result.no_summary}")
+    for o in result.failed + busy:
+        echo(f"{o.status}: seed {o.seed} {o.strategy} ({o.run_id}): {o.error}")
+    note = f"; {len(busy)} still being written by another process" if busy else ""
+    echo(
+        f"\nrecords: {result.out / 'records.parquet'}  "
+        f"({result.complete}/{len(result.outcomes)} runs complete{note})"
+    )
+    return 1 if result.failed else 0
+
+
+def print_extras(a, echo, *, md: bool = False, top_classes: int = 0) -> None:
+    """After the alpha and accuracy tables: the strategies against the baseline (if any) and
+    the `top_classes` classes of each group that pay most, as plain text or Markdown."""
+
+    def section(title, table):
+        echo(f"\n{title}" + ("\n" if md else ":"))
+        echo(tables.markdown(table) if md else table.to_string())
+
+    if a.paired is not None:
+        alpha_diff, acc_diff = tables.paired_tables(a)
+        section(tables.paired_legend(a), alpha_diff)
+        section(f"accuracy minus {a.baseline}", acc_diff)
+    paying = tables.paying_classes(a, top_classes)
+    if not paying.empty:
+        section(tables.paying_legend(a, top_classes), paying)
+
+
+def print_analysis(a, written, fmt: str, top_classes: int, echo, err) -> int:
+    """E[alpha_t] and mean accuracy as group x t tables in `fmt`; notes and files on stderr."""
+    alpha_tab, acc_tab = tables.paper_tables(a)
+    if fmt == "csv":
+        echo(a.groups.to_csv(index=False), nl=False)
+    elif fmt == "json":
+        paying = tables.paying_classes(a, top_classes).reset_index()
+        echo(
+            json.dumps(
+                {
+                    "groups": json.loads(a.groups.to_json(orient="records")),
+                    "paying_classes": json.loads(paying.to_json(orient="records")),
+                    "paired": None
+                    if a.paired is None
+                    else json.loads(a.paired.to_json(orient="records")),
+                    "notes": a.notes,
+                },
+                indent=2,
+            )
+        )
+    elif fmt == "markdown":
+        echo(f"{tables.legend(a)}\n")
+        echo(tables.markdown(alpha_tab))
+        echo("\nmean accuracy\n")
+        echo(tables.markdown(acc_tab))
+        print_extras(a, echo, md=True, top_classes=top_classes)
+    else:
+        echo(tables.legend(a))
+        echo(alpha_tab.to_string())
+        echo("\nmean accuracy")
+        echo(acc_tab.to_string())
+        print_extras(a, echo, top_classes=top_classes)
+    for note in a.notes:
+        err(f"note: {note}")
+    err(f"stats tables: {', '.join(str(p) for p in written)}")
+    return 0
+
+
+def print_status(table, echo) -> int:
+    """Every run's status; exit code 1 when any failed."""
+    echo(table.to_string(index=False))
+    counts = table["status"].value_counts()
+    echo("\n" + ", ".join(f"{n} {k}" for k, n in counts.items()))
+    return 1 if "failed" in counts else 0
