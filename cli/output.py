@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from rdfast import tables
+from rdfast.store import records_path
 
 
 def print_run(result, echo) -> int:
@@ -30,7 +31,7 @@ def print_run(result, echo) -> int:
         echo(f"{o.status}: seed {o.seed} {o.strategy} ({o.run_id}): {o.error}")
     note = f"; {len(busy)} still being written by another process" if busy else ""
     echo(
-        f"\nrecords: {result.out / 'records.parquet'}  "
+        f"\nrecords: {records_path(result.out)}  "
         f"({result.complete}/{len(result.outcomes)} runs complete{note})"
     )
     return 1 if result.failed else 0

@@ -164,7 +164,7 @@ def attach_settings(records: pd.DataFrame, runs_dir: Path) -> pd.DataFrame:
     protocol, own, flat = {}, {}, {}
     for run_id in records["run_id"].unique():
         try:
-            settings = store.read_json(Path(runs_dir) / "runs" / run_id / "manifest.json")[
+            settings = store.read_json(store.manifest_path(store.run_dir(runs_dir, run_id)))[
                 "settings"
             ]
             settings = dict(settings)

@@ -51,12 +51,12 @@ class DenseModels:
 
     def path(self, seed: int, key: dict | None = None) -> Path:
         key = key or self.engine.dense_key(seed)
-        return self.engine.out / "dense" / store.stable_hash(key) / "checkpoint.pt"
+        return store.dense_checkpoint(self.engine.out, store.stable_hash(key))
 
     def elsewhere(self, seed: int) -> bool:
         """Whether another process is training this seed's dense model right now."""
         path = self.path(seed)
-        return not path.exists() and store.lock_holder(path.with_name(".lock")) is not None
+        return not path.exists() and store.lock_holder(store.lock_path(path.parent)) is not None
 
     def _read(self, path: Path, key: dict) -> dict | None:
         """The cached dense model if it is intact and was trained for `key`; else None, with
@@ -80,7 +80,7 @@ class DenseModels:
         ckpt = self._read(path, key)
         if ckpt is not None:
             return ckpt
-        lock = path.with_name(".lock")
+        lock = store.lock_path(path.parent)
         with store.locked(lock, wait=False) as held:
             if held:
                 return self._train(seed, key, path)
@@ -142,7 +142,7 @@ class DenseModels:
         for stale in path.parent.glob(".*.tmp"):  # writes a killed process did not finish
             stale.unlink(missing_ok=True)
         model = engine._new_model(seed)
-        partial_path = path.with_name("partial.pt")
+        partial_path = store.dense_partial(path)
         rewind, resume = self._resume(seed, model, partial_path)
         on_epoch_end = self._epoch_end(model, rewind, partial_path)
         if resume is None:
@@ -189,7 +189,7 @@ class DenseModels:
             "eval_images_per_second": ev["eval_images_per_second"],
         }
         store.save_torch(path, ckpt)
-        store.write_json(path.with_name("settings.json"), key)
+        store.write_json(store.dense_settings(path), key)
         store.remove(partial_path)
         return ckpt
 

@@ -14,13 +14,13 @@ from rdfast.config import STRATEGY_ORDER
 def live_status(status: str | None, run_dir: Path) -> str | None:
     """A manifest says "running" from the start of a run; whether a process still writes it
     is told by the run's lock: otherwise the run was interrupted (rerun to resume it)."""
-    if status == "running" and store.lock_holder(run_dir / ".lock") is None:
+    if status == "running" and store.lock_holder(store.lock_path(run_dir)) is None:
         return "interrupted"
     return status
 
 
 def finished(out: Path, run_id: str) -> bool:
-    manifest = Path(out) / "runs" / run_id / "manifest.json"
+    manifest = store.manifest_path(store.run_dir(out, run_id))
     return manifest.exists() and store.read_json(manifest).get("status") == "complete"
 
 
@@ -61,7 +61,7 @@ SETTINGS_COLUMNS += ["device"]
 
 def status_table(runs_dir) -> pd.DataFrame:
     """One row per run under `runs_dir`, in (dataset, model, width, seed, strategy) order."""
-    rows = [run_row(m) for m in sorted(Path(runs_dir).glob("runs/*/manifest.json"))]
+    rows = [run_row(m) for m in store.manifests(runs_dir)]
     table = pd.DataFrame(rows, columns=STATUS_COLUMNS)
     if table.empty:
         return table
@@ -72,6 +72,6 @@ def status_table(runs_dir) -> pd.DataFrame:
 
 def settings_table(runs_dir: Path, run_ids) -> pd.DataFrame:
     """The settings of the given runs, in run-id order (runs without a manifest left out)."""
-    paths = [Path(runs_dir) / "runs" / rid / "manifest.json" for rid in sorted(run_ids)]
+    paths = [store.manifest_path(store.run_dir(runs_dir, rid)) for rid in sorted(run_ids)]
     rows = [run_row(p) for p in paths if p.exists()]
     return pd.DataFrame(rows, columns=SETTINGS_COLUMNS) if rows else pd.DataFrame()

@@ -110,18 +110,18 @@ class PruningRun:
         self.exp, self.data = engine.exp, engine.data
         self.settings = engine.run_settings(seed, strategy)
         self.run_id = engine.run_id(seed, strategy, self.settings)
-        self.dir = engine.out / "runs" / self.run_id
-        self.manifest_path = self.dir / "manifest.json"
+        self.dir = store.run_dir(engine.out, self.run_id)
+        self.manifest_path = store.manifest_path(self.dir)
 
     def outcome(self, status: str, error: str | None = None) -> RunOutcome:
         return RunOutcome(self.run_id, self.seed, self.strategy, status, error)
 
     def run(self, bar) -> RunOutcome:
         """The run, unless another process is writing it (then "busy")."""
-        with store.locked(self.dir / ".lock", wait=False) as held:
+        with store.locked(store.lock_path(self.dir), wait=False) as held:
             if held:
                 return self._locked(bar)
-        holder = store.lock_holder(self.dir / ".lock") or "another process"
+        holder = store.lock_holder(store.lock_path(self.dir)) or "another process"
         self.engine.log(
             f"run {self.run_id} (seed {self.seed}, {self.strategy}) is being written by "
             f"{holder}: skipped"
@@ -319,17 +319,17 @@ def intact_steps(run_dir: Path, data, log) -> tuple[int, dict | None]:
     try:
         for i in range(last + 1):
             if i not in done:
-                raise store.DamagedFile(run_dir / f"step-{i}.parquet", "missing")
+                raise store.DamagedFile(store.step_path(run_dir, i, "parquet"), "missing")
             df = store.read_parquet(done[i])
-            cm = store.read_npy(run_dir / f"step-{i}.npy")
+            cm = store.read_npy(store.step_path(run_dir, i, "npy"))
             if cm.shape != (c, c) or int(cm.sum()) != n_test:
-                raise store.DamagedFile(run_dir / f"step-{i}.npy", "not this run's matrix")
+                raise store.DamagedFile(store.step_path(run_dir, i, "npy"), "not this run's matrix")
             if len(df) != c or not np.array_equal(df["correct"].to_numpy(), cm.diagonal()):
                 raise store.DamagedFile(done[i], "disagrees with its confusion matrix")
-        state = store.load_torch(run_dir / f"step-{last}.pt") if last >= 1 else None
+        state = store.load_torch(store.step_path(run_dir, last, "pt")) if last >= 1 else None
     except (store.DamagedFile, KeyError) as e:
         log(f"run {run_dir.name}: {e}: recomputing the run from its dense model")
-        for f in run_dir.glob("step-*"):
+        for f in store.step_files_of(run_dir):
             store.remove(f)
         return -1, None
     return last, state
@@ -339,8 +339,8 @@ def write_step(run_dir: Path, i, meta, cm, class_names, loss, t, remaining, tota
     """Step i of a run. Order matters for resuming: the state first, then the confusion
     matrix, then the records that mark the step done; the previous state goes only after."""
     if state is not None:
-        store.save_torch(run_dir / f"step-{i}.pt", state)
-    store.write_npy(run_dir / f"step-{i}.npy", np.asarray(cm, dtype=np.int64))
+        store.save_torch(store.step_path(run_dir, i, "pt"), state)
+    store.write_npy(store.step_path(run_dir, i, "npy"), np.asarray(cm, dtype=np.int64))
     df = step_records(
         meta,
         np.asarray(cm),
@@ -353,9 +353,9 @@ def write_step(run_dir: Path, i, meta, cm, class_names, loss, t, remaining, tota
         loss=float(loss),
         seconds=float(seconds),
     )
-    store.write_parquet(run_dir / f"step-{i}.parquet", df)
+    store.write_parquet(store.step_path(run_dir, i, "parquet"), df)
     if i > 1:
-        store.remove(run_dir / f"step-{i - 1}.pt")
+        store.remove(store.step_path(run_dir, i - 1, "pt"))
 
 
 def load_manifest(path: Path, log) -> dict | None:

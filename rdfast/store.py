@@ -48,6 +48,64 @@ except ImportError:  # pragma: no cover - Windows: no advisory locks, one proces
     fcntl = None
 
 RECORDS_VERSION = 1
+
+
+# --------------------------------------------------------------------------- paths
+# Every file in OUT is named here (the layout in the module docstring).
+
+
+def dense_checkpoint(out: Path, key_hash: str) -> Path:
+    return Path(out) / "dense" / key_hash / "checkpoint.pt"
+
+
+def dense_partial(checkpoint: Path) -> Path:
+    """The interrupted training's state, beside its checkpoint-to-be."""
+    return Path(checkpoint).with_name("partial.pt")
+
+
+def dense_settings(checkpoint: Path) -> Path:
+    return Path(checkpoint).with_name("settings.json")
+
+
+def run_dir(out: Path, run_id: str) -> Path:
+    return Path(out) / "runs" / run_id
+
+
+def manifest_path(run_dir: Path) -> Path:
+    return Path(run_dir) / "manifest.json"
+
+
+def manifests(out: Path) -> list[Path]:
+    return sorted(Path(out).glob("runs/*/manifest.json"))
+
+
+def lock_path(folder: Path) -> Path:
+    """The lock of a run folder or a dense-model folder."""
+    return Path(folder) / ".lock"
+
+
+def step_path(run_dir: Path, i: int, kind: str) -> Path:
+    """Step i of a run: "parquet" (records), "npy" (confusion matrix), "pt" (state)."""
+    return Path(run_dir) / f"step-{i}.{kind}"
+
+
+def step_files_of(run_dir: Path) -> list[Path]:
+    """Every file of every step of a run (records, matrices, states and their checksums)."""
+    return sorted(Path(run_dir).glob("step-*"))
+
+
+def step_records_files(out: Path) -> list[Path]:
+    return sorted(Path(out).glob("runs/*/step-*.parquet"))
+
+
+def records_path(out: Path) -> Path:
+    return Path(out) / "records.parquet"
+
+
+def confusion_path(out: Path) -> Path:
+    return Path(out) / "confusion.parquet"
+
+
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)  # read the process's umask (setting it is the only way) and put it back
 
@@ -218,8 +276,8 @@ def load_records(out_dir: Path, prefer_consolidated: bool = False) -> pd.DataFra
     carries; never the modification times, which a concurrent writer can leave older than
     the steps it already read).
     """
-    files = sorted(Path(out_dir).glob("runs/*/step-*.parquet"))
-    merged = Path(out_dir) / "records.parquet"
+    files = step_records_files(out_dir)
+    merged = records_path(out_dir)
     if not files:
         return read_parquet(merged) if prefer_consolidated and merged.exists() else pd.DataFrame()
     if prefer_consolidated and merged.exists():
@@ -236,7 +294,7 @@ def load_records(out_dir: Path, prefer_consolidated: bool = False) -> pd.DataFra
 def load_confusion(out_dir: Path) -> pd.DataFrame:
     """Confusion matrices in long form: run_id, step, t_target, true, pred, count."""
     frames = []
-    for rec in sorted(Path(out_dir).glob("runs/*/step-*.parquet")):
+    for rec in step_records_files(out_dir):
         npy = rec.with_suffix(".npy")
         if not npy.exists():
             continue
@@ -268,7 +326,7 @@ def consolidate(out_dir: Path) -> Path | None:
     with locked(out_dir / ".consolidate.lock", wait=True):
         for stale in out_dir.glob(".*.tmp"):  # a consolidation killed mid-write
             stale.unlink(missing_ok=True)
-        files = sorted(out_dir.glob("runs/*/step-*.parquet"))
+        files = step_records_files(out_dir)
         digest = sources_digest(files)
         records = load_records(out_dir)
         if records.empty:
@@ -277,6 +335,6 @@ def consolidate(out_dir: Path) -> Path | None:
         table = table.replace_schema_metadata(
             {**(table.schema.metadata or {}), SOURCES_KEY: digest.encode()}
         )
-        atomic_write(out_dir / "records.parquet", lambda f: pq.write_table(table, f))
-        write_parquet(out_dir / "confusion.parquet", load_confusion(out_dir))
-    return out_dir / "records.parquet"
+        atomic_write(records_path(out_dir), lambda f: pq.write_table(table, f))
+        write_parquet(confusion_path(out_dir), load_confusion(out_dir))
+    return records_path(out_dir)
