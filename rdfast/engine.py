@@ -78,7 +78,8 @@ class Engine:
         precision = exp.precision
         if precision == "auto":
             precision = "bf16" if self.device.type == "cuda" else "fp32"
-        exp.train = replace(exp.train, precision=precision)
+        # The engine's own resolved copy: the caller's Experiment is left as it was given.
+        self.exp = exp = replace(exp, train=replace(exp.train, precision=precision))
         data = load_dataset(exp.dataset, exp.data_root)
         probe = build_model(exp.model, data.input_shape, data.num_classes, exp.width)
         try:  # a model that cannot take this data fails here, with a reason, not mid-run
