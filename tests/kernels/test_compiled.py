@@ -38,6 +38,36 @@ def compiled():
     return table
 
 
+@pytest.fixture(scope="module")
+def compiled_from_tests(recorded_launches, compiled):
+    """The launches the other kernel tests made (recorded as they ran), beyond the
+    representative ones, compiled the same way."""
+    import json
+
+    from benchmarks.aot import compile_in_subprocess
+
+    seen = {json.dumps(launch, sort_keys=True) for launch in compiled.attrs["launches"]}
+    extra = [x for x in recorded_launches if json.dumps(x, sort_keys=True) not in seen]
+    table = pd.DataFrame(compile_in_subprocess(extra, arches=(80, 90)) if extra else [])
+    table.attrs["launches"] = extra
+    return table
+
+
+def test_every_launch_of_the_kernel_tests_compiles_without_spills_or_fma(compiled_from_tests):
+    """Not only the representative launches: every configuration the kernel tests ran under
+    the interpreter (sizes, layouts, dtypes) builds for both architectures, without register
+    spills and, in the score kernels, without fused multiply-adds."""
+    launches = compiled_from_tests.attrs["launches"]
+    if not launches:
+        pytest.skip("run with the other kernel tests: none recorded")
+    assert len(compiled_from_tests) == 2 * len(launches)
+    assert (compiled_from_tests["spill_stores"] <= 8).all(), compiled_from_tests.loc[
+        compiled_from_tests["spill_stores"].idxmax(), ["kernel", "arch", "constexprs"]
+    ]
+    scoring = compiled_from_tests[compiled_from_tests["kernel"].isin(STREAMING)]
+    assert (scoring["fma_f32"] == 0).all()
+
+
 def test_every_launch_compiles_for_both_architectures(compiled):
     launches = compiled.attrs["launches"]
     kernels = {launch["name"] for launch in launches}
