@@ -1,14 +1,16 @@
 """What the run manifests under OUT say, one row per run: the `status` table, the report's
-settings table and the "has another process finished it" check all read them here."""
+settings table (its columns follow the settings' declarations) and the "has another process
+finished it" check all read them here."""
 
 from __future__ import annotations
 
+from dataclasses import fields
 from pathlib import Path
 
 import pandas as pd
 
 from rdfast import store
-from rdfast.config import STRATEGY_ORDER
+from rdfast.config import STRATEGY_ORDER, PruneSettings, TrainSettings
 
 
 def live_status(status: str | None, run_dir: Path) -> str | None:
@@ -25,10 +27,9 @@ def finished(out: Path, run_id: str) -> bool:
 
 
 def run_row(manifest_path: Path) -> dict:
-    """Everything a table shows of one run, from its manifest and recorded steps."""
+    """A run's row of the status table, from its manifest and recorded steps."""
     m = store.read_json(manifest_path)
     s = m.get("settings", {})
-    tr = s.get("train", {})
     done = len(store.step_files(manifest_path.parent))
     return {
         "run_id": m.get("run_id", manifest_path.parent.name),
@@ -38,25 +39,37 @@ def run_row(manifest_path: Path) -> dict:
         "seed": m.get("seed"),
         "strategy": s.get("strategy"),
         "saliency": s.get("saliency"),
-        "eps": s.get("eps"),
-        "ratios": ",".join(f"{t:g}" for t in s.get("ratios", [])),
-        "retrain": s.get("retrain"),
-        "epochs": tr.get("epochs"),
-        "lr": tr.get("lr"),
-        "batch": tr.get("batch_size"),
-        "weight_decay": tr.get("weight_decay"),
         "status": live_status(m.get("status"), manifest_path.parent),
         "steps": f"{max(done - 1, 0)}/{len(s.get('ratios', []))}",
         "error": m.get("error") or "",
-        "device": m.get("device"),
     }
 
 
 STATUS_COLUMNS = ["run_id", "dataset", "model", "width", "seed", "strategy", "saliency"]
 STATUS_COLUMNS += ["status", "steps", "error"]
-SETTINGS_COLUMNS = ["run_id", "dataset", "model", "width", "seed", "strategy", "saliency", "eps"]
-SETTINGS_COLUMNS += ["ratios", "retrain", "epochs", "lr", "batch", "weight_decay", "status"]
-SETTINGS_COLUMNS += ["device"]
+IDENTITY = ["run_id", "dataset", "model", "width", "seed", "strategy"]
+
+
+def _cell(value):
+    if isinstance(value, list):
+        return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
+    return value
+
+
+def settings_row(manifest_path: Path) -> dict:
+    """A run's identity, then every setting of its key and of its dense training, in the
+    order they are declared (a new setting shows up here by itself), status and device."""
+    m = store.read_json(manifest_path)
+    s, tr = m.get("settings", {}), m.get("settings", {}).get("train", {})
+    key_names = [f.metadata.get("key_name") or f.name for f in fields(PruneSettings)]
+    row = {k: m.get(k) for k in IDENTITY if k != "strategy"}
+    row["run_id"] = m.get("run_id", manifest_path.parent.name)
+    row["strategy"] = s.get("strategy")
+    row.update({k: _cell(s.get(k)) for k in [*key_names, "masked_kernels"]})
+    row.update({f.name: tr.get(f.name) for f in fields(TrainSettings)})
+    row["status"] = live_status(m.get("status"), manifest_path.parent)
+    row["device"] = m.get("device")
+    return row
 
 
 def status_table(runs_dir) -> pd.DataFrame:
@@ -73,5 +86,8 @@ def status_table(runs_dir) -> pd.DataFrame:
 def settings_table(runs_dir: Path, run_ids) -> pd.DataFrame:
     """The settings of the given runs, in run-id order (runs without a manifest left out)."""
     paths = [store.manifest_path(store.run_dir(runs_dir, rid)) for rid in sorted(run_ids)]
-    rows = [run_row(p) for p in paths if p.exists()]
-    return pd.DataFrame(rows, columns=SETTINGS_COLUMNS) if rows else pd.DataFrame()
+    rows = [settings_row(p) for p in paths if p.exists()]
+    if not rows:
+        return pd.DataFrame()
+    table = pd.DataFrame(rows)
+    return table[IDENTITY + [c for c in table.columns if c not in IDENTITY]]
