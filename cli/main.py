@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import sys
 from pathlib import Path
 
 import click
 
 import rdfast
-from rdfast.config import Experiment, PruneSettings, TrainSettings
+from rdfast.config import Experiment, PruneJob, PruneSettings, TrainSettings
 from rdfast.errors import BadInput, DamagedFile
 from rdfast.settings import click_options, parse_floats
 
@@ -39,7 +40,8 @@ class OneLineErrors(click.Group):
         except OSError as e:  # a folder that cannot be written, a full disk: writes are atomic
             where = f": {e.filename}" if e.filename else ""
             click.echo(f"rdfast: error: {e.strerror or e}{where}", err=True)
-            sys.exit(2)
+            # A full disk is the machine's state, not the command's input: exit 1.
+            sys.exit(1 if e.errno == errno.ENOSPC else 2)
         sys.exit(rv or 0)
 
 
@@ -227,6 +229,38 @@ def report(runs_dir, out, by, ci, ci_method, top_classes, vs, run_id, scatter_t)
         scatter_ts=list(parse_floats(scatter_t, "--scatter-t")) or None,
     )
     click.echo(f"report: {path / 'index.html'} and {path / 'report.md'}")
+
+
+@cli.command()
+@click_options(PruneJob)
+@click.option(
+    "--progress/--no-progress", default=None, help="Progress bars [on when stderr is a terminal]."
+)
+def prune(**kw):
+    """Prune a trained model you bring, globally, to each ratio; measure who pays.
+
+    With --model and --dataset: the checkpoint is loaded into the model (every name and shape
+    checked), pruned once per ratio with each strategy (gp/up score with the gradient over
+    --grad-batches calibration batches of the train split), optionally fine-tuned, and its
+    per-class recall on the test split recorded as `rdfast run` records it (t = 1 is the
+    given model), so `rdfast analyze OUT` and `rdfast report OUT` work unchanged. --save
+    writes each pruned model under OUT/pruned/.
+
+    Without --dataset: streamed magnitude pruning of a safetensors checkpoint (file or
+    sharded folder), shard by shard through memory maps, never held whole; every ratio from
+    the same two reads, one pruned checkpoint per ratio in OUT/t<t>/ and OUT/prune.json.
+
+    \b
+    rdfast prune --model lenet5 --checkpoint model.pt --dataset mnist --strategy mp,up
+    rdfast prune --checkpoint llm/ --ratios 2,4,8 --include '*proj.weight' --out llm-pruned
+    """
+    from rdfast.cli.output import print_run, print_stream
+    from rdfast.commands import prune_checkpoint
+
+    result = prune_checkpoint(**kw)
+    if isinstance(result, dict):
+        return print_stream(result, click.echo)
+    return print_run(result, click.echo)
 
 
 @cli.command()

@@ -98,3 +98,13 @@ def print_status(table, echo) -> int:
     counts = table["status"].value_counts()
     echo("\n" + ", ".join(f"{n} {k}" for k, n in counts.items()))
     return 1 if "failed" in counts else 0
+
+
+def print_stream(summary: dict, echo) -> int:
+    """What a streamed prune kept per ratio, and where the checkpoints are."""
+    echo(f"pruned {len(summary['tensors'])} tensors, {summary['total']:,} weights, "
+         f"in {summary['seconds']:.1f} s")  # fmt: skip
+    for r in summary["ratios"]:
+        echo(f"  t={r['t']:g}: kept {r['remaining']:,} (threshold |w| = {r['threshold']:.4g}) -> "
+             f"{r['path']}")  # fmt: skip
+    return 0

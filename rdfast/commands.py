@@ -8,7 +8,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rdfast import manifests, store
-from rdfast.config import Experiment, PruneSettings, TrainSettings, prune_settings, train_settings
+from rdfast.config import (
+    Experiment,
+    PruneJob,
+    PruneSettings,
+    TrainSettings,
+    prune_settings,
+    train_settings,
+)
 from rdfast.data import DATASETS, parse_spec
 from rdfast.engine import Engine
 from rdfast.errors import BadInput
@@ -66,12 +73,16 @@ class RunResult:
 
 def run_experiment(*, progress=None, **flags) -> RunResult:
     """Validate (nothing is written before), run every (seed, strategy), analyze its runs."""
-    from rdfast import analysis
-
     engine = Engine(build_experiment(**flags), progress=progress)
     engine.prepare()  # raises BadInput before anything is written
-    outcomes = engine.execute()
-    out = engine.out
+    return summarize_runs(engine.out, engine.execute())
+
+
+def summarize_runs(out: Path, outcomes) -> RunResult:
+    """The RunResult of a command's runs: what failed or another process writes, and the
+    analysis of its own runs' records."""
+    from rdfast import analysis
+
     # Runs left to another process may have been finished by it in the meantime; checked
     # before the records are read, so a run counted finished has all its steps in them.
     busy = [o for o in outcomes if o.status == "busy" and not manifests.finished(out, o.run_id)]
@@ -85,6 +96,40 @@ def run_experiment(*, progress=None, **flags) -> RunResult:
         except BadInput as e:  # the records are written; only the summary cannot be made
             result.no_summary = str(e)
     return result
+
+
+def prune_job(**flags) -> PruneJob:
+    """The `rdfast prune` flags (text as typed, or values) as a PruneJob."""
+    kw = parse_flags(PruneJob, flags)
+    unknown = set(flags) - set(kw)
+    if unknown:
+        raise TypeError(f"not a setting of rdfast prune: {', '.join(sorted(unknown))}")
+    return PruneJob(**kw)
+
+
+def prune_checkpoint(*, progress=None, **flags):
+    """`rdfast prune`: with a dataset, the given model's runs (a RunResult); without one, the
+    streamed magnitude pruning of a safetensors checkpoint (its summary, a dict)."""
+    job = prune_job(**flags)
+    if job.dataset is not None:
+        from rdfast.given_study import GivenModelStudy
+
+        study = GivenModelStudy(job, progress=progress)
+        study.prepare()  # raises BadInput before anything is written
+        return summarize_runs(study.out, study.execute())
+    from rdfast.streaming import stream_prune
+
+    job.validate()
+    if set(job.strategies) != {"mp"}:
+        raise BadInput(
+            "without --dataset a checkpoint is pruned by magnitude only (--strategy mp): "
+            f"{', '.join(s for s in job.strategies if s != 'mp')} need(s) the model and data"
+        )
+    if job.model is not None or job.save or job.finetune_epochs:
+        raise BadInput("--model, --save and --finetune-epochs need --dataset; without it the "
+                       "pruned shards are always written")  # fmt: skip
+    return stream_prune(job.checkpoint, job.ratios, job.out, include=job.include,
+                        exclude=job.exclude, progress=progress)  # fmt: skip
 
 
 def analyze_runs(*, runs_dir, by, ci, ci_method, out=None, top_classes=3, vs="auto"):

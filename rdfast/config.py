@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from rdfast.errors import BadInput
-from rdfast.settings import parse_floats, parse_names, parse_seeds, setting
+from rdfast.settings import parse_floats, parse_names, parse_seeds, setting, setting_like
 
 # rp is global random pruning; rp-layer keeps MP's per-layer densities (OpenLTH's
 # `randomly_prune` default, the authors' random baseline). `all` = the paper's four.
@@ -212,6 +212,101 @@ class Experiment:
         choices=("auto", *PRECISIONS),
     )
     compile: bool = setting(False, "torch.compile the model (CUDA; first steps slower).")
+
+
+@dataclass(frozen=True)
+class PruneJob:
+    """Everything one `rdfast prune` asks for: a trained model, pruned once per ratio from the
+    given weights (no dense training here), its per-class recall measured on a dataset."""
+
+    checkpoint: Path | None = setting(
+        None,
+        "Trained weights: a .safetensors file, a folder of safetensors shards with its "
+        "*.index.json, or a torch state dict (.pt/.pth/.bin, read with weights_only=True).",
+        kind=Path,
+    )
+    model: str | None = setting(
+        None,
+        "Architecture of the checkpoint: mlp, lenet5, resnet20, ..., timm:NAME, "
+        "torchvision:NAME (needed with --dataset).",
+    )
+    width: float = setting_like(Experiment, "width")
+    dataset: str | None = setting(
+        None,
+        "Calibration batches from its train split, per-class recall on its test split "
+        "(NAME[:key=value,...]; test=N subsets). Left out: streamed magnitude pruning of a "
+        "safetensors checkpoint, no evaluation.",
+    )
+    strategies: tuple[str, ...] = setting_like(
+        Experiment, "strategies", ("mp",), "Strategies: mp, gp, up, rp, rp-layer, a comma "
+        "list, or all (mp,gp,up,rp)."
+    )  # fmt: skip
+    ratios: tuple[float, ...] = setting_like(
+        PruneSettings, "ratios", (2.0, 4.0, 8.0), "Pruning ratios t (total/kept weights), > 1, "
+        "strictly increasing; each is pruned once from the given model."
+    )  # fmt: skip
+    saliency: str = setting_like(PruneSettings, "saliency")
+    grad_batches: int = setting_like(
+        PruneSettings, "grad_batches", 16, "Calibration batches averaged for gp/up's gradient."
+    )
+    up_eps: float = setting_like(
+        PruneSettings, "up_eps", 5e-4, "eps of UP = GP + eps*MP: the weight decay the model "
+        "was trained with (5e-4: the authors')."
+    )  # fmt: skip
+    batch_size: int = setting(128, "Batch size of calibration and fine-tuning.")
+    seeds: tuple[int, ...] = setting_like(
+        Experiment, "seeds", (0,), "Seeds of the calibration draws and of rp's scores: one run "
+        "per seed and strategy (0-4, 0,2,5)."
+    )  # fmt: skip
+    finetune_epochs: int = setting(
+        0, "Epochs of fine-tuning after pruning (0: the pruned model as it is)."
+    )
+    finetune_lr: float = setting(0.01, "Fine-tuning learning rate (SGD, momentum 0.9, cosine).")
+    weight_decay: float = setting(5e-4, "Weight decay of fine-tuning.")
+    exclude: tuple[str, ...] = setting_like(PruneSettings, "exclude")
+    include: tuple[str, ...] = setting(
+        (),
+        "Streamed pruning: comma list of tensor-name globs to prune [floating tensors with 2 "
+        "or more dimensions].",
+        parse=parse_names,
+        shown="",
+    )
+    save: bool = setting(
+        False,
+        "Write each pruned model (safetensors shaped like the input) and its bit-packed masks "
+        "under OUT/pruned/.",
+    )
+    device: str = setting_like(Experiment, "device", help="Where to prune and evaluate.")
+    data_root: Path | None = setting_like(Experiment, "data_root")
+    out: Path = setting(
+        Path("pruned"),
+        "Output folder: records and manifests as `rdfast run` writes them, pruned checkpoints.",
+    )
+
+    def validate(self) -> None:
+        check_strategies(self.strategies)
+        if self.checkpoint is None:
+            raise BadInput("--checkpoint is needed: the trained weights to prune")
+        r = self.ratios
+        if not r or any(not 1 < t < math.inf for t in r) or any(b <= a for a, b in zip(r, r[1:])):
+            raise BadInput(f"--ratios must be > 1 and strictly increasing, got {list(r)}")
+        if not self.seeds:
+            raise BadInput("no seeds given")
+        checks = {
+            "--grad-batches must be >= 1": (self.grad_batches, self.grad_batches >= 1),
+            "--batch-size must be >= 1": (self.batch_size, self.batch_size >= 1),
+            "--finetune-epochs must be >= 0": (self.finetune_epochs, self.finetune_epochs >= 0),
+            "--finetune-lr must be > 0 and finite": (
+                self.finetune_lr, 0 < self.finetune_lr < math.inf
+            ),
+            "--up-eps must be >= 0 and finite": (self.up_eps, 0 <= self.up_eps < math.inf),
+            "--weight-decay must be >= 0 and finite": (
+                self.weight_decay, 0 <= self.weight_decay < math.inf
+            ),
+        }  # fmt: skip
+        for what, (value, ok) in checks.items():
+            if not ok:
+                raise BadInput(f"{what}, got {value}")
 
 
 # Presets per dataset: enough training to reach sensible accuracy, small enough for a laptop.

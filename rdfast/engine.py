@@ -9,9 +9,7 @@ and a rerun continues where it stopped.
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, replace
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -99,14 +97,7 @@ class Engine:
         data.channels_last = self.channels_last
         check_ratios(sum(w.numel() for w in layers.values()), exp.prune.ratios)
         self.data = data.to(self.device)
-        self.out = Path(exp.out)
-        for p in (self.out, *self.out.absolute().parents):
-            if p.exists():
-                if not p.is_dir():
-                    raise BadInput(f"--out {self.out}: {p} exists and is not a directory")
-                if not os.access(p, os.W_OK | os.X_OK):
-                    raise BadInput(f"--out {self.out}: {p} is not writable")
-                break
+        self.out = store.check_out(exp.out)
 
     # ------------------------------------------------------------------ keys
     def dense_key(self, seed: int) -> dict:

@@ -45,21 +45,31 @@ def data_gradients(
     batch_size: int,
     seed_parts: tuple,
 ) -> dict[str, torch.Tensor]:
-    """Mean over `batches` training batches of d(cross-entropy)/dw, model in train mode.
+    """Mean over `batches` training batches of d(cross-entropy)/dw, model in train mode."""
+    stream = _batches(data, batch_size, generator(*seed_parts))
+    return mean_gradients(model, layers, (next(stream) for _ in range(batches)), F.cross_entropy)
 
-    The data loss alone: weight decay lives in the optimizer, never in this loss. Forward
-    passes in train mode would move batch-norm running statistics; they are put back, so
-    measuring the gradient leaves the model as it was.
+
+def mean_gradients(model: nn.Module, layers: dict[str, nn.Parameter], batches, loss_fn):
+    """Mean over the (x, y) `batches` of d loss_fn(model(x), y) / dw, model in train mode.
+
+    The data loss alone: weight decay lives in the optimizer, never in this loss. Gradients
+    accumulate in the parameters' own .grad (one copy of the weights' size, whatever the
+    number of batches) and are divided in place. Forward passes in train mode would move
+    batch-norm running statistics; they are put back, so measuring the gradient leaves the
+    model as it was.
     """
     buffers = {n: b.clone() for n, b in model.named_buffers()}
     model.train()
     for p in model.parameters():
         p.grad = None
-    stream = _batches(data, batch_size, generator(*seed_parts))
-    for _ in range(batches):
-        x, y = next(stream)
-        F.cross_entropy(model(x), y).backward()
-    grads = {name: w.grad.detach() / batches for name, w in layers.items()}
+    count = 0
+    for x, y in batches:
+        loss_fn(model(x), y).backward()
+        count += 1
+    if count == 0:
+        raise BadInput("no calibration batches: the gradient of gp/up needs at least one")
+    grads = {name: w.grad.detach().div_(count) for name, w in layers.items()}
     for p in model.parameters():
         p.grad = None
     with torch.no_grad():
@@ -109,9 +119,9 @@ def layer_matched_random(
     return out
 
 
-def prune_to(
+def select_masks(
     layers: dict[str, nn.Parameter],
-    masks: dict[str, torch.Tensor],
+    masks: dict[str, torch.Tensor] | None,
     t: float,
     strategy: str,
     *,
@@ -120,31 +130,49 @@ def prune_to(
     eps: float = 0.0,
     seed_parts: tuple = (),
     dense_weights: dict[str, torch.Tensor] | None = None,
+    group=None,
 ) -> dict[str, torch.Tensor]:
-    """New masks holding round(total / t) weights; the removed weights are zeroed in place.
+    """New masks holding round(total / t) weights (`masks` None: every weight is kept now).
 
     mp/gp/up score inside the selection passes (no score tensor is stored); rp draws seeded
     uniform scores over all layers at once; rp-layer draws them inside each layer, down to
-    the per-layer counts magnitude pruning gives `dense_weights` at t.
+    the per-layer counts magnitude pruning gives `dense_weights` at t. With `group`, the
+    layers are this process's share of a model spread over the group's processes, and the
+    counts are global.
     """
+    names = list(layers)
+    if masks is None:
+        masks = {k: torch.ones_like(w, dtype=torch.bool) for k, w in layers.items()}
     total = sum(m.numel() for m in masks.values())
     remaining = sum(int(m.sum()) for m in masks.values())
+    if group is not None:
+        import torch.distributed as dist
+
+        both = torch.tensor([total, remaining])
+        dist.all_reduce(both, group=group)
+        total, remaining = (int(v) for v in both)
     n = max(remaining - target_remaining(total, t), 0)
-    names = list(layers)
     old = [masks[k] for k in names]
     if strategy == "rp":
-        new = prune_lowest(random_scores(layers, seed_parts), old, n, names=names)
+        new = prune_lowest(random_scores(layers, seed_parts), old, n, names=names, group=group)
     elif strategy == "rp-layer":
         if dense_weights is None:
             raise ValueError("rp-layer needs the dense model's weights")
+        if group is not None:
+            raise ValueError("rp-layer is not available across processes")
         counts = magnitude_counts({k: dense_weights[k] for k in names}, t)
         new = layer_matched_random(layers, masks, counts, seed_parts)
     else:
         weights = [layers[k].detach() for k in names]
         g = None if grads is None else [grads[k] for k in names]
         new = prune_lowest_fused(
-            weights, g, old, n, strategy=strategy, form=form, eps=eps, names=names
+            weights, g, old, n, strategy=strategy, form=form, eps=eps, names=names, group=group
         )
-    new = dict(zip(names, new))
+    return dict(zip(names, new))
+
+
+def prune_to(layers, masks, t, strategy, **kw) -> dict[str, torch.Tensor]:
+    """`select_masks`, and the removed weights zeroed in place."""
+    new = select_masks(layers, masks, t, strategy, **kw)
     apply_masks(layers, new)
     return new

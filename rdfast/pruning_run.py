@@ -304,13 +304,13 @@ class PruningRun:
         )
 
 
-def intact_steps(run_dir: Path, data, log) -> tuple[int, dict | None]:
+def intact_steps(run_dir: Path, data, log, stateful: bool = True) -> tuple[int, dict | None]:
     """(last recorded step, its state) after checking every recorded file of a run.
 
     Records must parse and agree with their confusion matrices, and the latest state must
-    match its checksum. Anything missing or damaged sends the run back to its dense model
-    (every step is recomputed bit for bit: earlier states are not kept), with one line
-    naming the file."""
+    match its checksum (`stateful`: runs whose steps start from the one before). Anything
+    missing or damaged sends the run back to its dense model (every step is recomputed bit
+    for bit: earlier states are not kept), with one line naming the file."""
     done = store.step_files(run_dir)
     if not done:
         return -1, None
@@ -326,7 +326,9 @@ def intact_steps(run_dir: Path, data, log) -> tuple[int, dict | None]:
                 raise store.DamagedFile(store.step_path(run_dir, i, "npy"), "not this run's matrix")
             if len(df) != c or not np.array_equal(df["correct"].to_numpy(), cm.diagonal()):
                 raise store.DamagedFile(done[i], "disagrees with its confusion matrix")
-        state = store.load_torch(store.step_path(run_dir, last, "pt")) if last >= 1 else None
+        state = None
+        if stateful and last >= 1:
+            state = store.load_torch(store.step_path(run_dir, last, "pt"))
     except (store.DamagedFile, KeyError) as e:
         log(f"run {run_dir.name}: {e}: recomputing the run from its dense model")
         for f in store.step_files_of(run_dir):

@@ -63,6 +63,22 @@ def setting(
     return dataclasses.field(default=default, metadata=meta)
 
 
+def setting_like(cls, name: str, default: Any = dataclasses.MISSING, help: str | None = None):
+    """A field declared as `cls.name` is (help, flag, parsing), with its own default or help:
+    one command's setting reused by another without writing it twice."""
+    f = {g.name: g for g in dataclasses.fields(cls)}[name]
+    meta = dict(f.metadata)
+    if help is not None:
+        meta["help"] = help
+    if default is dataclasses.MISSING:
+        default = _default(f)
+    else:
+        meta["preset"] = False
+        if meta["parse"] is not None:  # the default as it would be typed
+            meta["shown"] = ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in default)
+    return setting(default, **meta)
+
+
 @dataclasses.dataclass(frozen=True)
 class KeyContext:
     """What a key function may look at: the run's strategy and its settings."""
@@ -136,7 +152,8 @@ def _option(f: dataclasses.Field, click):
     m = f.metadata
     default = None if m["preset"] else _default(f)
     help_text = m["help"] + (" [preset]" if m["preset"] else "")
-    kw: dict[str, Any] = {"help": help_text, "show_default": default not in (None, False)}
+    shown = default is not None and default is not False  # 0 is a default worth showing
+    kw: dict[str, Any] = {"help": help_text, "show_default": shown}
     if isinstance(default, bool):
         return click.option(flag_name(f), f.name, is_flag=True, default=default, help=help_text)
     choices = m["choices"]() if callable(m["choices"]) else m["choices"]

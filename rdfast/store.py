@@ -7,6 +7,8 @@
       runs/<key>/step-<i>.parquet    records of step i (one row per class)
       runs/<key>/step-<i>.npy        confusion matrix of step i (true x predicted)
       records.parquet / confusion.parquet   all runs, consolidated after each command
+      pruned/<run>/t<t>/             `rdfast prune --save`: a pruned model, shaped like its
+                                     input checkpoint, and its bit-packed masks
       dense/<key>/.lock, runs/<key>/.lock, .consolidate.lock   held while being written
 
 Every file is written to a temporary name in the same directory and renamed into place, so
@@ -40,7 +42,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from rdfast.errors import DamagedFile
+from rdfast.errors import BadInput, DamagedFile
 
 try:
     import fcntl
@@ -65,6 +67,11 @@ def dense_partial(checkpoint: Path) -> Path:
 
 def dense_settings(checkpoint: Path) -> Path:
     return Path(checkpoint).with_name("settings.json")
+
+
+def pruned_model(out: Path, run_id: str, t: float) -> Path:
+    """The pruned model of step t of a `rdfast prune` run (its shards and masks)."""
+    return Path(out) / "pruned" / run_id / f"t{t:g}"
 
 
 def run_dir(out: Path, run_id: str) -> Path:
@@ -108,6 +115,19 @@ def confusion_path(out: Path) -> Path:
 
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)  # read the process's umask (setting it is the only way) and put it back
+
+
+def check_out(out: Path) -> Path:
+    """`out` as a folder this process may write (it need not exist yet), or BadInput."""
+    out = Path(out)
+    for p in (out, *out.absolute().parents):
+        if p.exists():
+            if not p.is_dir():
+                raise BadInput(f"--out {out}: {p} exists and is not a directory")
+            if not os.access(p, os.W_OK | os.X_OK):
+                raise BadInput(f"--out {out}: {p} is not writable")
+            break
+    return out
 
 
 def stable_hash(obj: Any, length: int = 12) -> str:

@@ -1,0 +1,311 @@
+"""`rdfast prune` with a dataset: a trained model someone brings, pruned once per ratio with
+each strategy, its per-class recall measured, recorded as `rdfast run` records its runs.
+
+One run = (strategy, seed) of the given model. Step 0 is the given model (t = 1); step i
+restores the given weights, prunes them to ratio t_i (`given_model.prune_module`), optionally
+fine-tunes, evaluates on the test split and records. Steps do not build on each other, so a
+run resumes at its first step not recorded, and the records, manifests and folder layout are
+those `rdfast analyze`, `report` and `status` read. The given model is the dense model of
+every run (`dense_id` names the checkpoint by its sha256), so strategies pair seed by seed.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from rdfast import store, training
+from rdfast.checkpoints import Checkpoint
+from rdfast.config import PruneJob, TrainSettings
+from rdfast.data import load_dataset
+from rdfast.engine import resolve_device
+from rdfast.errors import BadInput, RunFailed
+from rdfast.given_model import load_weights, prune_module, save_pruned
+from rdfast.kernels.selection import NaNScoreError
+from rdfast.models import build_model, prunable_layers
+from rdfast.pruning import check_ratios, data_gradients
+from rdfast.pruning_run import (
+    RunOutcome,
+    _now,
+    environment,
+    intact_steps,
+    load_manifest,
+    write_step,
+)
+from rdfast.seeding import derive_seed
+
+SOURCE = "checkpoint"  # in every run's settings: what the dense model is
+
+
+@dataclass
+class GivenModel:
+    """The loaded model, its prunable layers, the given weights (restored before every step)
+    and their evaluation (step 0 of every run)."""
+
+    model: torch.nn.Module
+    layers: dict
+    weights: dict
+    total: int
+    evaluation: dict | None = None
+    grads: dict = field(default_factory=dict)  # per seed, while its runs need them
+
+
+class GivenModelStudy:
+    def __init__(self, job: PruneJob, progress: bool | None = None, log=None):
+        self.job = job
+        self.progress = progress
+        self.log = log or (lambda msg: tqdm.write(msg))
+
+    # ------------------------------------------------------------------ setup
+    def prepare(self) -> None:
+        """Validate, load the data and the checkpoint into the model; nothing is written."""
+        job = self.job
+        job.validate()
+        if job.model is None:
+            raise BadInput("--model is needed with --dataset: the architecture of the checkpoint")
+        if job.include:
+            raise BadInput("--include selects tensors of a streamed prune (no --dataset); "
+                           "with --dataset, leave layers out with --exclude")  # fmt: skip
+        self.device = resolve_device(job.device)
+        self.precision = "fp32"
+        self.ckpt = Checkpoint(job.checkpoint)
+        data = load_dataset(job.dataset, job.data_root)
+        model = build_model(job.model, data.input_shape, data.num_classes, job.width)
+        load_weights(model, self.ckpt, data.num_classes)
+        self._probe(model, data)
+        layers = prunable_layers(model, job.exclude)
+        total = sum(w.numel() for w in layers.values())
+        check_ratios(total, job.ratios)
+        self.out = store.check_out(job.out)
+        self.data = data.to(self.device)
+        model = model.to(self.device)
+        layers = prunable_layers(model, job.exclude)
+        weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self.given = GivenModel(model, layers, weights, total)
+        self.sha256 = self.ckpt.sha256()
+
+    def _probe(self, model, data) -> None:
+        """A model that cannot take this data, or answers with another class count, fails
+        here with the reason."""
+        try:
+            with torch.no_grad():
+                logits = model.eval()(data.prepare(data.x_train[:2]))
+        except RuntimeError as e:
+            raise BadInput(
+                f"model {self.job.model} cannot take inputs of shape {data.input_shape}: "
+                f"{' '.join(str(e).split())[:160]}"
+            ) from None
+        if logits.ndim != 2 or logits.shape[1] != data.num_classes:
+            raise BadInput(
+                f"model {self.job.model} outputs {tuple(logits.shape[1:])} per example; the "
+                f"dataset {data.name} has {data.num_classes} classes"
+            )
+
+    # ------------------------------------------------------------------ keys
+    @property
+    def dense_id(self) -> str:
+        j = self.job
+        return store.stable_hash({"checkpoint": self.sha256, "model": j.model, "width": j.width})
+
+    def run_settings(self, strategy: str) -> dict:
+        j = self.job
+        gradient = strategy in ("gp", "up")
+        finetune = j.finetune_epochs > 0
+        return {
+            "dense_id": self.dense_id,
+            "strategy": strategy,
+            "source": SOURCE,
+            "schedule": "one-shot",
+            "ratios": list(j.ratios),
+            "saliency": j.saliency if gradient else "none",
+            "grad_batches": j.grad_batches if gradient else None,
+            "eps": j.up_eps if strategy == "up" else None,
+            "retrain": "finetune" if finetune else "none",
+            "finetune_epochs": j.finetune_epochs,
+            "finetune_lr": j.finetune_lr if finetune else None,
+            "weight_decay": j.weight_decay if finetune else None,
+            "batch_size": j.batch_size,
+            "exclude": list(j.exclude),
+            "device": self.device.type,
+        }
+
+    def run_id(self, seed: int, strategy: str) -> str:
+        return store.stable_hash(
+            {
+                **self.run_settings(strategy),
+                "dataset": self.data.name,
+                "seed": seed,
+                "records": store.RECORDS_VERSION,
+            }
+        )
+
+    # ------------------------------------------------------------------ the runs
+    def execute(self) -> list[RunOutcome]:
+        j = self.job
+        n_steps = len(j.seeds) * len(j.strategies) * len(j.ratios)
+        outcomes = []
+        disable = None if self.progress is None else not self.progress
+        with tqdm(total=n_steps, desc="prune", unit="step", disable=disable) as bar:
+            for seed in j.seeds:
+                for strategy in j.strategies:
+                    outcomes.append(self._run(seed, strategy, bar))
+                self.given.grads.pop(seed, None)
+        store.consolidate(self.out)
+        return outcomes
+
+    def _run(self, seed: int, strategy: str, bar) -> RunOutcome:
+        run_id = self.run_id(seed, strategy)
+        folder = store.run_dir(self.out, run_id)
+        with store.locked(store.lock_path(folder), wait=False) as held:
+            if not held:
+                holder = store.lock_holder(store.lock_path(folder)) or "another process"
+                bar.update(len(self.job.ratios))
+                return RunOutcome(run_id, seed, strategy, "busy", f"being written by {holder}")
+            return self._locked(run_id, folder, seed, strategy, bar)
+
+    def _locked(self, run_id, folder, seed, strategy, bar) -> RunOutcome:
+        j = self.job
+        for stale in folder.glob(".*.tmp"):
+            stale.unlink()
+        last, _ = intact_steps(folder, self.data, self.log, stateful=False)
+        todo = [i for i in range(1, len(j.ratios) + 1) if i > last or not self._saved(run_id, i)]
+        bar.update(len(j.ratios) - len(todo))
+        path = store.manifest_path(folder)
+        manifest = load_manifest(path, self.log) or self._new_manifest(run_id, seed, strategy)
+        if not todo and last >= 0:
+            if manifest.get("status") != "complete":
+                manifest.update(status="complete", error=None, updated=_now())
+                store.write_json(path, manifest)
+            return RunOutcome(run_id, seed, strategy, "complete")
+        manifest.update(status="running", error=None, updated=_now(), **environment(self.device))
+        store.write_json(path, manifest)
+        try:
+            if last < 0:
+                self._record_given(folder, run_id, seed, strategy)
+            for i in todo:
+                self._step(folder, run_id, seed, strategy, i)
+                bar.update(1)
+        except RunFailed as e:
+            manifest.update(status="failed", error=str(e), updated=_now())
+            store.write_json(path, manifest)
+            self.log(f"run {run_id} (seed {seed}, {strategy}) failed: {e}")
+            return RunOutcome(run_id, seed, strategy, "failed", str(e))
+        manifest.update(status="complete", updated=_now())
+        store.write_json(path, manifest)
+        return RunOutcome(run_id, seed, strategy, "complete")
+
+    def _new_manifest(self, run_id, seed, strategy) -> dict:
+        return {
+            "run_id": run_id,
+            "dataset": self.data.name,
+            "model": self.job.model,
+            "width": self.job.width,
+            "seed": seed,
+            "settings": {**self.run_settings(strategy), "train": {}},
+            "checkpoint": {
+                "path": str(Path(self.job.checkpoint).resolve()),
+                "sha256": self.sha256,
+            },  # fmt: skip
+            "created": _now(),
+        }
+
+    def _saved(self, run_id: str, i: int) -> bool:
+        if not self.job.save:
+            return True
+        return store.pruned_model(self.out, run_id, self.job.ratios[i - 1]).is_dir()
+
+    def _meta(self, run_id, seed, strategy) -> dict:
+        s = self.run_settings(strategy)
+        return {
+            "records_version": store.RECORDS_VERSION,
+            "run_id": run_id,
+            "dense_id": s["dense_id"],
+            "dataset": self.data.name,
+            "model": self.job.model,
+            "width": float(self.job.width),
+            "seed": seed,
+            "strategy": strategy,
+            "saliency": s["saliency"],
+            "eps": float("nan") if s["eps"] is None else float(s["eps"]),
+            # The weight decay of the given model's training is not known here.
+            "weight_decay": float("nan"),
+            "retrain": s["retrain"],
+            "device": self.device.type,
+        }
+
+    def _record_given(self, folder, run_id, seed, strategy) -> None:
+        g = self.given
+        if g.evaluation is None:
+            g.model.load_state_dict(g.weights)
+            start = time.perf_counter()
+            ev = training.evaluate(g.model, self.data, precision=self.precision)
+            g.evaluation = {**ev, "seconds": time.perf_counter() - start}
+        ev = g.evaluation
+        meta = self._meta(run_id, seed, strategy)
+        write_step(folder, 0, meta, ev["confusion"], self.data.class_names, ev["loss"], 1.0,
+                   g.total, g.total, ev["seconds"], state=None)  # fmt: skip
+
+    def _gradients(self, seed: int) -> dict:
+        """The mean gradient of the given model over seed's calibration batches, once per
+        seed (gp and up of a seed score with the same one)."""
+        g, j = self.given, self.job
+        if seed not in g.grads:
+            g.model.load_state_dict(g.weights)
+            g.grads[seed] = data_gradients(
+                g.model,
+                g.layers,
+                self.data,
+                batches=j.grad_batches,
+                batch_size=j.batch_size,
+                seed_parts=(seed, "calibration"),
+            )
+        return g.grads[seed]
+
+    def _step(self, folder, run_id, seed, strategy, i) -> None:
+        g, j = self.given, self.job
+        t = j.ratios[i - 1]
+        start = time.perf_counter()
+        torch.manual_seed(derive_seed(seed, strategy, i, "step"))
+        grads = self._gradients(seed) if strategy in ("gp", "up") else None
+        g.model.load_state_dict(g.weights)
+        try:
+            masks = prune_module(
+                g.model,
+                [t],
+                strategy,
+                grads=grads,
+                saliency=j.saliency,
+                eps=j.up_eps,
+                seed=seed,
+                exclude=j.exclude,
+                apply=True,
+            )[float(t)]
+        except NaNScoreError as e:
+            raise RunFailed(f"pruning to t={t:g} failed: {e}") from None
+        if j.finetune_epochs:
+            self._finetune(masks, seed, i)
+        ev = training.evaluate(g.model, self.data, precision=self.precision)
+        remaining = sum(int(m.sum()) for m in masks.values())
+        if j.save:
+            save_pruned(store.pruned_model(self.out, run_id, t), self.ckpt,
+                        g.model.state_dict(), masks)  # fmt: skip
+        meta = self._meta(run_id, seed, strategy)
+        write_step(folder, i, meta, ev["confusion"], self.data.class_names, ev["loss"], t,
+                   remaining, g.total, time.perf_counter() - start, state=None)  # fmt: skip
+
+    def _finetune(self, masks, seed, i) -> None:
+        g, j = self.given, self.job
+        settings = TrainSettings(
+            epochs=j.finetune_epochs,
+            lr=j.finetune_lr,
+            batch_size=j.batch_size,
+            weight_decay=j.weight_decay,
+            precision=self.precision,
+        )
+        by_param = {g.layers[k]: m for k, m in masks.items()}
+        training.train(g.model, self.data, settings, masks=by_param,
+                       seed_parts=(seed, i, "finetune"))  # fmt: skip
