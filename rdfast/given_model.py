@@ -19,8 +19,15 @@ from torch.nn import functional as F
 from rdfast.checkpoints import Checkpoint
 from rdfast.config import STRATEGIES
 from rdfast.errors import BadInput
+from rdfast.kernels.selection import zero_lowest_fused
 from rdfast.models import prunable_layers
-from rdfast.pruning import apply_masks, check_ratios, mean_gradients, select_masks
+from rdfast.pruning import (
+    apply_masks,
+    check_ratios,
+    mean_gradients,
+    select_masks,
+    target_remaining,
+)
 
 MASKS_FILE = "masks.safetensors"
 
@@ -91,6 +98,54 @@ def prune_module(
     if apply:
         apply_masks(layers, out[ratios[0]])
     return out
+
+
+def prune_in_place(
+    model: nn.Module,
+    t: float,
+    strategy: str = "mp",
+    *,
+    batches: Iterable | None = None,
+    loss_fn: Callable = F.cross_entropy,
+    saliency: str = "taylor",
+    eps: float = 5e-4,
+    exclude: Sequence[str] = (),
+    grads: dict[str, torch.Tensor] | None = None,
+    group=None,
+) -> dict[str, int]:
+    """`prune_module(..., apply=True)` for one ratio and mp/gp/up, with no mask kept: the
+    lowest-scored weights are zeroed as the last selection pass reads them, so the memory
+    beyond weights and gradients is a chunk and the histograms (for a model that barely
+    fits). Returns the weights kept per layer; the same weights as `prune_module` go."""
+    if strategy not in ("mp", "gp", "up"):
+        raise BadInput(f"prune_in_place scores by magnitude or gradient (mp, gp, up), not "
+                       f"{strategy}: random scores would have to be stored")  # fmt: skip
+    layers = prunable_layers(model, tuple(exclude))
+    names = list(layers)
+    total = sum(w.numel() for w in layers.values())
+    if group is not None:
+        import torch.distributed as dist
+
+        n = torch.tensor([total])
+        dist.all_reduce(n, group=group)
+        total = int(n)
+    else:
+        check_ratios(total, [t])
+    if strategy != "mp" and grads is None:
+        if batches is None:
+            raise BadInput(f"{strategy} scores with a gradient: give calibration batches")
+        grads = mean_gradients(model, layers, batches, loss_fn)
+    kept = zero_lowest_fused(
+        [layers[k].detach() for k in names],
+        None if strategy == "mp" else [grads[k] for k in names],
+        total - target_remaining(total, t),
+        strategy=strategy,
+        form=saliency,
+        eps=eps,
+        names=names,
+        group=group,
+    )
+    return dict(zip(names, kept))
 
 
 # --------------------------------------------------------------------------- checkpoints

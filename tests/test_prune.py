@@ -417,3 +417,22 @@ def test_pickle_and_unreadable_checkpoints(tmp_path):
         pickle.dump({"w": Unpicklable()}, f)
     res = invoke("--checkpoint", bad, "--out", tmp_path / "out")
     assert res.exit_code == 2 and "streamed pruning reads safetensors" in res.output
+
+
+def test_prune_in_place_zeroes_the_weights_prune_module_removes():
+    import copy
+
+    from rdfast.given_model import prune_in_place
+
+    torch.manual_seed(2)
+    a = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Flatten(), torch.nn.Linear(128, 5))
+    a[0].to(memory_format=torch.channels_last)
+    b = copy.deepcopy(a)
+    batches = [(torch.randn(4, 3, 6, 6), torch.randint(0, 5, (4,))) for _ in range(2)]
+    kept = prune_in_place(a, 4, "up", batches=iter(batches), eps=0.01)
+    masks = prune_module(b, [4], "up", batches=iter(batches), eps=0.01, apply=True)[4.0]
+    assert kept == {k: int(m.sum()) for k, m in masks.items()}
+    for x, y in zip(a.state_dict().values(), b.state_dict().values()):
+        np.testing.assert_array_equal(bits(x), bits(y))
+    with pytest.raises(Exception, match="random scores"):
+        prune_in_place(a, 2, "rp")

@@ -251,3 +251,48 @@ def test_torch_chunks_and_packing(monkeypatch, seed):
         scores[i][masks[i].nonzero()[0]] = float("nan")
         with pytest.raises(ValueError, match=f"layer{i}: scores contain NaN"):
             prune_lowest(scores, masks, 1, names=[f"layer{j}" for j in range(7)], backend="torch")
+
+
+@pytest.mark.parametrize("strategy", ["mp", "up"])
+def test_zero_lowest_fused_zeroes_what_the_reference_removes(strategy):
+    """In place, no mask: the zeroed weights are those a stable numpy sort of the scores
+    removes (ties in tensor, then logical order), over layouts real callers pass and a
+    tensor past one 2^20-entry chunk."""
+    from rdfast.kernels.selection import zero_lowest_fused
+
+    gen = torch.Generator().manual_seed(7)
+    # Integer-valued weights and gradients: ties at every threshold.
+    conv = torch.randint(-4, 5, (16, 8, 3, 3), generator=gen).float()
+    ws = [
+        conv.to(memory_format=torch.channels_last),
+        torch.randint(-9, 10, (40, 30), generator=gen).float().t(),  # transposed
+        torch.randint(-50, 51, (1100, 1000), generator=gen).float(),  # two chunks
+        torch.randint(-3, 4, (7,), generator=gen).bfloat16(),
+    ]
+    big = torch.randint(-3, 4, (20, 12), generator=gen).float()
+    neighbours = big[:, 1::2].clone()
+    ws.append(big[:, ::2])  # sliced
+    gs = [torch.randint(-2, 3, w.shape, generator=gen).to(w.dtype) for w in ws]
+    eps = 0.5
+    if strategy == "mp":
+        scores = [w.float().abs() for w in ws]
+    else:  # taylor UP |-w*g + eps*w^2|, written out
+        scores = [
+            (-w.float() * g.float() + eps * w.float() * w.float()).abs() for w, g in zip(ws, gs)
+        ]
+    total = sum(w.numel() for w in ws)
+    n = total // 3
+    keep = numpy_reference(scores, [torch.ones(w.shape, dtype=torch.bool) for w in ws], n)
+    before = [w.clone() for w in ws]
+    kept = zero_lowest_fused(
+        ws, None if strategy == "mp" else gs, n, strategy=strategy, form="taylor", eps=eps
+    )
+    assert sum(kept) == total - n
+    at = 0
+    for w, b, k in zip(ws, before, kept):
+        part = keep[at : at + w.numel()].reshape(w.shape)
+        at += w.numel()
+        expected = b.float().numpy() * part
+        np.testing.assert_array_equal(w.float().numpy(), expected)
+        assert int(part.sum()) == k
+    assert torch.equal(big[:, 1::2], neighbours)  # the slice's neighbours untouched
