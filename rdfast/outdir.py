@@ -20,14 +20,16 @@ def _overlaps(a: Path, b: Path) -> bool:
     return a == b or b.is_relative_to(a)
 
 
-def check(out: Path, kind: str, records: Path | None = None) -> Path:
-    """Raise BadInput unless `kind` ("report", "analyze") may write into `out`."""
+def check(out: Path, kind: str, records: Path | None = None, flag: str = "-o") -> Path:
+    """Raise BadInput unless `kind` ("report", "analyze", "prune") may write into `out`."""
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise BadInput(f"-o {out} is a file; give a folder that is new, empty or an earlier {kind}")
+        raise BadInput(
+            f"{flag} {out} is a file; give a folder that is new, empty or an earlier {kind}"
+        )
     if records is not None and _overlaps(out.resolve(), Path(records).resolve()):
         raise BadInput(
-            f"-o {out} would hold or replace the records in {records}; give another folder"
+            f"{flag} {out} would hold or replace the records in {records}; give another folder"
         )
     if out.is_dir() and any(out.iterdir()):
         made_by = owner(out)

@@ -159,7 +159,7 @@ def stream_prune(
     remaining = [target_remaining(total, t) for t in ratios]
     if min(remaining) < 1:
         raise BadInput(f"ratio t={max(ratios):g} leaves no weight of {total}")
-    out = outdir.check(Path(out), "prune")
+    out = outdir.check(Path(out), "prune", flag="--out")
     _check_space(ckpt, out, len(ratios))
     staging = out / ".partial"
     shutil.rmtree(staging, ignore_errors=True)
