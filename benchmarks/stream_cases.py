@@ -3,7 +3,9 @@
 peak_rss_mb (the whole process, `import torch` included).
 
     python -m benchmarks.stream_cases write CKPT WEIGHTS       a synthetic checkpoint
-    python -m benchmarks.stream_cases CASE CKPT OUT RATIOS     one case, e.g. rdfast 2,4,8
+    python -m benchmarks.stream_cases CASE CKPT OUT RATIOS [cold]   one case, e.g. rdfast 2,4,8
+                                                        (cold: the checkpoint evicted from the
+                                                        page cache first)
 
 The checkpoint: 8 fp32 shards as Hugging Face writes them (an index and
 model-0000i-of-00008.safetensors), each 7 weight matrices of R x 4360 and one bias; R is
@@ -13,6 +15,7 @@ chosen so the matrices hold WEIGHTS values (R = 4096 for 1e9).
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -150,6 +153,13 @@ def main(argv) -> None:
         return
     case, ckpt, out = argv[0], Path(argv[1]), Path(argv[2])
     ratios = [float(t) for t in argv[3].split(",")]
+    cold = len(argv) > 4 and argv[4] == "cold"
+    os.sync()  # the previous case's dirty pages written back first, outside the timing
+    if cold:  # the checkpoint's pages out of the page cache: every case reads it from disk
+        for f in ckpt.iterdir():
+            fd = os.open(f, os.O_RDONLY)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.close(fd)
     fn = CASES[case]
     import safetensors.torch  # noqa: F401
 

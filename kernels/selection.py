@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from rdfast.kernels._backend import HAS_TRITON, grid_size, pick, tl, triton
@@ -228,7 +229,7 @@ def _find_nan(src: _Source, masks, names):
 
     Chunked like the passes; runs only when the first histogram saw keys beyond +-inf."""
     for x, kept, segments in src.pieces(masks):
-        bad = torch.isnan(x)
+        bad = x > POS_INF_KEY if getattr(src, "keyed", False) else torch.isnan(x)
         if kept is not None:
             bad &= kept
         if bad.any():
@@ -240,13 +241,26 @@ def _find_nan(src: _Source, masks, names):
 # --------------------------------------------------------------------------- torch path
 
 
+def _piece_keys(src, x: torch.Tensor) -> torch.Tensor:
+    """The int32 keys of a piece of scores. A source whose `keyed` is true hands out keys
+    already (`rdfast.streaming`: the bits of |w| with the sign bit cleared, which for
+    non-negative floats are the keys): the transform is 4 elementwise ops a pass."""
+    return x if getattr(src, "keyed", False) else float_key_torch(x)
+
+
 def _torch_top_histogram(src, masks, bits):
     """Histogram of the top `bits` bits of the candidates' keys (unsigned order)."""
     hist = torch.zeros(1 << bits, dtype=torch.int64)
     shift = 32 - bits
+    half = 1 << (bits - 1)
     for x, kept, _ in src.pieces(masks):
+        if getattr(src, "keyed", False) and kept is None:
+            # Keys of non-negative scores are >= 0: their digits fill the upper half, and
+            # the offset's add is saved (1e6 keys: 1.06 ms instead of 1.35).
+            hist[half:] += torch.bincount(x >> shift, minlength=half).cpu()
+            continue
         # Unsigned key >> shift == (signed key >> shift) + 2^(bits - 1).
-        d = (float_key_torch(x) >> shift) + (1 << (bits - 1))
+        d = (_piece_keys(src, x) >> shift) + half
         if kept is not None and not bool(kept.all()):
             d = d[kept]
         hist += torch.bincount(d, minlength=1 << bits).cpu()
@@ -261,7 +275,10 @@ def _torch_low_histograms(src, masks, prefixes, bits):
     lookup[torch.tensor(prefixes, dtype=torch.int64)] = torch.arange(len(prefixes))
     hist = torch.zeros(len(prefixes) << low, dtype=torch.int64)
     for x, kept, _ in src.pieces(masks):
-        ks = float_key_torch(x)
+        ks = _piece_keys(src, x)
+        if ks.device.type == "cpu":
+            _cpu_low_histograms(ks, kept, prefixes, bits, hist)
+            continue
         if len(prefixes) == 1:  # one k: a compare instead of a gather (1e8 scores: -30 %)
             sel = (ks >> low) == prefixes[0] - (1 << (bits - 1))
             slot = None
@@ -275,6 +292,22 @@ def _torch_low_histograms(src, masks, prefixes, bits):
             d = (slot[sel] << low) | d.long()
         hist += torch.bincount(d, minlength=len(prefixes) << low).cpu()
     return hist
+
+
+def _cpu_low_histograms(ks, kept, prefixes, bits, hist) -> None:
+    """`_torch_low_histograms` for one piece of CPU keys, through numpy: its boolean indexing
+    is 2.5x faster than torch's on a sparse selection (1e6 keys, 0.5 % under the digit:
+    1.3 ms against 2.7 on two cores), one compare per top digit instead of a gather."""
+    kn = ks.numpy()
+    km = None if kept is None else kept.numpy()
+    low = 32 - bits
+    width = 1 << low
+    for s, p in enumerate(prefixes):
+        sel = (kn >> low) == p - (1 << (bits - 1))
+        if km is not None:
+            sel &= km
+        d = np.bincount(kn[sel] & (width - 1), minlength=width)
+        hist[s * width : (s + 1) * width] += torch.from_numpy(d)
 
 
 def _torch_select(src, masks, ks, names, group):
@@ -314,23 +347,24 @@ def _torch_select(src, masks, ks, names, group):
 def keep_chunk(ks, kept, T, budget):
     """(keep, budget left) for one chunk of keys in logical order: entries above T stay, and
     of those equal to T the first `budget` go (the tie boundary may fall inside the chunk)."""
+    if not budget:  # no tie left to remove: one compare (1e6 keys: 0.3 ms, 1.5 for three)
+        keep = ks >= T
+        return (keep if kept is None else keep & kept), 0
     above = ks > T
     eq = ks == T
     if kept is not None:
         above &= kept
         eq &= kept
-    if budget:
-        c = int(eq.sum())
-        if c <= budget:  # every equal entry of this chunk goes
-            return above, budget - c
-        return above | (eq & (eq.cumsum(0) > budget)), 0
-    return above | eq, 0
+    c = int(torch.count_nonzero(eq))
+    if c <= budget:  # every equal entry of this chunk goes
+        return above, budget - c
+    return above | (eq & (eq.cumsum(0) > budget)), 0
 
 
 def _torch_equal_count(src, masks, T):
     count = 0
     for x, kept, _ in src.pieces(masks):
-        eq = float_key_torch(x) == T
+        eq = _piece_keys(src, x) == T
         count += int((eq if kept is None else eq & kept).sum())
     return count
 

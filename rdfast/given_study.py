@@ -25,6 +25,7 @@ from rdfast.data import load_dataset
 from rdfast.engine import resolve_device
 from rdfast.errors import BadInput, RunFailed
 from rdfast.given_model import load_weights, prune_module, save_pruned
+from rdfast.kernels._backend import cuda_path
 from rdfast.kernels.selection import NaNScoreError
 from rdfast.models import build_model, prunable_layers
 from rdfast.pruning import check_ratios, data_gradients
@@ -81,8 +82,15 @@ class GivenModelStudy:
         total = sum(w.numel() for w in layers.values())
         check_ratios(total, job.ratios)
         self.out = store.check_out(job.out)
+        # As `rdfast run` does: channels_last for conv nets on CUDA (and on the CPU under
+        # RDFAST_CUDA_PATH, to check that path), masks paired with weights by logical index.
+        convolutional = any(isinstance(m, torch.nn.Conv2d) for m in model.modules())
+        self.channels_last = (self.device.type == "cuda" or cuda_path()) and convolutional
+        data.channels_last = self.channels_last
         self.data = data.to(self.device)
         model = model.to(self.device)
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
         layers = prunable_layers(model, job.exclude)
         weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
         self.given = GivenModel(model, layers, weights, total)

@@ -436,3 +436,118 @@ def test_prune_in_place_zeroes_the_weights_prune_module_removes():
         np.testing.assert_array_equal(bits(x), bits(y))
     with pytest.raises(Exception, match="random scores"):
         prune_in_place(a, 2, "rp")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not __import__("rdfast.kernels._backend", fromlist=["x"]).interpreting(),
+    reason="emulates CUDA on the CPU: needs TRITON_INTERPRET=1",
+)
+def test_cuda_path_equals_cpu_path_for_a_given_lenet5(tmp_path, monkeypatch, shared_data):
+    """What a CUDA `rdfast prune` runs -- LeNet-5 and its masks in channels_last, selection
+    and confusion matrix through the Triton kernels (interpreted here) -- against the plain
+    CPU path: records and saved masks equal bit for bit."""
+    import rdfast.kernels.selection as selection_mod
+    from rdfast import training
+    from rdfast.config import train_settings
+
+    dataset = "mnist:train=300,test=200"
+    data = load_dataset(dataset, shared_data)
+    torch.manual_seed(0)
+    model = build_model("lenet5", data.input_shape, data.num_classes, 1.0)
+    training.train(model, data, train_settings("mnist", "lenet5", epochs=1, batch_size=50))
+    torch.save(model.state_dict(), tmp_path / "lenet5.pt")
+    args = ["--model", "lenet5", "--checkpoint", tmp_path / "lenet5.pt", "--dataset", dataset,
+            "--data-root", shared_data, "--strategy", "mp,up,rp", "--ratios", "2,4",
+            "--grad-batches", "2", "--batch-size", "50", "--save", "--no-progress"]  # fmt: skip
+    assert invoke(*args, "--out", tmp_path / "cpu").exit_code == 0
+    calls = []
+    original = selection_mod._triton_masks
+    monkeypatch.setattr(
+        selection_mod, "_triton_masks", lambda *a, **kw: calls.append(1) or original(*a, **kw)
+    )
+    monkeypatch.setenv("RDFAST_CUDA_PATH", "1")
+    res = invoke(*args, "--out", tmp_path / "cuda")
+    assert res.exit_code == 0, res.output
+    assert len(calls) >= 3 * 2, calls  # every (strategy, t) selected by the Triton kernel
+    cols = ["run_id", "step", "class", "correct", "recall", "accuracy", "remaining"]
+    a, b = (
+        pd.read_parquet(tmp_path / o / "records.parquet")[cols].sort_values(cols[:3])
+        for o in ("cpu", "cuda")
+    )
+    pd.testing.assert_frame_equal(a.reset_index(drop=True), b.reset_index(drop=True))
+    folders = sorted(
+        p.relative_to(tmp_path / "cpu") for p in (tmp_path / "cpu").glob("pruned/*/t*")
+    )
+    assert len(folders) == 6
+    for f in folders:
+        ma, mb = load_masks(tmp_path / "cpu" / f), load_masks(tmp_path / "cuda" / f)
+        assert ma.keys() == mb.keys() and any(m.dim() == 4 for m in ma.values())
+        for k in ma:
+            assert torch.equal(ma[k], mb[k]), (f, k)
+
+
+def _api_worker(rank, world, port, out_dir):
+    import pickle as pkl
+
+    import torch.distributed as dist
+
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
+    layers = _whole_model()
+    mine = torch.nn.Sequential(*[layers[i] for i in _SPLIT[world][rank]])
+    masks = prune_module(mine, [2, 8], "mp", group=dist.group.WORLD)
+    kept = _in_place(mine, dist.group.WORLD)
+    weights = [m.weight.detach().clone() for m in mine]
+    dist.destroy_process_group()
+    with open(f"{out_dir}/{rank}.pkl", "wb") as f:
+        pkl.dump({"masks": masks, "kept": kept, "weights": weights}, f)
+
+
+# Layers of one model, in rank order; integer weights: ties at every threshold.
+_SPLIT = {2: [[0, 1], [2, 3]], 3: [[0], [1, 2], [3]]}
+
+
+def _whole_model():
+    gen = torch.Generator().manual_seed(3)
+    layers = [torch.nn.Linear(a, b) for a, b in ((30, 40), (40, 20), (20, 20), (20, 6))]
+    with torch.no_grad():
+        for m in layers:
+            m.weight.copy_(torch.randint(-6, 7, m.weight.shape, generator=gen).float())
+    return layers
+
+
+def _in_place(model, group):
+    from rdfast.given_model import prune_in_place
+
+    return prune_in_place(model, 4, "mp", group=group)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_api_across_processes_equals_one_process(tmp_path, world):
+    """prune_module and prune_in_place with a gloo group, the model's layers split over the
+    processes: the union of their results equals one process pruning the whole model (and a
+    numpy stable sort over the layers in rank order), ties included."""
+    import socket
+
+    import torch.multiprocessing as tmp_mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    tmp_mp.spawn(_api_worker, args=(world, port, str(tmp_path)), nprocs=world)
+    results = [pickle.loads((tmp_path / f"{r}.pkl").read_bytes()) for r in range(world)]
+    whole = torch.nn.Sequential(*_whole_model())
+    scores = [m.weight.detach().abs().numpy() for m in whole]
+    total = sum(s.size for s in scores)
+    for t in (2.0, 8.0):
+        union = np.concatenate([m.numpy().ravel() for r in results for m in r["masks"][t].values()])
+        want = np.concatenate([k.ravel() for k in stable_keep(scores, total - round(total / t))])
+        np.testing.assert_array_equal(union, want)
+    single = torch.nn.Sequential(*_whole_model())
+    _in_place(single, None)
+    got = [w for r in results for w in r["weights"]]
+    for w, m in zip(got, single):
+        np.testing.assert_array_equal(bits(w), bits(m.weight.detach()))
+    assert sum(sum(r["kept"].values()) for r in results) == round(total / 4)
