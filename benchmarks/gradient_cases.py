@@ -16,20 +16,9 @@ import json
 import sys
 import time
 
+from benchmarks.memory import reset_peak, status_mb
+
 MODEL, IMAGE, CLASSES, BATCH, EPS = "vit_large_patch16_224", 64, 10, 4, 5e-4
-
-
-def _status(field: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as f:  # "5": reset VmHWM to the current RSS
-        f.write("5")
 
 
 def rdfast_in_place(model, grads):
@@ -93,15 +82,15 @@ def main(case: str, batches: int = 2) -> None:
         for _ in range(batches)
     ]
     layers = prunable_layers(model)
-    _reset_peak()
+    reset_peak()
     start = time.perf_counter()
     grads = mean_gradients(model, layers, iter(data), F.cross_entropy)
     gradient_s = time.perf_counter() - start
-    gradient_peak = _status("VmHWM")
+    gradient_peak = status_mb("VmHWM")
     for p in model.parameters():  # what the case starts from: weights and their gradients
         p.requires_grad_(False)
-    before = _status("VmRSS")
-    _reset_peak()
+    before = status_mb("VmRSS")
+    reset_peak()
     start = time.perf_counter()
     mask_bytes = CASES[case](model, grads)
     prune_s = time.perf_counter() - start
@@ -114,7 +103,7 @@ def main(case: str, batches: int = 2) -> None:
                 "gradient_peak_mb": round(gradient_peak, 1),
                 "rss_before_prune_mb": round(before, 1),
                 "prune_s": round(prune_s, 2),
-                "extra_peak_mb": round(_status("VmHWM") - before, 1),
+                "extra_peak_mb": round(status_mb("VmHWM") - before, 1),
                 "masks_mb": round(mask_bytes / 2**20, 1),
             }
         )

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from benchmarks.memory import peak_rss_mb
 from rdfast.kernels import kth_smallest, prune_lowest
 
 
@@ -122,14 +123,6 @@ CASES = {
 }
 
 
-def _hwm_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def main(case: str, total: int, tensors: int) -> None:
     torch.set_num_threads(2)
     fn = CASES[case]
@@ -137,9 +130,9 @@ def main(case: str, total: int, tensors: int) -> None:
     fn(small, state_for(case, small))  # warm up allocators and kernels
     scores = make_scores(total, tensors)
     state = state_for(case, scores)
-    before = _hwm_mb()
+    before = peak_rss_mb()
     fn(scores, state)
-    print(f"{_hwm_mb() - before:.1f}")
+    print(f"{peak_rss_mb() - before:.1f}")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.memory import peak_rss_mb
+
 SHARDS, MATRICES, COLUMNS = 8, 7, 4360
 BLOCK = 1 << 24  # bytes a read/write of the I/O floor moves at a time
 
@@ -134,14 +136,6 @@ CASES = {
     "numpy_sort": numpy_sort,
     "torch_global_unstructured": torch_global_unstructured,
 }
-
-
-def peak_rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def main(argv) -> None:

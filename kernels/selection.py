@@ -374,19 +374,30 @@ def _torch_masks(src, masks, T, r, group):
 
     The new masks take the layout of the old ones (channels_last stays channels_last)."""
     out = [torch.empty_like(m) for m in masks]
+    for i, start, end, index, keep in _kept_parts(src, masks, T, r, group):
+        target = _region(out[i], start, end, index)
+        target.copy_(keep.view(target.shape))
+    return out
+
+
+def _kept_parts(src, masks, T, r, group):
+    """(tensor, start, end, index, keep) for every segment of the pieces, in logical order:
+    entries above T kept, of those equal to T the first r (this process's share) removed."""
     if group is not None and r:
         r = _rank_budget(r, _torch_equal_count(src, masks, T), group)
     budget = r
     for x, kept, segments in src.pieces(masks):
-        keep, budget = keep_chunk(float_key_torch(x), kept, T, budget)
+        keep, budget = keep_chunk(_piece_keys(src, x), kept, T, budget)
         for i, start, end, index, offset in segments:
-            part = keep[offset : offset + end - start]
-            if index is None and out[i].is_contiguous():
-                out[i].view(-1)[start:end] = part
-            else:
-                target = out[i][index] if index is not None else out[i]
-                target.copy_(part.view(target.shape))
-    return out
+            yield i, start, end, index, keep[offset : offset + end - start]
+
+
+def _region(t: torch.Tensor, start: int, end: int, index) -> torch.Tensor:
+    """The entries of `t` a segment names, as a view: flat when `t` is contiguous, else
+    through the segment's logical index (the whole tensor when it has none)."""
+    if index is None and t.is_contiguous():
+        return t.view(-1)[start:end]
+    return t[index] if index is not None else t
 
 
 # --------------------------------------------------------------------------- processes
@@ -809,12 +820,16 @@ def prune_lowest_fused(
     group=None,
 ):
     """`prune_lowest(saliency(w, g), masks, n)` without ever storing the scores."""
+    src = _fused_source(weights, grads, strategy, form, eps)
+    return _prune(src, list(masks), n, names, backend, group)
+
+
+def _fused_source(weights, grads, strategy, form, eps) -> _Source:
     if strategy not in STRATEGY_CODES:
         raise ValueError(f"fused selection takes strategy mp, gp or up, got {strategy!r}")
     if strategy != "mp" and grads is None:
         raise ValueError(f"strategy {strategy} needs the gradients")
-    src = _Source(weights=weights, grads=grads, strategy=strategy, form=form, eps=eps)
-    return _prune(src, list(masks), n, names, backend, group)
+    return _Source(weights=weights, grads=grads, strategy=strategy, form=form, eps=eps)
 
 
 @torch.no_grad()
@@ -834,11 +849,7 @@ def zero_lowest_fused(
     mask: the memory beyond weights and gradients is a chunk of scores (2^20 fp32) and the
     histograms, where masks would take a byte a weight (300 MB for 3e8 weights). Returns
     the weights kept per tensor. Torch path on every device (three reads, one write)."""
-    if strategy not in STRATEGY_CODES:
-        raise ValueError(f"fused selection takes strategy mp, gp or up, got {strategy!r}")
-    if strategy != "mp" and grads is None:
-        raise ValueError(f"strategy {strategy} needs the gradients")
-    src = _Source(weights=weights, grads=grads, strategy=strategy, form=form, eps=eps)
+    src = _fused_source(weights, grads, strategy, form, eps)
     names = _validate(src, None, names)
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
@@ -850,22 +861,13 @@ def zero_lowest_fused(
     except TooFewCandidates:
         total = _all_reduce(torch.tensor([sum(kept)]), group)
         raise TooFewCandidates(f"cannot remove {n} entries: {int(total)} are kept") from None
-    if group is not None and r:
-        r = _rank_budget(r, _torch_equal_count(src, None, T), group)
-    budget = r
     # The scores of a piece are computed before its weights are zeroed, and no piece is read
     # twice: zeroing as the pass goes changes no later score.
-    for x, _, segments in src.pieces(None):
-        keep, budget = keep_chunk(float_key_torch(x), None, T, budget)
-        for i, start, end, index, offset in segments:
-            part = keep[offset : offset + end - start]
-            w = src.tensors[i]
-            kept[i] -= int(part.numel() - part.sum())
-            if index is None and w.is_contiguous():
-                w.view(-1)[start:end].mul_(part.to(w.dtype))
-            else:
-                target = w[index] if index is not None else w
-                target.mul_(part.view(target.shape).to(w.dtype))
+    for i, start, end, index, keep in _kept_parts(src, None, T, r, group):
+        w = src.tensors[i]
+        kept[i] -= keep.numel() - int(torch.count_nonzero(keep))
+        target = _region(w, start, end, index)
+        target.mul_(keep.view(target.shape).to(w.dtype))
     return kept
 
 
