@@ -77,21 +77,26 @@ def magnitude_keys(w: torch.Tensor) -> torch.Tensor:
 
 
 class _Magnitudes:
-    """The keys of |w| of the matched tensors as the selection reads them, chunk by chunk
-    from the maps (`keyed`: the selection takes them as they are)."""
+    """The matched tensors as the selection reads them, chunk by chunk from the maps: the
+    int32 bits of their fp32 values (fp16/bf16 widened), scored by magnitude (`abs_bits`:
+    the selection clears the sign bit, or reads the top digit off the high half)."""
 
-    keyed = True
+    abs_bits = True
 
     def __init__(self, ckpt: Checkpoint, names: list[str], bar=None):
         self.ckpt, self.names, self.bar = ckpt, names, bar
 
     def pieces(self, masks=None):
         for i, shard, e, start, end in self.ckpt.chunks(self.names, CHUNK):
-            x = magnitude_keys(shard.view(e, start, end))
-            shard.release(e, start, end)
+            w = shard.view(e, start, end)  # fp32: a view of the map, nothing copied
+            yield (
+                (w if w.dtype == torch.float32 else w.float()).view(torch.int32),
+                None,
+                [(i, start, end, None, 0)],
+            )
+            shard.release(e, start, end)  # once the pass is done with the piece
             if self.bar is not None:
                 self.bar.update(end - start)
-            yield x, None, [(i, start, end, None, 0)]
 
 
 def _copy(shard: Shard, lo: int, hi: int, files) -> None:

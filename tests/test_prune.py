@@ -458,7 +458,7 @@ def test_cuda_path_equals_cpu_path_for_a_given_lenet5(tmp_path, monkeypatch, sha
     training.train(model, data, train_settings("mnist", "lenet5", epochs=1, batch_size=50))
     torch.save(model.state_dict(), tmp_path / "lenet5.pt")
     args = ["--model", "lenet5", "--checkpoint", tmp_path / "lenet5.pt", "--dataset", dataset,
-            "--data-root", shared_data, "--strategy", "mp,up,rp", "--ratios", "2,4",
+            "--data-root", shared_data, "--strategy", "mp,up", "--ratios", "2,4",
             "--grad-batches", "2", "--batch-size", "50", "--save", "--no-progress"]  # fmt: skip
     assert invoke(*args, "--out", tmp_path / "cpu").exit_code == 0
     calls = []
@@ -469,7 +469,7 @@ def test_cuda_path_equals_cpu_path_for_a_given_lenet5(tmp_path, monkeypatch, sha
     monkeypatch.setenv("RDFAST_CUDA_PATH", "1")
     res = invoke(*args, "--out", tmp_path / "cuda")
     assert res.exit_code == 0, res.output
-    assert len(calls) >= 3 * 2, calls  # every (strategy, t) selected by the Triton kernel
+    assert len(calls) >= 2 * 2, calls  # every (strategy, t) selected by the Triton kernel
     cols = ["run_id", "step", "class", "correct", "recall", "accuracy", "remaining"]
     a, b = (
         pd.read_parquet(tmp_path / o / "records.parquet")[cols].sort_values(cols[:3])
@@ -479,7 +479,7 @@ def test_cuda_path_equals_cpu_path_for_a_given_lenet5(tmp_path, monkeypatch, sha
     folders = sorted(
         p.relative_to(tmp_path / "cpu") for p in (tmp_path / "cpu").glob("pruned/*/t*")
     )
-    assert len(folders) == 6
+    assert len(folders) == 4
     for f in folders:
         ma, mb = load_masks(tmp_path / "cpu" / f), load_masks(tmp_path / "cuda" / f)
         assert ma.keys() == mb.keys() and any(m.dim() == 4 for m in ma.values())
@@ -506,7 +506,7 @@ def _api_worker(rank, world, port, out_dir):
 
 
 # Layers of one model, in rank order; integer weights: ties at every threshold.
-_SPLIT = {2: [[0, 1], [2, 3]], 3: [[0], [1, 2], [3]]}
+_SPLIT = {3: [[0], [1, 2], [3]]}
 
 
 def _whole_model():
@@ -524,7 +524,7 @@ def _in_place(model, group):
     return prune_in_place(model, 4, "mp", group=group)
 
 
-@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("world", [3])  # 2 and 4 processes: tests/kernels/test_distributed.py
 def test_api_across_processes_equals_one_process(tmp_path, world):
     """prune_module and prune_in_place with a gloo group, the model's layers split over the
     processes: the union of their results equals one process pruning the whole model (and a
@@ -551,3 +551,17 @@ def test_api_across_processes_equals_one_process(tmp_path, world):
     for w, m in zip(got, single):
         np.testing.assert_array_equal(bits(w), bits(m.weight.detach()))
     assert sum(sum(r["kept"].values()) for r in results) == round(total / 4)
+
+
+def test_streamed_nan_is_named(tmp_path):
+    t = {"a.weight": torch.randn(30, 20), "b.weight": torch.randn(10, 10).half()}
+    t["b.weight"][3, 4] = float("nan")
+    write_checkpoint(tmp_path / "ckpt", t, [["a.weight"], ["b.weight"]])
+    res = invoke("--checkpoint", tmp_path / "ckpt", "--out", tmp_path / "out")
+    assert res.exit_code == 2 and "b.weight: scores contain NaN" in res.output, res.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_prune_needs_a_checkpoint(tmp_path):
+    res = invoke("--out", tmp_path / "out")
+    assert res.exit_code == 2 and "--checkpoint is needed" in res.output
