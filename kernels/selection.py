@@ -799,14 +799,23 @@ def _prune(src, masks, n, names, backend, group):
     if not len(src) and group is None:
         raise ValueError(f"cannot remove {n} entries: no tensors given")
     be = pick(backend, *src.tensors, *masks)
-    try:
-        T, r = _radix_select(src, masks, int(n), names, be, group)
-    except TooFewCandidates:
-        kept = _all_reduce(torch.tensor([sum(int(m.sum()) for m in masks)]), group)
-        raise TooFewCandidates(f"cannot remove {n} entries: {int(kept)} are kept") from None
+    T, r = _select_n(src, masks, n, names, be, group)
     if be == "triton":
         return _triton_masks(src, masks, T, r, names, group)
     return _torch_masks(src, masks, T, r, group)
+
+
+def _select_n(src, masks, n, names, backend, group):
+    """(T, r) of removing n entries, or TooFewCandidates saying how many are kept."""
+    try:
+        return _radix_select(src, masks, int(n), names, backend, group)
+    except TooFewCandidates:
+        if masks is None:
+            counts = [src.numel(i) for i in range(len(src))]
+        else:
+            counts = [int(m.sum()) for m in masks]
+        kept = _all_reduce(torch.tensor([sum(counts)]), group)
+        raise TooFewCandidates(f"cannot remove {n} entries: {int(kept)} are kept") from None
 
 
 def prune_lowest(
@@ -876,11 +885,7 @@ def zero_lowest_fused(
     kept = [int(w.numel()) for w in src.tensors]
     if n == 0:
         return kept
-    try:
-        ((T, r),) = _torch_select(src, None, [int(n)], names, group)
-    except TooFewCandidates:
-        total = _all_reduce(torch.tensor([sum(kept)]), group)
-        raise TooFewCandidates(f"cannot remove {n} entries: {int(total)} are kept") from None
+    T, r = _select_n(src, None, n, names, "torch", group)
     # The scores of a piece are computed before its weights are zeroed, and no piece is read
     # twice: zeroing as the pass goes changes no later score.
     for i, start, end, index, keep in _kept_parts(src, None, T, r, group):

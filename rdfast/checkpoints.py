@@ -5,8 +5,9 @@
     DIR/model-00001-of-00008.safetensors    `weight_map` names each tensor's shard
     model.pt / .pth / .bin                  a torch state dict, read with weights_only=True
 
-Safetensors shards are read through memory maps, tensor by tensor or chunk by chunk, so a
-checkpoint is never held whole; the format is an 8-byte little-endian header length, a JSON
+A model that fits is read whole by the safetensors library; streamed pruning reads shards
+through memory maps chunk by chunk, releasing the pages as it goes (which the library cannot),
+so a checkpoint is never held whole. The format is an 8-byte little-endian header length, a JSON
 header (per tensor: dtype, shape, byte offsets into the data that follows) and the data.
 """
 
@@ -140,10 +141,6 @@ class Shard:
         """Bytes [lo, hi) of the file."""
         return memoryview(self._map)[lo:hi]
 
-    def tensor(self, e: Entry) -> torch.Tensor:
-        """Tensor `e`, copied out of the map, in its shape."""
-        return self.view(e).clone().view(e.shape)
-
 
 class Checkpoint:
     """A checkpoint on disk: its files and, for safetensors, every tensor's entry."""
@@ -207,8 +204,9 @@ class Checkpoint:
     def sha256(self) -> str:
         """Of the file, or of the index and shards (names and contents, in order)."""
         h = hashlib.sha256()
-        for f in self.files():
-            if len(self.files()) > 1:
+        files = self.files()
+        for f in files:
+            if len(files) > 1:
                 h.update(f.name.encode() + b"\0")
             with open(f, "rb") as fh:
                 while block := fh.read(1 << 22):
@@ -219,11 +217,15 @@ class Checkpoint:
         """Every tensor, in memory (a model that fits)."""
         if not self.is_safetensors:
             return _torch_state_dict(self.path)
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
         out = {}
-        for s in self.shards:
-            with s:
-                for e in s.entries:
-                    out[e.name] = s.tensor(e)
+        for s in self.shards:  # headers already checked by Shard: the library reads the rest
+            try:
+                out.update(load_file(str(s.path)))
+            except (OSError, SafetensorError) as e:
+                raise BadInput(f"cannot read {s.path}: {e}") from None
         return out
 
     def chunks(self, names, chunk: int) -> Iterator[tuple[int, Shard, Entry, int, int]]:

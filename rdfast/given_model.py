@@ -24,6 +24,7 @@ from rdfast.models import prunable_layers
 from rdfast.pruning import (
     apply_masks,
     check_ratios,
+    global_counts,
     mean_gradients,
     select_masks,
     target_remaining,
@@ -76,10 +77,7 @@ def prune_module(
     layers = prunable_layers(model, tuple(exclude))
     if group is None:
         check_ratios(sum(w.numel() for w in layers.values()), ratios)
-    if strategy in ("gp", "up") and grads is None:
-        if batches is None:
-            raise BadInput(f"{strategy} scores with a gradient: give calibration batches")
-        grads = mean_gradients(model, layers, batches, loss_fn)
+    grads = _gradients(model, layers, strategy, grads, batches, loss_fn)
     dense = {k: w.detach() for k, w in layers.items()} if strategy == "rp-layer" else None
     out = {}
     for t in ratios:
@@ -122,19 +120,9 @@ def prune_in_place(
                        f"{strategy}: random scores would have to be stored")  # fmt: skip
     layers = prunable_layers(model, tuple(exclude))
     names = list(layers)
-    total = sum(w.numel() for w in layers.values())
-    if group is not None:
-        import torch.distributed as dist
-
-        n = torch.tensor([total])
-        dist.all_reduce(n, group=group)
-        total = int(n)
-    else:
-        check_ratios(total, [t])
-    if strategy != "mp" and grads is None:
-        if batches is None:
-            raise BadInput(f"{strategy} scores with a gradient: give calibration batches")
-        grads = mean_gradients(model, layers, batches, loss_fn)
+    (total,) = global_counts([sum(w.numel() for w in layers.values())], group)
+    check_ratios(total, [t])
+    grads = _gradients(model, layers, strategy, grads, batches, loss_fn)
     kept = zero_lowest_fused(
         [layers[k].detach() for k in names],
         None if strategy == "mp" else [grads[k] for k in names],
@@ -146,6 +134,15 @@ def prune_in_place(
         group=group,
     )
     return dict(zip(names, kept))
+
+
+def _gradients(model, layers, strategy, grads, batches, loss_fn):
+    """The gradient gp and up score with: `grads` as given, or the mean over `batches`."""
+    if strategy not in ("gp", "up") or grads is not None:
+        return grads
+    if batches is None:
+        raise BadInput(f"{strategy} scores with a gradient: give calibration batches")
+    return mean_gradients(model, layers, batches, loss_fn)
 
 
 # --------------------------------------------------------------------------- checkpoints

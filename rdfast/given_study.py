@@ -35,6 +35,7 @@ from rdfast.pruning_run import (
     environment,
     intact_steps,
     load_manifest,
+    meta_columns,
     write_step,
 )
 from rdfast.seeding import derive_seed
@@ -78,9 +79,6 @@ class GivenModelStudy:
         model = build_model(job.model, data.input_shape, data.num_classes, job.width)
         load_weights(model, self.ckpt, data.num_classes)
         self._probe(model, data)
-        layers = prunable_layers(model, job.exclude)
-        total = sum(w.numel() for w in layers.values())
-        check_ratios(total, job.ratios)
         self.out = store.check_out(job.out)
         # As `rdfast run` does: channels_last for conv nets on CUDA (and on the CPU under
         # RDFAST_CUDA_PATH, to check that path), masks paired with weights by logical index.
@@ -92,6 +90,8 @@ class GivenModelStudy:
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
         layers = prunable_layers(model, job.exclude)
+        total = sum(w.numel() for w in layers.values())
+        check_ratios(total, job.ratios)
         weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
         self.given = GivenModel(model, layers, weights, total)
         self.sha256 = self.ckpt.sha256()
@@ -228,22 +228,18 @@ class GivenModelStudy:
 
     def _meta(self, run_id, seed, strategy) -> dict:
         s = self.run_settings(strategy)
-        return {
-            "records_version": store.RECORDS_VERSION,
-            "run_id": run_id,
-            "dense_id": s["dense_id"],
-            "dataset": self.data.name,
-            "model": self.job.model,
-            "width": float(self.job.width),
-            "seed": seed,
-            "strategy": strategy,
-            "saliency": s["saliency"],
-            "eps": float("nan") if s["eps"] is None else float(s["eps"]),
+        return meta_columns(
+            run_id,
+            s,
+            dataset=self.data.name,
+            model=self.job.model,
+            width=self.job.width,
+            seed=seed,
             # The weight decay of the given model's training is not known here.
-            "weight_decay": float("nan"),
-            "retrain": s["retrain"],
-            "device": self.device.type,
-        }
+            weight_decay=float("nan"),
+            retrain=s["retrain"],
+            device=self.device.type,
+        )
 
     def _record_given(self, folder, run_id, seed, strategy) -> None:
         g = self.given

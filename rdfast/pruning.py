@@ -119,6 +119,17 @@ def layer_matched_random(
     return out
 
 
+def global_counts(counts: list[int], group) -> list[int]:
+    """`counts` summed over the processes of `group` (as they are without one)."""
+    if group is None:
+        return list(counts)
+    import torch.distributed as dist
+
+    summed = torch.tensor(counts, dtype=torch.int64)
+    dist.all_reduce(summed, group=group)
+    return [int(v) for v in summed]
+
+
 def select_masks(
     layers: dict[str, nn.Parameter],
     masks: dict[str, torch.Tensor] | None,
@@ -145,12 +156,7 @@ def select_masks(
         masks = {k: torch.ones_like(w, dtype=torch.bool) for k, w in layers.items()}
     total = sum(m.numel() for m in masks.values())
     remaining = sum(int(m.sum()) for m in masks.values())
-    if group is not None:
-        import torch.distributed as dist
-
-        both = torch.tensor([total, remaining])
-        dist.all_reduce(both, group=group)
-        total, remaining = (int(v) for v in both)
+    total, remaining = global_counts([total, remaining], group)
     n = max(remaining - target_remaining(total, t), 0)
     old = [masks[k] for k in names]
     if strategy == "rp":

@@ -376,18 +376,35 @@ def load_manifest(path: Path, log) -> dict | None:
 def record_meta(run: PruningRun) -> dict:
     """The columns every record row of a run carries."""
     exp, s = run.exp, run.settings
+    return meta_columns(
+        run.run_id,
+        s,
+        dataset=run.data.name,
+        model=exp.model,
+        width=exp.width,
+        seed=run.seed,
+        weight_decay=exp.train.weight_decay,
+        retrain=exp.prune.retrain,
+        device=run.engine.device.type,
+    )
+
+
+def meta_columns(run_id, settings, *, dataset, model, width, seed, weight_decay, retrain, device):
+    """The record columns that name a run (`settings`: its key, with dense_id, strategy,
+    saliency and eps), the same for `rdfast run` and `rdfast prune`."""
+    eps = settings["eps"]
     return {
         "records_version": store.RECORDS_VERSION,
-        "run_id": run.run_id,
-        "dense_id": s["dense_id"],
-        "dataset": run.data.name,
-        "model": exp.model,
-        "width": float(exp.width),
-        "seed": run.seed,
-        "strategy": run.strategy,
-        "saliency": s["saliency"],
-        "eps": float("nan") if s["eps"] is None else float(s["eps"]),
-        "weight_decay": float(exp.train.weight_decay),
-        "retrain": exp.prune.retrain,
-        "device": run.engine.device.type,
+        "run_id": run_id,
+        "dense_id": settings["dense_id"],
+        "dataset": dataset,
+        "model": model,
+        "width": float(width),
+        "seed": seed,
+        "strategy": settings["strategy"],
+        "saliency": settings["saliency"],
+        "eps": float("nan") if eps is None else float(eps),
+        "weight_decay": float(weight_decay),
+        "retrain": retrain,
+        "device": device,
     }

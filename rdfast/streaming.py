@@ -66,14 +66,17 @@ def matched_tensors(ckpt: Checkpoint, include: tuple[str, ...], exclude: tuple[s
     return ckpt.ordered(names)
 
 
+def f32_bits(w: torch.Tensor) -> torch.Tensor:
+    """The int32 bits of w as fp32: a view for fp32 (of the map, nothing copied); fp16 and
+    bf16 widen exactly first."""
+    return (w if w.dtype == torch.float32 else w.float()).view(torch.int32)
+
+
 def magnitude_keys(w: torch.Tensor) -> torch.Tensor:
     """The selection's int32 keys of |w|, straight from the bits: |w| is w with the sign bit
     cleared (-0.0 becomes +0.0, NaN stays above +inf), and the bits of a non-negative float
-    order as the float does. One op where |w| and the general key take five (1e9 weights:
-    ~3 s less a pass on two cores)."""
-    if w.dtype != torch.float32:
-        w = w.float()  # fp16 and bf16 widen exactly
-    return w.view(torch.int32) & 0x7FFFFFFF
+    order as the float does. One op where |w| and the general key take five."""
+    return f32_bits(w) & 0x7FFFFFFF
 
 
 class _Magnitudes:
@@ -88,12 +91,7 @@ class _Magnitudes:
 
     def pieces(self, masks=None):
         for i, shard, e, start, end in self.ckpt.chunks(self.names, CHUNK):
-            w = shard.view(e, start, end)  # fp32: a view of the map, nothing copied
-            yield (
-                (w if w.dtype == torch.float32 else w.float()).view(torch.int32),
-                None,
-                [(i, start, end, None, 0)],
-            )
+            yield f32_bits(shard.view(e, start, end)), None, [(i, start, end, None, 0)]
             shard.release(e, start, end)  # once the pass is done with the piece
             if self.bar is not None:
                 self.bar.update(end - start)
@@ -200,6 +198,8 @@ def stream_prune(
             )
         except NaNScoreError as e:
             raise BadInput(f"{checkpoint}: {e}") from None
+        out.mkdir(parents=True, exist_ok=True)
+        outdir.mark(out, "prune")  # before the shards: a rerun after a kill may write here
         try:
             kept = [{} for _ in ratios]
             budgets = [r for _, r in thresholds]
@@ -239,5 +239,4 @@ def stream_prune(
         "seconds": time.perf_counter() - started,
     }
     store.write_json(out / "prune.json", summary)
-    outdir.mark(out, "prune")
     return summary
