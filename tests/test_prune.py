@@ -218,12 +218,23 @@ def test_bad_checkpoints_one_line_exit_2_nothing_written(given, tmp_path, case, 
     assert not out.exists()
 
 
-def test_module_prefix_and_wrapped_state_dicts_load(given, tmp_path):
-    path = tmp_path / "ddp.pt"
-    torch.save({"state_dict": {f"module.{k}": v for k, v in given["state"].items()}}, path)
-    res = invoke("--model", "mlp", "--checkpoint", path, "--dataset", "digits", "--ratios", "2",
-                 "--out", tmp_path / "out", "--no-progress")  # fmt: skip
-    assert res.exit_code == 0, res.output
+@pytest.mark.parametrize("form", ["ddp-wrapped.pt", "one-file.safetensors"])
+def test_other_checkpoint_forms_give_the_same_records(given, tmp_path, form):
+    """A state dict saved from DistributedDataParallel inside {"state_dict": ...}, and one
+    .safetensors file: the same given model, so the same t = 1 records as mlp.pt."""
+    path = tmp_path / form
+    if form.endswith(".pt"):
+        torch.save({"state_dict": {f"module.{k}": v for k, v in given["state"].items()}}, path)
+    else:
+        save_file(given["state"], str(path))
+    records = []
+    for i, ckpt in enumerate((given["root"] / "mlp.pt", path)):
+        res = invoke("--model", "mlp", "--checkpoint", ckpt, "--dataset", "digits", "--ratios",
+                     "2", "--out", tmp_path / f"out{i}", "--no-progress")  # fmt: skip
+        assert res.exit_code == 0, res.output
+        rec = pd.read_parquet(tmp_path / f"out{i}" / "records.parquet")
+        records.append(rec.sort_values(["t_target", "class"])[["correct", "loss"]].to_numpy())
+    np.testing.assert_array_equal(records[0], records[1])
 
 
 # --------------------------------------------------------------------------- the Python API
@@ -565,3 +576,23 @@ def test_streamed_nan_is_named(tmp_path):
 def test_prune_needs_a_checkpoint(tmp_path):
     res = invoke("--out", tmp_path / "out")
     assert res.exit_code == 2 and "--checkpoint is needed" in res.output
+
+
+def test_save_disk_full_exit_1_no_partial_model(given, tmp_path, monkeypatch):
+    import safetensors.torch
+
+    calls = []
+    real = safetensors.torch.save_file
+
+    def full_on_second_shard(tensors, path, *a, **kw):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", path)
+        return real(tensors, path, *a, **kw)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_on_second_shard)
+    out = tmp_path / "out"
+    res = invoke("--model", "mlp", "--checkpoint", given["sharded"], "--dataset", "digits",
+                 "--ratios", "2", "--save", "--out", out, "--no-progress")  # fmt: skip
+    assert res.exit_code == 1 and "No space left on device" in res.output, res.output
+    assert not list((out / "pruned").rglob("t2*"))  # neither t2 nor t2.partial
