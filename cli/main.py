@@ -263,6 +263,85 @@ def prune(**kw):
     return print_run(result, click.echo)
 
 
+class DefaultsToRun(click.Group):
+    """`rdfast grid SPEC ...` is `rdfast grid run SPEC ...`."""
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and args[0] not in ("-h", "--help"):
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+
+@cli.group(cls=DefaultsToRun)
+def grid():
+    """A whole study from a TOML spec, on this machine or a Ray cluster.
+
+    \b
+    rdfast grid paper-cpu --out study --executor local --workers 2
+    rdfast grid study.toml --out study --executor ray --address auto
+    rdfast grid status study.toml --out study
+
+    SPEC is a file or a shipped spec's name (paper-cpu, paper-gpu). Every key of the spec is
+    a `rdfast run` setting (a list is an axis; [[grid]] tables add sub-grids; [resources]
+    gives each task's num_cpus and num_gpus); see `rdfast grid run --help`.
+    """
+
+
+@grid.command("run")
+@click.argument("spec")
+@click.option("--out", type=click.Path(path_type=Path), default="runs", show_default=True,
+              help="Experiment folder, in the layout `rdfast run` writes; only this "
+              "command's process writes it.")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local",
+              show_default=True, help="A process pool on this machine, or Ray tasks.")
+@click.option("--workers", type=int, help="local: processes [CPUs / the spec's num_cpus]; "
+              "ray without --address: CPUs of the Ray instance started here [all].")
+@click.option("--address", help="ray: auto (the cluster `ray start` made here), HOST:PORT of "
+              "its head, or ray://HOST:PORT (Ray Client) [a new local instance].")
+@click.option("--retries", type=int, default=3, show_default=True,
+              help="Times a task whose worker died is started again.")
+@click.option("--dry-run", is_flag=True, help="Print the jobs and their training epochs; "
+              "run nothing, write nothing.")
+@click.option(
+    "--progress/--no-progress", default=None, help="Progress bar [on when stderr is a terminal]."
+)
+def grid_run(spec, out, executor, workers, address, retries, dry_run, progress):
+    """Make every run of SPEC that OUT does not hold complete.
+
+    The spec expands into dense models (each trained once, shared by every run it is the
+    dense model of) and pruning runs (one per point of a sub-grid, seed and strategy, with
+    the run id `rdfast run` would give it). Completed runs in OUT are skipped, so a rerun
+    after a stop finishes the grid; a failed run is recorded with its reason and the others
+    go on. Workers need no shared filesystem: results come back to this process, which writes
+    OUT. Then `rdfast analyze OUT` and `rdfast report OUT -o DIR`.
+    """
+    from rdfast.cli.output import print_grid, print_plan
+    from rdfast.grid import grid_plan, run_grid
+
+    if dry_run:
+        return print_plan(grid_plan(spec, out), click.echo)
+    result = run_grid(spec, out, executor=executor, workers=workers, address=address,
+                      retries=retries, progress=progress)  # fmt: skip
+    return print_grid(result, click.echo)
+
+
+@grid.command("status")
+@click.argument("spec")
+@click.option("--out", type=click.Path(path_type=Path), default="runs", show_default=True,
+              help="The grid's experiment folder.")
+@click.option("--all", "show_all", is_flag=True, help="List every run, not only those not "
+              "complete.")
+def grid_status(spec, out, show_all):
+    """How far the grid of SPEC is in OUT: complete, failed (why), in flight, part-way, to do.
+
+    Exit code 1 when a run failed.
+    """
+    from rdfast.cli.output import print_grid_status
+    from rdfast.grid import grid_status
+
+    return print_grid_status(grid_status(spec, out), click.echo, show_all)
+
+
 @cli.command()
 @click.argument("runs_dir", type=click.Path(path_type=Path), default="runs")
 def status(runs_dir):

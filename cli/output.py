@@ -108,3 +108,44 @@ def print_stream(summary: dict, echo) -> int:
         echo(f"  t={r['t']:g}: kept {r['remaining']:,} (threshold |w| = {r['threshold']:.4g}) -> "
              f"{r['path']}")  # fmt: skip
     return 0
+
+
+def print_grid(result, echo) -> int:
+    """What a grid command did; exit code 1 when a run failed."""
+    for run_id, label, reason in result.failed:
+        echo(f"failed: {label} ({run_id}): {reason}")
+    made = result.complete - result.already
+    echo(
+        f"\ngrid {result.name}: {result.complete}/{result.runs} runs complete ({made} made now, "
+        f"{result.already} already there; {result.dense_trained} dense models trained), "
+        f"{len(result.failed)} failed, {result.seconds:.1f} s on {result.executor}"
+    )
+    echo(f"records: {records_path(result.out)}; next: rdfast analyze {result.out}")
+    return 1 if result.failed else 0
+
+
+def print_plan(plan: dict, echo) -> int:
+    """The jobs of a grid, per sub-grid point family, and their training epochs."""
+    echo(plan["table"].to_string(index=False))
+    echo(
+        f"\ngrid {plan['name']}: {plan['points']} points, {plan['dense']} dense models, "
+        f"{plan['runs']} runs ({plan['complete']} complete in {plan['out']}), "
+        f"{plan['epochs']:,} training epochs in all"
+    )
+    return 0
+
+
+def print_grid_status(status: dict, echo, show_all: bool = False) -> int:
+    """Counts per status, then the runs not complete (all with --all); exit 1 on failures."""
+    table = status["table"]
+    shown = table if show_all else table[table["status"] != "complete"]
+    if not shown.empty:
+        echo(shown.to_string(index=False))
+    counts = table["status"].value_counts()
+    driver = f"; driver: {status['driver']}" if status["driver"] else "; no driver running"
+    echo(
+        f"\ngrid {status['name']}: {len(table)} runs, "
+        + ", ".join(f"{n} {k}" for k, n in counts.items())
+        + driver
+    )
+    return 1 if "failed" in counts else 0

@@ -45,6 +45,58 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def resolve_precision(exp: Experiment, device_type: str) -> Experiment:
+    """`exp` with its training precision resolved: auto is bf16 autocast on CUDA, fp32 on
+    the CPU."""
+    precision = exp.precision
+    if precision == "auto":
+        precision = "bf16" if device_type == "cuda" else "fp32"
+    return replace(exp, train=replace(exp.train, precision=precision))
+
+
+# ---------------------------------------------------------------------------- keys
+# Functions of the settings alone, so a grid's driver names every run without loading data.
+
+
+def dense_key(exp: Experiment, seed: int, data_name: str, device_type: str, threads: int) -> dict:
+    """What determines the dense model of `seed` (`exp` with its precision resolved;
+    `data_name`: the dataset's canonical spec)."""
+    return {
+        "format": DENSE_FORMAT,
+        "dataset": data_name,
+        "model": exp.model,
+        "width": exp.width,
+        "seed": seed,
+        "train": asdict(exp.train),
+        "rewind_epoch": exp.prune.rewind_epoch if exp.prune.retrain == "rewind" else None,
+        "device": device_type,
+        # CPU reductions split work by thread: 1 and 2 threads give losses that differ in
+        # the 7th digit, so the thread count is part of what a CPU model is.
+        **({"threads": threads} if device_type == "cpu" else {}),
+    }
+
+
+def run_settings(exp: Experiment, dense: dict, strategy: str) -> dict:
+    """What determines a run besides its dense model (`dense`: its key): every PruneSettings
+    field (through its key function), the strategy and the kernels it trains with."""
+    p = exp.prune
+    return {
+        "dense_id": store.stable_hash(dense),
+        "strategy": strategy,
+        **run_key(p, exp.train, strategy),
+        "masked_kernels": exp.masked_kernels,
+        # Rewound survivors train from the rewind epoch to the end of the schedule, the
+        # learning rate resuming there (OpenLTH's lottery loop); the key is absent for
+        # fine-tuning, whose run ids stay as they were.
+        **({"rewind_schedule": "resume"} if p.retrain == "rewind" else {}),
+    }
+
+
+def run_id(dense: dict, settings: dict) -> str:
+    """A run's id: the hash of its dense model's key, its settings and the records format."""
+    return store.stable_hash({"dense": dense, **settings, "records": store.RECORDS_VERSION})
+
+
 class Engine:
     def __init__(self, exp: Experiment, progress: bool | None = None, log=None):
         self.exp = exp
@@ -73,11 +125,8 @@ class Engine:
             raise BadInput(
                 f"unknown precision {exp.precision!r}; choose from auto, {', '.join(PRECISIONS)}"
             )
-        precision = exp.precision
-        if precision == "auto":
-            precision = "bf16" if self.device.type == "cuda" else "fp32"
         # The engine's own resolved copy: the caller's Experiment is left as it was given.
-        self.exp = exp = replace(exp, train=replace(exp.train, precision=precision))
+        self.exp = exp = resolve_precision(exp, self.device.type)
         data = load_dataset(exp.dataset, exp.data_root)
         probe = build_model(exp.model, data.input_shape, data.num_classes, exp.width)
         try:  # a model that cannot take this data fails here, with a reason, not mid-run
@@ -101,35 +150,12 @@ class Engine:
 
     # ------------------------------------------------------------------ keys
     def dense_key(self, seed: int) -> dict:
-        exp = self.exp
-        return {
-            "format": DENSE_FORMAT,
-            "dataset": self.data.name,
-            "model": exp.model,
-            "width": exp.width,
-            "seed": seed,
-            "train": asdict(exp.train),
-            "rewind_epoch": exp.prune.rewind_epoch if exp.prune.retrain == "rewind" else None,
-            "device": self.device.type,
-            # CPU reductions split work by thread: 1 and 2 threads give losses that differ in
-            # the 7th digit, so the thread count is part of what a CPU model is.
-            **({"threads": torch.get_num_threads()} if self.device.type == "cpu" else {}),
-        }
+        return dense_key(
+            self.exp, seed, self.data.name, self.device.type, torch.get_num_threads()
+        )
 
     def run_settings(self, seed: int, strategy: str) -> dict:
-        """What determines a run besides its dense model: every PruneSettings field (through
-        its key function), the strategy and the kernels it trains with."""
-        p = self.exp.prune
-        return {
-            "dense_id": store.stable_hash(self.dense_key(seed)),
-            "strategy": strategy,
-            **run_key(p, self.exp.train, strategy),
-            "masked_kernels": self.exp.masked_kernels,
-            # Rewound survivors train from the rewind epoch to the end of the schedule, the
-            # learning rate resuming there (OpenLTH's lottery loop); the key is absent for
-            # fine-tuning, whose run ids stay as they were.
-            **({"rewind_schedule": "resume"} if p.retrain == "rewind" else {}),
-        }
+        return run_settings(self.exp, self.dense_key(seed), strategy)
 
     # ------------------------------------------------------------------ pieces
     def _new_model(self, seed: int):
@@ -155,9 +181,7 @@ class Engine:
     # ------------------------------------------------------------------ one run
     def run_id(self, seed: int, strategy: str, settings: dict | None = None) -> str:
         settings = settings or self.run_settings(seed, strategy)
-        return store.stable_hash(
-            {"dense": self.dense_key(seed), **settings, "records": store.RECORDS_VERSION}
-        )
+        return run_id(self.dense_key(seed), settings)
 
     def run_one(self, seed: int, strategy: str, bar) -> RunOutcome:
         return PruningRun(self, seed, strategy).run(bar)

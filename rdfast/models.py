@@ -51,6 +51,16 @@ def model_family(name: str) -> str:
 def build_model(
     name: str, input_shape: tuple[int, ...], num_classes: int, width: float
 ) -> nn.Module:
+    check_model_name(name, width)
+    library, _, arch = name.partition(":")
+    if arch:
+        return EXTERNAL[library](arch, tuple(input_shape), num_classes)
+    return MODELS[name].build(tuple(input_shape), num_classes, width)
+
+
+def check_model_name(name: str, width: float) -> None:
+    """BadInput unless `name` is a registered model or a timm:/torchvision: name (whose
+    architecture the library checks when it builds it) and `width` can scale it."""
     if not 0 < width < 1e4:  # inf and NaN too; 1e4 x 300 units is past any machine
         raise BadInput(f"--width must be > 0 and below 10000, got {width}")
     library, _, arch = name.partition(":")
@@ -59,13 +69,11 @@ def build_model(
             raise BadInput(f"unknown model library {library!r}; use timm:NAME or torchvision:NAME")
         if width != 1:
             raise BadInput(f"--width scales rdfast's own models; {name} has its own sizes")
-        return EXTERNAL[library](arch, tuple(input_shape), num_classes)
-    if name not in MODELS:
+    elif name not in MODELS:
         raise BadInput(
             f"unknown model {name!r}; choose from {', '.join(sorted(MODELS))}, timm:NAME or "
             "torchvision:NAME"
         )
-    return MODELS[name].build(tuple(input_shape), num_classes, width)
 
 
 def prunable_layers(model: nn.Module, exclude: tuple[str, ...] = ()) -> dict[str, nn.Parameter]:

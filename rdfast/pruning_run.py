@@ -160,15 +160,9 @@ class PruningRun:
     def _manifest(self) -> dict:
         """The run's manifest as recorded, or a new one (also for a damaged one)."""
         exp = self.exp
-        return load_manifest(self.manifest_path, self.engine.log) or {
-            "run_id": self.run_id,
-            "dataset": self.data.name,
-            "model": exp.model,
-            "width": exp.width,
-            "seed": self.seed,
-            "settings": {**self.settings, "train": asdict(exp.train)},
-            "created": _now(),
-        }
+        return load_manifest(self.manifest_path, self.engine.log) or new_manifest(
+            self.run_id, self.data.name, exp, self.seed, self.settings
+        )
 
     def _steps(self, last_done: int, state: dict | None, bar) -> dict:
         """Every step after `last_done`; returns what the manifest records of the run."""
@@ -358,6 +352,19 @@ def write_step(run_dir: Path, i, meta, cm, class_names, loss, t, remaining, tota
     store.write_parquet(store.step_path(run_dir, i, "parquet"), df)
     if i > 1:
         store.remove(store.step_path(run_dir, i - 1, "pt"))
+
+
+def new_manifest(run_id: str, data_name: str, exp, seed: int, settings: dict) -> dict:
+    """The manifest a run of `exp` starts with (its status is added as it goes)."""
+    return {
+        "run_id": run_id,
+        "dataset": data_name,
+        "model": exp.model,
+        "width": exp.width,
+        "seed": seed,
+        "settings": {**settings, "train": asdict(exp.train)},
+        "created": _now(),
+    }
 
 
 def load_manifest(path: Path, log) -> dict | None:

@@ -71,7 +71,7 @@ def setting_like(cls, name: str, default: Any = dataclasses.MISSING, help: str |
     if help is not None:
         meta["help"] = help
     if default is dataclasses.MISSING:
-        default = _default(f)
+        default = default_of(f)
     else:
         meta["preset"] = False
         if meta["parse"] is not None:  # the default as it would be typed
@@ -150,7 +150,7 @@ def click_options(*classes):
 
 def _option(f: dataclasses.Field, click):
     m = f.metadata
-    default = None if m["preset"] else _default(f)
+    default = None if m["preset"] else default_of(f)
     help_text = m["help"] + (" [preset]" if m["preset"] else "")
     shown = default is not None and default is not False  # 0 is a default worth showing
     kw: dict[str, Any] = {"help": help_text, "show_default": shown}
@@ -172,7 +172,8 @@ def _option(f: dataclasses.Field, click):
     return click.option(flag_name(f), f.name, default=default, **kw)
 
 
-def _default(f: dataclasses.Field):
+def default_of(f: dataclasses.Field):
+    """A field's default value (a fresh one where it has a factory), or None."""
     if f.default is not dataclasses.MISSING:
         return f.default
     if f.default_factory is not dataclasses.MISSING:

@@ -9,7 +9,9 @@
       records.parquet / confusion.parquet   all runs, consolidated after each command
       pruned/<run>/t<t>/             `rdfast prune --save`: a pruned model, shaped like its
                                      input checkpoint, and its bit-packed masks
-      dense/<key>/.lock, runs/<key>/.lock, .consolidate.lock   held while being written
+      grid.json                      `rdfast grid`: its spec and the runs in flight
+      dense/<key>/.lock, runs/<key>/.lock, .consolidate.lock, .grid.lock   held while
+                                     being written (.grid.lock: by a grid's driver)
 
 Every file is written to a temporary name in the same directory and renamed into place, so
 a killed process leaves either the old file or the new one, never half of one. Every file is
@@ -72,6 +74,16 @@ def dense_settings(checkpoint: Path) -> Path:
 def pruned_model(out: Path, run_id: str, t: float) -> Path:
     """The pruned model of step t of a `rdfast prune` run (its shards and masks)."""
     return Path(out) / "pruned" / run_id / f"t{t:g}"
+
+
+def grid_lock(out: Path) -> Path:
+    """Held by the one `rdfast grid` driver writing OUT."""
+    return Path(out) / ".grid.lock"
+
+
+def grid_state(out: Path) -> Path:
+    """The running grid driver's spec and runs in flight (read by `rdfast grid status`)."""
+    return Path(out) / "grid.json"
 
 
 def run_dir(out: Path, run_id: str) -> Path:
@@ -241,8 +253,8 @@ def save_torch(path: Path, obj: Any) -> None:
     atomic_write(_digest_path(path), lambda f: f.write(digest))
 
 
-def load_torch(path: Path) -> Any:
-    """A checkpoint written by `save_torch`, checked against its sha256 first."""
+def checked_bytes(path: Path) -> bytes:
+    """The bytes of a file written by `save_torch`, checked against its sha256."""
     path = Path(path)
     try:
         data = path.read_bytes()
@@ -253,6 +265,12 @@ def load_torch(path: Path) -> Any:
         raise DamagedFile(path, "no checksum beside it")
     if hashlib.sha256(data).hexdigest() != digest.read_text().strip():
         raise DamagedFile(path, "checksum mismatch (truncated or changed)")
+    return data
+
+
+def load_torch(path: Path) -> Any:
+    """A checkpoint written by `save_torch`, checked against its sha256 first."""
+    data = checked_bytes(path)
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # the bytes match what was written: an incompatible checkpoint

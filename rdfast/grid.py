@@ -1,0 +1,318 @@
+"""`rdfast grid`: a whole study, from its spec, on this machine or a Ray cluster.
+
+The driver expands the spec (`grid_spec`), skips the runs OUT already holds complete, and
+hands the rest to an executor (`grid_executors`): a dense model first (or its checkpoint from
+OUT), then its runs, each given the dense model's files. Every result comes back to the
+driver, which alone writes OUT, in the layout `rdfast run` writes (so `analyze`, `report` and
+`status` read it as they are), each file atomically and a run's manifest last. Killing the
+driver loses the tasks in flight; a rerun of the same command finishes the grid. A run that
+fails (NaN loss, bad input found on its worker, a worker that died more than `retries`
+times) is recorded in its manifest with the reason, and the others go on.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from rdfast import grid_spec, grid_tasks, manifests, store
+from rdfast.errors import BadInput, DamagedFile
+from rdfast.grid_executors import Task, TaskLost, make_executor
+from rdfast.pruning_run import _now, new_manifest
+
+
+@dataclass
+class GridResult:
+    name: str
+    out: Path
+    runs: int
+    already: int  # complete before this command
+    complete: int  # complete now
+    dense_trained: int
+    failed: list = field(default_factory=list)  # (run id, label, reason)
+    seconds: float = 0.0
+    executor: str = ""
+
+
+def run_grid(
+    spec,
+    out,
+    *,
+    executor: str = "local",
+    workers: int | None = None,
+    address: str | None = None,
+    retries: int = 3,
+    progress: bool | None = None,
+    log=None,
+) -> GridResult:
+    """Make every run of the spec that OUT lacks. Bad input is a BadInput before anything is
+    written (the spec, the executor, a Ray address that does not answer)."""
+    grid = grid_spec.load(spec)
+    out = store.check_out(out)
+    if retries < 0:
+        raise BadInput(f"--retries must be >= 0, got {retries}")
+    if workers is not None and workers < 1:
+        raise BadInput(f"--workers must be >= 1, got {workers}")
+    if executor == "local" and workers is None:
+        workers = grid_spec_workers(grid)
+    if executor == "ray" and address is not None and workers is not None:
+        raise BadInput("--workers sizes a local Ray instance; a cluster has its own CPUs")
+    busy = store.lock_holder(store.grid_lock(out))
+    if busy:
+        raise BadInput(f"another rdfast grid is writing {out} ({busy})")
+    ex = make_executor(executor, workers=workers, address=address, retries=retries)
+    try:
+        with store.locked(store.grid_lock(out), wait=False) as held:
+            if not held:
+                raise BadInput(f"another rdfast grid is writing {out}")
+            return Driver(grid, out, ex, progress, log).run()
+    finally:
+        ex.close()
+
+
+def grid_spec_workers(grid) -> int:
+    """Local workers by default: as many of the grid's largest tasks as this machine holds."""
+    from rdfast.grid_executors import default_workers
+
+    cpus = max((j.resources["num_cpus"] for j in grid.runs.values()), default=1.0)
+    return default_workers(cpus)
+
+
+class Driver:
+    def __init__(self, grid, out: Path, executor, progress, log):
+        self.grid, self.out, self.ex = grid, Path(out), executor
+        self.log = log or (lambda msg: tqdm.write(msg))
+        self.progress = progress
+        self.failed: list = []
+        self.dense_trained = 0
+        self._waiting: dict[str, list] = {}  # dense id -> its runs to submit when it is ready
+        self._state_written = 0.0
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> GridResult:
+        start = time.perf_counter()
+        grid = self.grid
+        todo = [r for r in grid.runs.values() if not manifests.finished(self.out, r.run_id)]
+        already = len(grid.runs) - len(todo)
+        for r in todo:
+            self._waiting.setdefault(r.dense_id, []).append(r)
+        quiet = None if self.progress is None else not self.progress
+        self.bar = tqdm(
+            total=len(grid.runs), initial=already, desc=f"grid {grid.name}", unit="run",
+            disable=quiet, dynamic_ncols=True,
+        )  # fmt: skip
+        try:
+            for dense_id in list(self._waiting):
+                self._start_dense(grid.dense[dense_id])
+            self._write_state()
+            while self.ex.in_flight:
+                for task, result in self.ex.results(timeout=1.0):
+                    self._done(task, result)
+                self._postfix()
+                self._write_state()
+        finally:
+            self.bar.close()
+            self._write_state(final=True)
+            if todo:
+                store.consolidate(self.out)
+        complete = sum(manifests.finished(self.out, r) for r in grid.runs)
+        return GridResult(
+            grid.name, self.out, len(grid.runs), already, complete, self.dense_trained,
+            self.failed, time.perf_counter() - start, self.ex.name,
+        )  # fmt: skip
+
+    def _postfix(self) -> None:
+        runs = sum(1 for t in self.ex.running() if t.tag[0] == "run")
+        self.bar.set_postfix_str(f"{runs} running, {len(self.failed)} failed", refresh=False)
+
+    # ------------------------------------------------------------------ dense models
+    def _start_dense(self, job) -> None:
+        files = self._dense_on_disk(job)
+        if files is not None:
+            self._release(job.dense_id, self.ex.dense_source(None, _dense_result(job, files)))
+            return
+        task = Task(grid_tasks.train_dense, (job, self.grid.imports), job.resources, ("dense", job))
+        self.ex.submit(task)
+
+    def _dense_on_disk(self, job) -> dict | None:
+        """The files of the dense model of `job` if OUT holds it intact."""
+        path = store.dense_checkpoint(self.out, job.dense_id)
+        if not path.exists():
+            return None
+        try:
+            ckpt = store.checked_bytes(path)
+        except DamagedFile as e:
+            self.log(f"dense checkpoint {e}: training it again")
+            return None
+        folder = path.parent
+        files = {f"dense/{job.dense_id}/checkpoint.pt": ckpt}
+        for name in ("checkpoint.pt.sha256", "settings.json"):
+            if (folder / name).exists():
+                files[f"dense/{job.dense_id}/{name}"] = (folder / name).read_bytes()
+        return files
+
+    def _release(self, dense_id: str, source) -> None:
+        """The runs waiting for a dense model, submitted with what reaches it."""
+        for run in self._waiting.pop(dense_id, []):
+            args = (run, source, self.grid.imports)
+            self.ex.submit(Task(grid_tasks.prune_run, args, run.resources, ("run", run)))
+
+    # ------------------------------------------------------------------ results
+    def _done(self, task: Task, result) -> None:
+        kind, job = task.tag
+        if isinstance(result, TaskLost):
+            result = {"files": {}, "error": f"task lost: {result.reason}", "status": "failed"}
+        if kind == "dense":
+            self._dense_done(task, job, result)
+        else:
+            self._run_done(job, result)
+
+    def _dense_done(self, task: Task, job, result: dict) -> None:
+        if result.get("error"):
+            for run in self._waiting.pop(job.dense_id, []):
+                self._record_failure(run, f"dense training failed: {result['error']}")
+                self.bar.update(1)
+            return
+        self._install(f"dense/{job.dense_id}/", result["files"], manifest=None)
+        self.dense_trained += 1
+        self._release(job.dense_id, self.ex.dense_source(task, result))
+
+    def _run_done(self, run, result: dict) -> None:
+        if result["files"]:
+            self._install(f"runs/{run.run_id}/", result["files"], manifest="manifest.json")
+            if result.get("status") == "failed":
+                self.failed.append((run.run_id, run.label, result.get("error") or "failed"))
+                self.log(f"run {run.run_id} ({run.label}) failed: {result.get('error')}")
+        else:
+            self._record_failure(run, result.get("error") or "no result")
+        self.bar.update(1)
+
+    def _record_failure(self, run, reason: str) -> None:
+        """A run that made no files: its manifest says why (`rdfast status` shows it); any
+        steps an earlier command recorded are left for a rerun to resume."""
+        path = store.manifest_path(store.run_dir(self.out, run.run_id))
+        manifest = new_manifest(run.run_id, run.data_name, run.exp, run.seed, run.settings)
+        manifest.update(status="failed", error=reason, updated=_now(), grid=self.grid.name)
+        store.write_json(path, manifest)
+        self.failed.append((run.run_id, run.label, reason))
+        self.log(f"run {run.run_id} ({run.label}) failed: {reason}")
+
+    def _install(self, prefix: str, files: dict[str, bytes], manifest: str | None) -> None:
+        """A task's folder written into OUT under its lock, the manifest (which marks a run
+        complete) last; an earlier partial run's step files are replaced, not mixed in."""
+        folder = self.out / prefix
+        for rel in files:
+            if not rel.startswith(prefix) or ".." in Path(rel).parts:
+                raise RuntimeError(f"a task returned {rel!r}, outside {prefix}")
+        with store.locked(store.lock_path(folder), wait=True):
+            if manifest is not None:
+                store.remove(folder / manifest)
+                for f in store.step_files_of(folder):
+                    store.remove(f)
+            last = [r for r in files if Path(r).name == manifest]
+            for rel in [r for r in files if r not in last] + last:
+                data = files[rel]
+                store.atomic_write(self.out / rel, lambda f, d=data: f.write(d))
+
+    def _write_state(self, final: bool = False) -> None:
+        """grid.json: the spec and the runs in flight, for `rdfast grid status` (at most
+        twice a second; a grid of 2,000 runs rewrites some 60 kB)."""
+        now = time.perf_counter()
+        if not final and now - self._state_written < 0.5:
+            return
+        self._state_written = now
+        running = sorted(t.tag[1].run_id for t in self.ex.running() if t.tag[0] == "run")
+        store.write_json(
+            store.grid_state(self.out),
+            {
+                "name": self.grid.name,
+                "spec": self.grid.source,
+                "executor": self.ex.name,
+                "driver": f"pid {os.getpid()} on {socket.gethostname()}",
+                "in_flight": [] if final else running,
+                "updated": _now(),
+            },
+        )
+
+
+def _dense_result(job, files: dict) -> dict:
+    return {"kind": "dense", "id": job.dense_id, "files": files, "error": None, "log": []}
+
+
+# --------------------------------------------------------------------------- status
+
+
+def grid_status(spec, out) -> dict:
+    """Every run of the spec: complete, failed (with the reason), in flight (a driver is
+    running it now), part-way (steps recorded, rerun to finish) or to do."""
+    import pandas as pd
+
+    grid = grid_spec.load(spec)
+    out = Path(out)
+    driver = store.lock_holder(store.grid_lock(out)) if out.is_dir() else None
+    in_flight = set()
+    if driver and store.grid_state(out).exists():
+        in_flight = set(store.read_json(store.grid_state(out)).get("in_flight", []))
+    rows = []
+    for run in grid.runs.values():
+        path = store.manifest_path(store.run_dir(out, run.run_id))
+        m = store.read_json(path) if path.exists() else {}
+        status, error = m.get("status"), m.get("error") or ""
+        if run.run_id in in_flight:
+            status = "in flight"
+        elif status == "complete":
+            pass
+        elif status == "failed":
+            pass
+        elif store.step_files(store.run_dir(out, run.run_id)):
+            status = "part-way"
+        else:
+            status = "to do"
+        rows.append({"run_id": run.run_id, "run": run.label, "where": run.where,
+                     "status": status, "error": error})  # fmt: skip
+    table = pd.DataFrame(rows, columns=["run_id", "run", "where", "status", "error"])
+    return {"name": grid.name, "driver": driver, "table": table, "dense": len(grid.dense)}
+
+
+def run_epochs(exp) -> int:
+    """Training epochs of one pruning run: fine-tuning after every step, or retraining from
+    the rewind epoch to the end of the schedule."""
+    p, tr = exp.prune, exp.train
+    per_step = tr.epochs - p.rewind_epoch if p.retrain == "rewind" else p.finetune_epochs
+    return len(p.ratios) * per_step
+
+
+def grid_plan(spec, out) -> dict:
+    """What a grid would run, per (sub-grid, dataset, model, width): dense models, runs,
+    training epochs (the cost: multiply by the seconds one epoch takes there). Reads OUT to
+    count the runs already complete; writes nothing."""
+    import pandas as pd
+
+    grid = grid_spec.load(spec)
+    rows = []
+    for job in grid.dense.values():
+        e = job.exp
+        rows.append({"where": _where(grid, job), "dataset": e.dataset, "model": e.model,
+                     "width": e.width, "dense": 1, "runs": 0, "epochs": e.train.epochs})  # fmt: skip
+    for run in grid.runs.values():
+        e = run.exp
+        rows.append({"where": run.where, "dataset": e.dataset, "model": e.model,
+                     "width": e.width, "dense": 0, "runs": 1, "epochs": run_epochs(e)})  # fmt: skip
+    keys = ["where", "dataset", "model", "width"]
+    table = pd.DataFrame(rows).groupby(keys, sort=False, as_index=False).sum()
+    complete = sum(manifests.finished(out, r) for r in grid.runs) if Path(out).is_dir() else 0
+    return {
+        "name": grid.name, "table": table, "points": grid.points, "dense": len(grid.dense),
+        "runs": len(grid.runs), "complete": complete, "out": out,
+        "epochs": int(table["epochs"].sum()),
+    }  # fmt: skip
+
+
+def _where(grid, dense_job) -> str:
+    """The sub-grid of a dense model's first run."""
+    return next(r.where for r in grid.runs.values() if r.dense_id == dense_job.dense_id)
