@@ -175,7 +175,7 @@ class Driver:
     def _dense_done(self, task: Task, job, result: dict) -> None:
         if result.get("error"):
             for run in self._waiting.pop(job.dense_id, []):
-                self._record_failure(run, f"dense training failed: {result['error']}")
+                self._record_failure(run, result["error"])
                 self.bar.update(1)
             return
         self._install(f"dense/{job.dense_id}/", result["files"], manifest=None)

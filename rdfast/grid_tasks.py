@@ -22,10 +22,9 @@ import torch
 from tqdm.auto import tqdm
 
 from rdfast import store
-from rdfast.errors import BadInput, DamagedFile, RunFailed
+from rdfast.errors import BadInput, RunFailed
 
 PREFIX = "rdfast-task-"
-EXPECTED = (BadInput, RunFailed, DamagedFile)  # failures with a reason of their own
 
 
 def train_dense(job, imports: tuple[str, ...]) -> dict:
@@ -41,10 +40,10 @@ def train_dense(job, imports: tuple[str, ...]) -> dict:
             if key != job.dense_id:
                 raise RunFailed(f"this worker computes the dense id {key}, not {job.dense_id}")
             engine.dense(job.seed)
-        except EXPECTED as e:
-            return _failed("dense", job.dense_id, _reason(e), log)
-        except Exception as e:  # a bug or an environment fault: the reason, not the worker
-            return _failed("dense", job.dense_id, f"{type(e).__name__}: {e}", log)
+        except RunFailed as e:  # "dense training failed: ..."
+            return _failed("dense", job.dense_id, str(e), log)
+        except Exception as e:  # bad input found here, a bug, an environment fault
+            return _failed("dense", job.dense_id, f"dense model: {_reason(e)}", log)
         folder = store.dense_checkpoint(tmp, job.dense_id).parent
         keep = ("checkpoint.pt", "checkpoint.pt.sha256", "settings.json")
         files = _files(tmp, [folder / name for name in keep])
@@ -58,7 +57,7 @@ def prune_run(job, dense: dict, imports: tuple[str, ...]) -> dict:
 
     log: list[str] = []
     if dense.get("error"):
-        return _failed("run", job.run_id, f"dense training failed: {dense['error']}", log)
+        return _failed("run", job.run_id, dense["error"], log)
     with _workspace(job.threads, imports) as tmp:
         for rel, data in dense["files"].items():
             store.atomic_write(tmp / rel, lambda f, d=data: f.write(d))
@@ -70,10 +69,8 @@ def prune_run(job, dense: dict, imports: tuple[str, ...]) -> dict:
                 raise RunFailed(f"this worker computes the run id {run_id}, not {job.run_id}")
             with tqdm(disable=True) as bar:
                 outcome = engine.run_one(job.seed, job.strategy, bar)
-        except EXPECTED as e:
+        except Exception as e:  # a failure of the run is recorded by the run itself
             return _failed("run", job.run_id, _reason(e), log)
-        except Exception as e:
-            return _failed("run", job.run_id, f"{type(e).__name__}: {e}", log)
         folder = store.run_dir(tmp, job.run_id)
         files = _files(tmp, [p for p in folder.iterdir() if not p.name.startswith(".")])
     return {
