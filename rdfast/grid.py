@@ -294,15 +294,13 @@ def grid_plan(spec, out) -> dict:
     import pandas as pd
 
     grid = grid_spec.load(spec)
-    rows = []
-    for job in grid.dense.values():
-        e = job.exp
-        rows.append({"where": _where(grid, job), "dataset": e.dataset, "model": e.model,
-                     "width": e.width, "dense": 1, "runs": 0, "epochs": e.train.epochs})  # fmt: skip
-    for run in grid.runs.values():
-        e = run.exp
-        rows.append({"where": run.where, "dataset": e.dataset, "model": e.model,
-                     "width": e.width, "dense": 0, "runs": 1, "epochs": run_epochs(e)})  # fmt: skip
+
+    def row(where, e, dense, runs, epochs):
+        return {"where": where, "dataset": e.dataset, "model": e.model, "width": e.width,
+                "dense": dense, "runs": runs, "epochs": epochs}  # fmt: skip
+
+    rows = [row(_where(grid, j), j.exp, 1, 0, j.exp.train.epochs) for j in grid.dense.values()]
+    rows += [row(r.where, r.exp, 0, 1, run_epochs(r.exp)) for r in grid.runs.values()]
     keys = ["where", "dataset", "model", "width"]
     table = pd.DataFrame(rows).groupby(keys, sort=False, as_index=False).sum()
     complete = sum(manifests.finished(out, r) for r in grid.runs) if Path(out).is_dir() else 0

@@ -9,6 +9,7 @@ result came. The driver alone writes OUT.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import logging
 import multiprocessing
 import os
 import socket
@@ -121,10 +122,11 @@ class RayExecutor:
         if not ray.is_initialized():
             _check_reachable(address)
             try:
+                quiet = {"logging_level": logging.WARNING}  # not Ray's start-up INFO lines
                 if address is None:
-                    ray.init(address="local", num_cpus=cpus, include_dashboard=False)
+                    ray.init(address="local", num_cpus=cpus, include_dashboard=False, **quiet)
                 else:
-                    ray.init(address=address)
+                    ray.init(address=address, **quiet)
             except Exception as e:  # ConnectionError, RuntimeError, ValueError: Ray's words
                 where = address or "a new local instance"
                 raise BadInput(f"cannot start or reach Ray at {where}: {_first_line(e)}") from None
@@ -218,4 +220,3 @@ def _check_reachable(address: str | None) -> None:
         socket.create_connection((host, int(port)), timeout=5).close()
     except OSError as e:
         raise BadInput(f"cannot reach Ray at {address}: {e.strerror or e}") from None
-

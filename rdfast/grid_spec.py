@@ -279,8 +279,11 @@ def expand(doc: dict, where: str = "spec", *, text: str = "", source: str = "") 
         res = _resources(sub.get("resources", {}), at, resources)
         merged = {**top, **own}
         names = list(merged)
+        axes = [n for n in names if len(merged[n]) > 1]
         for values in itertools.product(*(merged[n] for n in names)):
-            _add_point(grid, dict(zip(names, values)), res, at)
+            point = dict(zip(names, values))
+            label = ", ".join(f"{n}={_shown(point[n])}" for n in axes)
+            _add_point(grid, point, res, f"{at} ({label})" if label else at)
     return grid
 
 
@@ -294,6 +297,12 @@ def import_modules(modules, where: str = "spec") -> None:
             raise BadInput(f"{where}: imports: cannot import {m}: {e}") from None
 
 
+def _shown(value) -> str:
+    if isinstance(value, tuple):
+        return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
 def threads_of(resources: dict) -> int:
     """The torch threads of a CPU task: its CPUs (Ray would otherwise give it one)."""
     return max(1, int(resources["num_cpus"]))
@@ -305,10 +314,6 @@ def _experiment(point: dict, resources: dict, at: str) -> tuple[Experiment, str,
     from rdfast.data import canonical_spec
     from rdfast.models import check_model_name
 
-    label = ", ".join(
-        f"{k}={v}" for k, v in point.items() if k in ("dataset", "model", "width", "retrain")
-    )
-    ctx = f"{at} ({label})" if label else at
     try:
         exp = build_experiment(**point)
         exp.train.validate()
@@ -325,7 +330,7 @@ def _experiment(point: dict, resources: dict, at: str) -> tuple[Experiment, str,
         if exp.masked_kernels and device != "cuda":
             raise BadInput("masked_kernels needs a CUDA device (resources.num_gpus > 0)")
     except BadInput as e:
-        raise BadInput(f"{ctx}: {e}") from None
+        raise BadInput(f"{at}: {e}") from None
     exp = keys.resolve_precision(replace(exp, device=device), device)
     return exp, data_name, device
 

@@ -41,7 +41,7 @@ TIMING = ["seconds"]  # wall times: the one column that differs between identica
 # A model registered by a module the spec imports: LeNet-300-100, whose process kills itself
 # the first time it trains with pruned weights (mid-way through a pruning run), leaving a
 # flag so the retry goes through. Its numbers are the mlp's (same layers, same seeded init).
-KILLER = '''
+KILLER = """
 import os, signal
 from pathlib import Path
 import torch
@@ -65,7 +65,7 @@ class KillOnce(torch.nn.Module):
 @register_model({model!r}, "mlp that kills its process once, mid-run")
 def build(input_shape, num_classes, width):
     return KillOnce(MODELS["mlp"].build(input_shape, num_classes, width))
-'''
+"""
 
 
 @pytest.fixture(scope="module")
@@ -168,7 +168,7 @@ def test_ray_gives_the_records_of_rdfast_run(tmp_path, one_by_one, local_ray):
 def _killed_grid(tmp_path, executor, one_by_one, plugins, extra=()):
     flag = plugins / f"{executor}.flag"
     assert not flag.exists()
-    text = SPEC.replace('width = 0.5', f'width = 0.5\nmodel = "kill-{executor}"')
+    text = SPEC.replace("width = 0.5", f'width = 0.5\nmodel = "kill-{executor}"')
     text = f'imports = ["kill_{executor}"]\n' + text
     out = tmp_path / "out"
     res = grid(write_spec(tmp_path, text), "--out", out, "--executor", executor, *extra)
@@ -195,9 +195,7 @@ def test_ray_retries_a_killed_worker_and_records_its_run_once(
 
 
 @pytest.mark.slow
-def test_local_pool_retries_a_killed_worker_and_records_its_run_once(
-    tmp_path, one_by_one, plugins
-):
+def test_local_pool_retries_a_killed_worker_and_records_its_run_once(tmp_path, one_by_one, plugins):
     _killed_grid(tmp_path, "local", one_by_one, plugins, extra=("--workers", "2"))
 
 
