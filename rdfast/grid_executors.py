@@ -97,6 +97,11 @@ class LocalExecutor:
         return list(self._running.values())
 
     def close(self) -> None:
+        # Tasks still running when the driver stops (an error, Ctrl-C) would otherwise hold
+        # the interpreter's exit until they finish: their work is lost either way.
+        if self._running:
+            for proc in list(getattr(self._pool, "_processes", {}).values()):
+                proc.terminate()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
