@@ -118,8 +118,7 @@ class Driver:
         finally:
             self.bar.close()
             self._write_state(final=True)
-            if todo:
-                store.consolidate(self.out)
+            store.consolidate(self.out)  # also after a driver killed before it consolidated
         complete = sum(manifests.finished(self.out, r) for r in grid.runs)
         return GridResult(
             grid.name, self.out, len(grid.runs), already, complete, self.dense_trained,
@@ -127,8 +126,12 @@ class Driver:
         )  # fmt: skip
 
     def _postfix(self) -> None:
-        runs = sum(1 for t in self.ex.running() if t.tag[0] == "run")
-        self.bar.set_postfix_str(f"{runs} running, {len(self.failed)} failed", refresh=False)
+        """Runs in flight (running, or queued on the executor), dense models training."""
+        kinds = [t.tag[0] for t in self.ex.running()]
+        text = f"{kinds.count('run')} runs in flight, {len(self.failed)} failed"
+        if "dense" in kinds:
+            text = f"{kinds.count('dense')} dense training, " + text
+        self.bar.set_postfix_str(text, refresh=False)
 
     # ------------------------------------------------------------------ dense models
     def _start_dense(self, job) -> None:
