@@ -86,10 +86,35 @@ def print_analysis(a, written, fmt: str, top_classes: int, echo, err) -> int:
         echo("\nmean accuracy")
         echo(acc_tab.to_string())
         print_extras(a, echo, top_classes=top_classes)
-    for note in a.notes:
+    if fmt in ("table", "markdown"):
+        print_flips(a, echo, md=fmt == "markdown")
+    for note in a.notes + (a.flips.notes if a.flips is not None else []):
         err(f"note: {note}")
     err(f"stats tables: {', '.join(str(p) for p in written)}")
     return 0
+
+
+def print_flips(a, echo, *, md: bool = False) -> None:
+    """Per group and t: the mean share of test predictions that differ from the dense model's,
+    and the share of test examples that are PIE (modal pruned != modal dense prediction)."""
+    f = a.flips
+    if f is None or f.empty or f.groups.empty:
+        return
+    keys = [k for k in f.groups.columns if k not in ("t", "n_runs", "mean_flip_rate", "pie",
+                                                    "pie_share")]  # fmt: skip
+    pct = f.groups.assign(flips=100 * f.groups["mean_flip_rate"],
+                          pie_pct=100 * f.groups["pie_share"])  # fmt: skip
+    titles = {
+        "flips": "flip rate: % of test predictions that differ from the run's own dense model "
+        "(mean over seeds)",
+        "pie_pct": "PIE share: % of test examples whose modal prediction over the seeds' pruned "
+        "models differs from their dense models' (Hooker et al. 2019)",
+    }
+    for value, text in titles.items():
+        table = pct.pivot_table(index=keys, columns="t", values=value).round(2)
+        table.columns = [f"t={t:g}" for t in table.columns]
+        echo(f"\n{text}" + ("\n" if md else ":"))
+        echo(tables.markdown(table) if md else table.to_string())
 
 
 def print_status(table, echo) -> int:

@@ -123,6 +123,7 @@ class Analysis:
     ci_method: str
     notes: list[str] = field(default_factory=list)
     paired: pd.DataFrame | None = None  # one row per (group, t): alpha and accuracy minus --vs
+    flips: object | None = None  # flips.Flips, where the runs recorded their predictions
 
     @property
     def baseline(self) -> str | None:

@@ -134,16 +134,21 @@ def prune_checkpoint(*, progress=None, **flags):
 
 def analyze_runs(*, runs_dir, by, ci, ci_method, out=None, top_classes=3, vs="auto"):
     """(Analysis, paths of the stats tables written next to the records or into `out`)."""
-    from rdfast import analysis, outdir
+    from rdfast import analysis, flips, outdir
 
     other = out is not None and Path(out).resolve() != Path(runs_dir).resolve()
     if other:
         outdir.check(out, "analyze")
-    a = analysis.analyze(analysis.load(runs_dir), by=by, ci=ci, ci_method=ci_method, vs=vs)
+    records = analysis.load(runs_dir)
+    a = analysis.analyze(records, by=by, ci=ci, ci_method=ci_method, vs=vs)
+    a.flips = flips.analyze_flips(runs_dir, records, a.by, top=max(top_classes, 1))
     if other:
         Path(out).mkdir(parents=True, exist_ok=True)
         outdir.mark(out, "analyze")
-    return a, analysis.write_tables(a, out or runs_dir)
+    written = analysis.write_tables(a, out or runs_dir)
+    if not a.flips.empty:
+        written += flips.write_flip_tables(a.flips, out or runs_dir)
+    return a, written
 
 
 def make_report(

@@ -183,6 +183,7 @@ class DenseModels:
             "model": _cpu_state(model),
             "rewind": rewind.get("state"),
             "confusion": torch.from_numpy(cm),
+            "predictions": torch.from_numpy(ev["predictions"]),
             "loss": ev["loss"],
             "seconds": stats["seconds"],
             "images_per_second": stats["images_per_second"],

@@ -251,7 +251,8 @@ class GivenModelStudy:
         ev = g.evaluation
         meta = self._meta(run_id, seed, strategy)
         write_step(folder, 0, meta, ev["confusion"], self.data.class_names, ev["loss"], 1.0,
-                   g.total, g.total, ev["seconds"], state=None)  # fmt: skip
+                   g.total, g.total, ev["seconds"], state=None, predictions=ev["predictions"],
+                   labels=self.data.y_test)  # fmt: skip
 
     def _gradients(self, seed: int) -> dict:
         """The mean gradient of the given model over seed's calibration batches, once per
@@ -299,7 +300,8 @@ class GivenModelStudy:
                         g.model.state_dict(), masks)  # fmt: skip
         meta = self._meta(run_id, seed, strategy)
         write_step(folder, i, meta, ev["confusion"], self.data.class_names, ev["loss"], t,
-                   remaining, g.total, time.perf_counter() - start, state=None)  # fmt: skip
+                   remaining, g.total, time.perf_counter() - start, state=None,
+                   predictions=ev["predictions"])  # fmt: skip
 
     def _finetune(self, masks, seed, i) -> None:
         g, j = self.given, self.job

@@ -180,6 +180,7 @@ class PruningRun:
             model.load_state_dict(state["model"])
             masks = {k: v.to(self.engine.device) for k, v in state["masks"].items()}
         if last_done < 0:
+            dense_pred = dense.get("predictions")  # absent from dense models of rdfast < 0.2
             self._write_step(
                 0,
                 meta,
@@ -190,6 +191,7 @@ class PruningRun:
                 total,
                 dense["seconds"],
                 state=None,
+                predictions=None if dense_pred is None else dense_pred.numpy(),
             )
         throughput = []
         for i in range(max(last_done, 0) + 1, len(p.ratios) + 1):
@@ -226,6 +228,7 @@ class PruningRun:
                 total,
                 time.perf_counter() - start,
                 state=state,
+                predictions=ev["predictions"],
             )
             bar.update(1)
         return {
@@ -264,10 +267,9 @@ class PruningRun:
         except NaNScoreError as e:  # the gradient estimate blew up
             raise RunFailed(f"pruning to t={t:g} failed: {e}") from None
 
-    def _write_step(self, i, meta, cm, loss, t, remaining, total, seconds, state):
-        write_step(
-            self.dir, i, meta, cm, self.data.class_names, loss, t, remaining, total, seconds, state
-        )
+    def _write_step(self, i, meta, cm, loss, t, remaining, total, seconds, state, predictions):
+        write_step(self.dir, i, meta, cm, self.data.class_names, loss, t, remaining, total,
+                   seconds, state, predictions=predictions, labels=self.data.y_test)  # fmt: skip
 
     def _retrain(self, model, layers, masks, dense, i, forward):
         p, tr = self.exp.prune, self.exp.train
@@ -320,6 +322,7 @@ def intact_steps(run_dir: Path, data, log, stateful: bool = True) -> tuple[int, 
                 raise store.DamagedFile(store.step_path(run_dir, i, "npy"), "not this run's matrix")
             if len(df) != c or not np.array_equal(df["correct"].to_numpy(), cm.diagonal()):
                 raise store.DamagedFile(done[i], "disagrees with its confusion matrix")
+            _check_predictions(run_dir, i, cm)
         state = None
         if stateful and last >= 1:
             state = store.load_torch(store.step_path(run_dir, last, "pt"))
@@ -331,12 +334,39 @@ def intact_steps(run_dir: Path, data, log, stateful: bool = True) -> tuple[int, 
     return last, state
 
 
-def write_step(run_dir: Path, i, meta, cm, class_names, loss, t, remaining, total, seconds, state):
+def _check_predictions(run_dir: Path, i: int, cm: np.ndarray) -> None:
+    """A step's predictions, where recorded, count up to its confusion matrix exactly."""
+    path = store.step_path(run_dir, i, "pred.npy")
+    if not path.exists():  # runs recorded before predictions were kept
+        return
+    labels_path = store.labels_path(run_dir)
+    if not labels_path.exists():
+        raise store.DamagedFile(labels_path, "missing beside the predictions")
+    pred, y = store.read_npy(path), store.read_npy(labels_path)
+    c = cm.shape[0]
+    ok = pred.shape == y.shape == (int(cm.sum()),) and (pred.size == 0 or (
+        0 <= pred.min() and pred.max() < c and np.array_equal(
+            np.bincount(y.astype(np.int64) * c + pred, minlength=c * c).reshape(c, c), cm)))
+    if not ok:
+        raise store.DamagedFile(path, "disagrees with its confusion matrix")  # fmt: skip
+
+
+def write_step(
+    run_dir: Path, i, meta, cm, class_names, loss, t, remaining, total, seconds, state,
+    predictions=None, labels=None,
+):  # fmt: skip
     """Step i of a run. Order matters for resuming: the state first, then the confusion
-    matrix, then the records that mark the step done; the previous state goes only after."""
+    matrix and each test example's prediction, then the records that mark the step done; the
+    previous state goes only after. Step 0 also writes the test labels the predictions are of
+    (once per run: they are the same at every step)."""
     if state is not None:
         store.save_torch(store.step_path(run_dir, i, "pt"), state)
     store.write_npy(store.step_path(run_dir, i, "npy"), np.asarray(cm, dtype=np.int64))
+    if predictions is not None:
+        if i == 0:
+            y = labels.cpu().numpy() if hasattr(labels, "cpu") else np.asarray(labels)
+            store.write_npy(store.labels_path(run_dir), y.astype(predictions.dtype))
+        store.write_npy(store.step_path(run_dir, i, "pred.npy"), np.asarray(predictions))
     df = step_records(
         meta,
         np.asarray(cm),

@@ -6,6 +6,8 @@
       runs/<key>/step-<i>.pt         latest state after pruning step i (model, masks)
       runs/<key>/step-<i>.parquet    records of step i (one row per class)
       runs/<key>/step-<i>.npy        confusion matrix of step i (true x predicted)
+      runs/<key>/step-<i>.pred.npy   each test example's predicted class at step i
+      runs/<key>/labels.npy          the test labels those predictions are of
       records.parquet / confusion.parquet   all runs, consolidated after each command
       pruned/<run>/t<t>/             `rdfast prune --save`: a pruned model, shaped like its
                                      input checkpoint, and its bit-packed masks
@@ -108,9 +110,15 @@ def step_path(run_dir: Path, i: int, kind: str) -> Path:
     return Path(run_dir) / f"step-{i}.{kind}"
 
 
+def labels_path(run_dir: Path) -> Path:
+    """The test labels a run's predictions (`step-<i>.pred.npy`) are of."""
+    return Path(run_dir) / "labels.npy"
+
+
 def step_files_of(run_dir: Path) -> list[Path]:
-    """Every file of every step of a run (records, matrices, states and their checksums)."""
-    return sorted(Path(run_dir).glob("step-*"))
+    """Every file of every step of a run (records, matrices, predictions, states and their
+    checksums) and the labels of its predictions."""
+    return sorted([*Path(run_dir).glob("step-*"), *Path(run_dir).glob("labels.npy")])
 
 
 def step_records_files(out: Path) -> list[Path]:

@@ -102,7 +102,7 @@ def test_analyze_classes_option(digits_runs, tmp_path):
     res = CliRunner().invoke(
         cli, ["analyze", str(digits_runs), "--classes", "1", "-o", str(tmp_path)]
     )
-    section = res.stdout.split("lose the most recall")[1]
+    section = res.stdout.split("lose the most recall")[1].split("\n\n")[0]
     assert sum(line.startswith(("mp ", "gp ", "up ", "rp ")) for line in section.splitlines()) == 4
     res = CliRunner().invoke(cli, ["analyze", str(digits_runs), "--classes", "-1"])
     assert res.exit_code == 2
