@@ -69,6 +69,9 @@ def print_analysis(a, written, fmt: str, top_classes: int, echo, err) -> int:
                     "paired": None
                     if a.paired is None
                     else json.loads(a.paired.to_json(orient="records")),
+                    "flips": None
+                    if a.flips is None or a.flips.empty
+                    else json.loads(a.flips.groups.to_json(orient="records")),
                     "notes": a.notes,
                 },
                 indent=2,

@@ -36,7 +36,21 @@ class TaskLost:
     reason: str
 
 
-class LocalExecutor:
+class _Executor:
+    """What the driver asks of every executor besides submit/results/close: the tasks it
+    holds (handle -> Task in `_running`)."""
+
+    _running: dict
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._running)
+
+    def running(self) -> list[Task]:
+        return list(self._running.values())
+
+
+class LocalExecutor(_Executor):
     """`--workers` processes of this machine (spawned: a forked torch can deadlock)."""
 
     name = "local"
@@ -89,13 +103,6 @@ class LocalExecutor:
                     self.submit(task)
         return out
 
-    @property
-    def in_flight(self) -> int:
-        return len(self._running)
-
-    def running(self) -> list[Task]:
-        return list(self._running.values())
-
     def close(self) -> None:
         # Tasks still running when the driver stops (an error, Ctrl-C) would otherwise hold
         # the interpreter's exit until they finish: their work is lost either way.
@@ -105,7 +112,7 @@ class LocalExecutor:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-class RayExecutor:
+class RayExecutor(_Executor):
     """Ray tasks with the spec's num_cpus/num_gpus; retried by Ray when their worker dies.
 
     `address`: None starts a Ray instance on this machine (with `cpus` CPUs); `auto` or
@@ -177,13 +184,6 @@ class RayExecutor:
             except Exception as e:  # retries spent, or the task raised
                 out.append((task, TaskLost(_first_line(e))))
         return out
-
-    @property
-    def in_flight(self) -> int:
-        return len(self._running)
-
-    def running(self) -> list[Task]:
-        return list(self._running.values())
 
     def close(self) -> None:
         for ref in self._running:

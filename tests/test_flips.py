@@ -3,6 +3,8 @@ prediction, and the predictions a run records counted against its confusion matr
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -90,6 +92,9 @@ def test_a_run_records_predictions_that_count_up_to_its_matrices(tmp_path):
     text = CliRunner().invoke(cli, ["analyze", str(out)]).output
     assert "flip rate: % of test predictions" in text and "PIE share" in text
     assert (out / "pie_groups.csv").exists()
+    data = json.loads(CliRunner().invoke(cli, ["analyze", str(out), "--format", "json"]).stdout)
+    assert {g["strategy"] for g in data["flips"]} == {"mp", "up"}
+    assert all(0 <= g["pie_share"] <= 1 for g in data["flips"])
 
 
 def test_a_damaged_prediction_file_sends_the_run_back_and_it_comes_out_the_same(tmp_path):
