@@ -268,9 +268,7 @@ def grid_status(spec, out) -> dict:
         status, error = m.get("status"), m.get("error") or ""
         if run.run_id in in_flight:
             status = "in flight"
-        elif status == "complete":
-            pass
-        elif status == "failed":
+        elif status in ("complete", "failed"):
             pass
         elif store.step_files(store.run_dir(out, run.run_id)):
             status = "part-way"
@@ -279,7 +277,7 @@ def grid_status(spec, out) -> dict:
         rows.append({"run_id": run.run_id, "run": run.label, "where": run.where,
                      "status": status, "error": error})  # fmt: skip
     table = pd.DataFrame(rows, columns=["run_id", "run", "where", "status", "error"])
-    return {"name": grid.name, "driver": driver, "table": table, "dense": len(grid.dense)}
+    return {"name": grid.name, "driver": driver, "table": table}
 
 
 def run_epochs(exp) -> int:
