@@ -204,8 +204,8 @@ def test_driver_killed_mid_grid_and_restarted_gives_the_same_records(tmp_path, o
     spec, out = write_spec(tmp_path), tmp_path / "out"
     cmd = [sys.executable, "-m", "rdfast.cli.main", "grid", str(spec), "--out", str(out),
            "--executor", "ray", "--workers", "2", "--no-progress"]  # fmt: skip
-    # Its own session: the kill takes the driver and the Ray instance it started, as the loss
-    # of the driver's machine would.
+    # A process group of its own: the kill takes the driver and the Ray instance it started,
+    # as the loss of the driver's machine would.
     proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)  # fmt: skip
     deadline = time.monotonic() + 240
