@@ -619,6 +619,10 @@ def write_tables(a: Analysis, out_dir: Path) -> list[Path]:
     tables = [("alpha_runs", a.runs), ("alpha_groups", a.groups), ("class_groups", a.class_groups)]
     if a.paired is not None:
         tables.append(("alpha_paired", a.paired))
+    if a.flips is not None and not a.flips.empty:
+        f = a.flips
+        tables += [("flip_runs", f.runs), ("flip_classes", f.classes), ("pie_groups", f.groups),
+                   ("pie_classes", f.pie_classes), ("most_flipped", f.most_flipped)]  # fmt: skip
     for name, df in tables:
         store.write_parquet(out_dir / f"{name}.parquet", df)
         data = df.to_csv(index=False).encode()

@@ -145,10 +145,7 @@ def analyze_runs(*, runs_dir, by, ci, ci_method, out=None, top_classes=3, vs="au
     if other:
         Path(out).mkdir(parents=True, exist_ok=True)
         outdir.mark(out, "analyze")
-    written = analysis.write_tables(a, out or runs_dir)
-    if not a.flips.empty:
-        written += flips.write_flip_tables(a.flips, out or runs_dir)
-    return a, written
+    return a, analysis.write_tables(a, out or runs_dir)
 
 
 def make_report(

@@ -138,15 +138,3 @@ def _pie(runs, loaded, by, num_classes, top, notes):
         most = most[most["t"] == last].reset_index(drop=True)
     return groups, pd.DataFrame(class_rows), most
 
-
-def write_flip_tables(f: Flips, out_dir: Path) -> list[Path]:
-    """flip_runs, flip_classes, pie_groups, pie_classes, most_flipped (Parquet and CSV)."""
-    written = []
-    tables = {"flip_runs": f.runs, "flip_classes": f.classes, "pie_groups": f.groups,
-              "pie_classes": f.pie_classes, "most_flipped": f.most_flipped}  # fmt: skip
-    for name, df in tables.items():
-        store.write_parquet(Path(out_dir) / f"{name}.parquet", df)
-        data = df.to_csv(index=False).encode()
-        store.atomic_write(Path(out_dir) / f"{name}.csv", lambda fh, d=data: fh.write(d))
-        written.append(Path(out_dir) / f"{name}.parquet")
-    return written

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from rdfast import grid_spec, grid_tasks, manifests, store
 from rdfast.errors import BadInput, DamagedFile
-from rdfast.grid_executors import Task, TaskLost, make_executor
+from rdfast.grid_executors import Task, TaskLost, default_workers, make_executor
 from rdfast.pruning_run import _now, new_manifest
 
 
@@ -77,8 +77,6 @@ def run_grid(
 
 def grid_spec_workers(grid) -> int:
     """Local workers by default: as many of the grid's largest tasks as this machine holds."""
-    from rdfast.grid_executors import default_workers
-
     cpus = max((j.resources["num_cpus"] for j in grid.runs.values()), default=1.0)
     return default_workers(cpus)
 

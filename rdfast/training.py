@@ -116,8 +116,8 @@ def evaluate(
     forward: Callable | None = None,
 ) -> dict:
     """Test-set confusion matrix (int64, true x predicted), mean cross-entropy and each test
-    example's predicted class (`prediction_dtype`; torch.argmax's rule, the confusion
-    kernel's too, so the predictions count up to the matrix)."""
+    example's predicted class (`prediction_dtype`; torch.argmax's rule), from which the
+    matrix is counted."""
     model.eval()
     forward = model if forward is None else forward
     c = data.num_classes
@@ -130,8 +130,11 @@ def evaluate(
         with autocast(device, precision):
             logits = forward(x)
         loss += F.cross_entropy(logits.float(), y, reduction="sum").double()
-        cm += confusion_matrix(logits, y, c)
-        predictions.append(logits.argmax(dim=1))
+        # One argmax (torch's rule, which the confusion kernel also follows) serves the
+        # predictions and the matrix, counted from the labels.
+        pred = logits.argmax(dim=1)
+        cm += confusion_matrix(pred, y, c)
+        predictions.append(pred)
     n = data.x_test.shape[0]
     seconds = time.perf_counter() - start
     pred = torch.cat(predictions) if predictions else torch.zeros(0, dtype=torch.int64)
