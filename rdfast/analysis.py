@@ -8,7 +8,8 @@ Per group:  E[alpha_t] over replicate models (seeds) with a confidence interval 
             accuracy with its interval, and the pooled slope over all classes of all models.
 Per group and class: the mean recall change R_t - R_1 over the replicates with its interval,
             beside the accuracy change A_t - A_1: which classes pay for the sparsity.
-Per pair of strategies: alpha and accuracy differences between runs of one dense model.
+Per pair of strategies, or of mitigations: alpha and accuracy differences between runs of one
+            dense model.
 
 Everything is vectorized with groupby sums; the bootstrap batches the groups that have the
 same number of replicates into one scipy call.
@@ -24,7 +25,7 @@ import pandas as pd
 from scipy import stats
 
 from rdfast import store
-from rdfast.config import STRATEGY_ORDER
+from rdfast.config import MITIGATIONS, STRATEGY_ORDER
 from rdfast.errors import BadInput, DamagedFile
 
 DEFAULT_BY = ("strategy", "saliency", "dataset", "model", "width")
@@ -37,10 +38,13 @@ RUN_COLUMNS = (
     "strategy",
     "saliency",
     "retrain",
+    "mitigation",
     "eps",
     "weight_decay",
     "dense_id",
     "protocol",
+    "strategy_settings",
+    "mitigation_settings",
 )
 # Settings that, when they differ between runs of one group and seed, mean the group mixes
 # experiments rather than replicates.
@@ -51,6 +55,7 @@ SETTING_COLUMNS = (
     "model",
     "width",
     "retrain",
+    "mitigation",
     "eps",
     "weight_decay",
     "dense_id",
@@ -110,6 +115,10 @@ def _note_undercover(method, ci, n: pd.Series, notes) -> None:
 # strategy with its own parameters. Everything else (training, ratios, retraining) is the
 # protocol, which replicates and paired runs must share.
 STRATEGY_SETTINGS = ("strategy", "saliency", "grad_batches", "eps")
+# Likewise the retraining objective and its parameters: runs that differ only in these are
+# paired by `--vs plain`.
+MITIGATION_SETTINGS = ("mitigation", "kd_weight", "kd_temperature", "constraint_eps")
+MITIGATION_SETTINGS += ("multiplier_lr", "val_fraction")
 
 
 @dataclass
@@ -127,8 +136,17 @@ class Analysis:
 
     @property
     def baseline(self) -> str | None:
-        """The strategy the others were compared with (`paired`), if any."""
+        """The strategy or mitigation the others were compared with (`paired`), if any."""
         return None if self.paired is None else self.paired["baseline"].iloc[0]
+
+    @property
+    def paired_by(self) -> str:
+        """What the comparison varies: "strategy", or "mitigation" (against `--vs plain`)."""
+        return compared_column(self.baseline)
+
+
+def compared_column(baseline: str | None) -> str:
+    return "mitigation" if baseline in MITIGATIONS else "strategy"
 
 
 def load(runs_dir: Path) -> pd.DataFrame:
@@ -140,6 +158,8 @@ def load(runs_dir: Path) -> pd.DataFrame:
         raise BadInput(
             f"no records under {runs_dir} (write some with `rdfast run --out {runs_dir}`)"
         )
+    if "mitigation" not in records.columns:  # recorded before mitigations existed
+        records = records.assign(mitigation="plain")
     return attach_settings(records, runs_dir)
 
 
@@ -154,15 +174,16 @@ def _flat(settings: dict, prefix: str = "") -> dict:
 
 
 def attach_settings(records: pd.DataFrame, runs_dir: Path) -> pd.DataFrame:
-    """Add each run's `protocol` and `strategy_settings` (hashes of its manifest settings:
-    everything but the dense model and the strategy, and the strategy's own parameters).
+    """Add each run's `protocol`, `strategy_settings` and `mitigation_settings` (hashes of its
+    manifest settings: everything but the dense model, the strategy and the mitigation; the
+    strategy's own parameters; the mitigation's).
 
     The records name the dense model, strategy and weight decay; the manifests hold the rest
     (epochs, learning rates, ratios, retraining), which replicates must share. Runs without
     a readable manifest get an empty protocol. The flattened settings of each run are kept in
     `records.attrs["settings"]` to name what differs.
     """
-    protocol, own, flat = {}, {}, {}
+    protocol, own, mit, flat = {}, {}, {}, {}
     for run_id in records["run_id"].unique():
         try:
             settings = store.read_json(store.manifest_path(store.run_dir(runs_dir, run_id)))[
@@ -171,14 +192,17 @@ def attach_settings(records: pd.DataFrame, runs_dir: Path) -> pd.DataFrame:
             settings = dict(settings)
         except (DamagedFile, KeyError, TypeError):  # missing or foreign: no protocol known
             continue
-        rest = {k: v for k, v in settings.items() if k not in ("dense_id", *STRATEGY_SETTINGS)}
+        named = ("dense_id", *STRATEGY_SETTINGS, *MITIGATION_SETTINGS)
+        rest = {k: v for k, v in settings.items() if k not in named}
         protocol[run_id] = store.stable_hash(rest)
         own[run_id] = store.stable_hash({k: settings.get(k) for k in STRATEGY_SETTINGS})
+        mit[run_id] = store.stable_hash({k: settings.get(k) for k in MITIGATION_SETTINGS})
         flat[run_id] = _flat(settings)
     ids = records["run_id"]
     records = records.assign(
         protocol=ids.map(lambda r: protocol.get(r, "")),
         strategy_settings=ids.map(lambda r: own.get(r, "")),
+        mitigation_settings=ids.map(lambda r: mit.get(r, "")),
     )
     records.attrs["settings"] = flat
     return records
@@ -298,24 +322,33 @@ def paired_table(
 ) -> pd.DataFrame:
     """Per (group, t): E[alpha_t(s) - alpha_t(baseline)] over the seeds, each difference taken
     between two runs that pruned the same dense model, with its interval, the paired t-test of
-    no difference (scipy.stats.ttest_rel), and the same for accuracy.
+    no difference (scipy.stats.ttest_rel), and the same for accuracy. `baseline` is a strategy
+    (the others against it, under the same retraining) or a mitigation (`plain`: each
+    mitigation against plain retraining, under the same strategy).
 
     Pairing removes the seed-to-seed spread of the dense models that the unpaired intervals
     of two groups carry, so a difference between strategies shows with fewer seeds.
     """
     by = list(by)
-    if "strategy" not in by:
-        raise BadInput("--vs compares strategies: --by must include strategy")
-    have = sorted(runs["strategy"].unique(), key=lambda s: STRATEGY_ORDER.get(s, 9))
+    col = compared_column(baseline)
+    what = "strategies" if col == "strategy" else "mitigations"
+    if col not in by:
+        raise BadInput(f"--vs {baseline} compares {what}: --by must include {col}")
+    order = STRATEGY_ORDER if col == "strategy" else {m: i for i, m in enumerate(MITIGATIONS)}
+    have = sorted(runs[col].unique(), key=lambda s: order.get(s, 9))
     if baseline not in have:
         raise BadInput(f"--vs {baseline}: no {baseline} runs in these records ({', '.join(have)})")
-    # eps belongs to the strategy too (NaN for mp, the UP coefficient for up). A pair is two
-    # runs that pruned the same dense model (dense_id: same seed and training) under the same
-    # protocol (ratios, retraining); runs without either partner are counted, not paired.
-    same = [c for c in ("dense_id", "protocol") if c in runs.columns]
-    keys = [b for b in by if b not in ("strategy", "saliency", "eps")] + ["seed", *same, "t"]
-    is_base = runs["strategy"] == baseline
-    if "saliency" in by and runs.loc[is_base, "saliency"].nunique() > 1:
+    # A pair is two runs that pruned the same dense model (dense_id: same seed and training)
+    # under the same protocol (ratios, retraining), differing in `col` and its parameters
+    # alone: eps belongs to the strategy (NaN for mp, the UP coefficient for up), the
+    # temperature to kd. Runs without a partner are counted, not paired.
+    own = ("strategy", "saliency", "eps") if col == "strategy" else ("mitigation",)
+    same = ["dense_id", "protocol", "mitigation_settings" if col == "strategy" else
+            "strategy_settings"]  # fmt: skip
+    same = [c for c in same if c in runs.columns]
+    keys = [b for b in by if b not in own] + ["seed", *same, "t"]
+    is_base = runs[col] == baseline
+    if col == "strategy" and "saliency" in by and runs.loc[is_base, "saliency"].nunique() > 1:
         # A baseline run in both score forms (gp taylor and gp sum): each form is compared
         # with its own (up sum against gp sum), and strategies without a form are left out.
         keys.append("saliency")
@@ -369,7 +402,8 @@ def _note_unpaired(others, base, pairs, keys, baseline, notes) -> None:
     if not lone:
         return
     lone_runs = others[others["run_id"].isin(lone)].drop_duplicates("run_id")
-    dense_keys = [k for k in keys if k not in ("protocol", "t")]
+    dense_keys = [k for k in keys if k not in ("protocol", "t", "strategy_settings",
+                                               "mitigation_settings")]  # fmt: skip
     same_dense = lone_runs.merge(base[dense_keys].drop_duplicates(), on=dense_keys, how="inner")
     n_other_settings = same_dense["run_id"].nunique()
     n_no_dense = len(lone) - n_other_settings
@@ -379,7 +413,7 @@ def _note_unpaired(others, base, pairs, keys, baseline, notes) -> None:
     if n_other_settings:
         why.append(
             f"{n_other_settings} share the dense model with a {baseline} run but not its "
-            "ratios or retraining settings"
+            "ratios, retraining or own settings"
         )
     notes.append(
         f"{len(lone)} runs are left out of the comparison with {baseline}: {'; '.join(why)}"
@@ -507,8 +541,10 @@ def analyze(
     seed: int = 0,
     vs: str | None = "auto",
 ) -> Analysis:
-    """All statistics of the records. `vs`: the strategy the others are compared with, run by
-    run (`paired_table`); "auto" takes mp when mp and another strategy were run, None none."""
+    """All statistics of the records. `vs`: the strategy (or mitigation) the others are
+    compared with, run by run (`paired_table`); "auto" takes plain when runs retrained with a
+    mitigation and without, else mp when mp and another strategy were run; None none.
+    Records of several mitigations are grouped by mitigation too."""
     if records.empty:
         raise BadInput("no records to analyze")
     check_version(records)
@@ -524,6 +560,9 @@ def analyze(
     if ci_method not in CI_METHODS:
         raise BadInput(f"unknown CI method {ci_method!r}; choose from t, bootstrap")
     notes: list[str] = []
+    if "mitigation" in records.columns and "mitigation" not in by:
+        if records["mitigation"].nunique() > 1:
+            by = (*by, "mitigation")
     _check_replicates(records, by)
     classes = class_table(records, notes)
     if classes.empty:
@@ -533,13 +572,20 @@ def analyze(
     groups = group_table(runs, classes, by, ci, ci_method, n_resamples, seed, notes)
     class_groups = class_group_table(classes, by, ci, ci_method, n_resamples, seed)
     if vs == "auto":
-        strategies = set(runs["strategy"])
-        vs = "mp" if "mp" in strategies and len(strategies) > 1 and "strategy" in by else None
+        vs = _auto_baseline(runs, by)
     paired = paired_table(runs, by, vs, ci, ci_method, n_resamples, seed, notes) if vs else None
     if paired is not None and paired.empty:
         notes.append(f"no run pruned the same dense model as a {vs} run: no comparison with {vs}")
         paired = None
     return Analysis(classes, runs, groups, class_groups, by, ci, ci_method, notes, paired)
+
+
+def _auto_baseline(runs, by) -> str | None:
+    mitigations = set(runs["mitigation"]) if "mitigation" in runs.columns else set()
+    if "plain" in mitigations and len(mitigations) > 1 and "mitigation" in by:
+        return "plain"
+    strategies = set(runs["strategy"])
+    return "mp" if "mp" in strategies and len(strategies) > 1 and "strategy" in by else None
 
 
 def _check_replicates(records, by):
@@ -548,7 +594,7 @@ def _check_replicates(records, by):
     runs = records.drop_duplicates("run_id")
     checked = [
         c
-        for c in (*SETTING_COLUMNS, "protocol", "strategy_settings")
+        for c in (*SETTING_COLUMNS, "protocol", "strategy_settings", "mitigation_settings")
         if c in runs.columns and c not in by and c != "dense_id"
     ]
     for col in checked:
@@ -584,7 +630,7 @@ def _label(key) -> str:
 
 def _what_differs(records, sub: pd.DataFrame, col: str) -> str:
     """The setting that differs between the runs in `sub`, with two of its values."""
-    if col not in ("protocol", "strategy_settings"):
+    if col not in ("protocol", "strategy_settings", "mitigation_settings"):
         values = sub[col].drop_duplicates().tolist()[:2]
         return f"{col} ({' vs '.join(map(str, values))})"
     flat = records.attrs.get("settings", {})

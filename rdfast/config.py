@@ -7,7 +7,14 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from rdfast.errors import BadInput
-from rdfast.settings import parse_floats, parse_names, parse_seeds, setting, setting_like
+from rdfast.settings import (
+    OMIT,
+    parse_floats,
+    parse_names,
+    parse_seeds,
+    setting,
+    setting_like,
+)
 
 # rp is global random pruning; rp-layer keeps MP's per-layer densities (OpenLTH's
 # `randomly_prune` default, the authors' random baseline). `all` = the paper's four.
@@ -15,6 +22,16 @@ STRATEGIES = ("mp", "gp", "up", "rp", "rp-layer")
 PAPER_STRATEGIES = ("mp", "gp", "up", "rp")
 STRATEGY_ORDER = {s: i for i, s in enumerate(STRATEGIES)}  # the order tables and plots use
 RETRAIN_MODES = ("finetune", "rewind")
+# What retraining minimizes after each pruning step (rdfast/mitigations.py): cross-entropy
+# alone (plain), distillation from the run's dense model (kd), or cross-entropy under one
+# multiplier per class on its excess recall drop (constrained).
+MITIGATIONS = ("plain", "kd", "constrained")
+
+
+def _when(mitigation: str):
+    """Key function of a mitigation's own settings: in the key of its runs only (left out of
+    the others', whose ids stay as they were before mitigations existed)."""
+    return lambda v, run: v if run.mitigation == mitigation else OMIT
 
 
 def parse_strategies(text: str) -> tuple[str, ...]:
@@ -132,6 +149,39 @@ class PruneSettings:
     exclude: tuple[str, ...] = setting(
         (), "Comma list of layers never pruned, e.g. fc3.", parse=parse_names, shown=""
     )
+    mitigation: str = setting(
+        "plain",
+        "What retraining minimizes: plain cross-entropy; kd, distillation from the run's "
+        "dense model; constrained, cross-entropy with one multiplier per class on its excess "
+        "recall drop, measured on a validation split of the training set.",
+        choices=MITIGATIONS,
+        key=lambda v, run: OMIT if v == "plain" else v,
+    )
+    kd_weight: float = setting(
+        0.9,
+        "kd: weight w of the distillation term, (1-w)*CE + w*T^2*KL(dense || pruned).",
+        key=_when("kd"),
+    )
+    kd_temperature: float = setting(
+        4.0, "kd: softmax temperature T of both models' outputs.", key=_when("kd")
+    )
+    constraint_eps: float = setting(
+        0.01,
+        "constrained: tolerance of each class's excess recall drop "
+        "(R_1 - R_t) - (A_1 - A_t) on the validation split.",
+        key=_when("constrained"),
+    )
+    multiplier_lr: float = setting(
+        1.0,
+        "constrained: step size of the multipliers' gradient ascent (10 updates per epoch).",
+        key=_when("constrained"),
+    )
+    val_fraction: float = setting(
+        0.1,
+        "constrained: share of the training set held out of retraining, stratified and "
+        "seeded by the run's seed, on which the constraints are measured.",
+        key=_when("constrained"),
+    )
 
     def validate(self, train: TrainSettings) -> None:
         from rdfast.kernels import SALIENCY_FORMS
@@ -155,6 +205,28 @@ class PruneSettings:
             raise BadInput(f"--finetune-epochs must be >= 0, got {self.finetune_epochs}")
         if self.finetune_lr is not None and not 0 < self.finetune_lr < math.inf:
             raise BadInput(f"--finetune-lr must be > 0 and finite, got {self.finetune_lr}")
+        if self.mitigation not in MITIGATIONS:
+            raise BadInput(
+                f"unknown mitigation {self.mitigation!r}; choose from {', '.join(MITIGATIONS)}"
+            )
+        ranges = {
+            "--kd-weight must lie in [0, 1]": (self.kd_weight, 0 <= self.kd_weight <= 1),
+            "--kd-temperature must be > 0 and finite": (
+                self.kd_temperature, 0 < self.kd_temperature < math.inf
+            ),
+            "--constraint-eps must lie in [0, 1)": (
+                self.constraint_eps, 0 <= self.constraint_eps < 1
+            ),
+            "--multiplier-lr must be > 0 and finite": (
+                self.multiplier_lr, 0 < self.multiplier_lr < math.inf
+            ),
+            "--val-fraction must lie in (0, 0.5]": (
+                self.val_fraction, 0 < self.val_fraction <= 0.5
+            ),
+        }  # fmt: skip
+        for what, (value, ok) in ranges.items():
+            if not ok:
+                raise BadInput(f"{what}, got {value}")
         if self.retrain == "rewind" and not 0 <= self.rewind_epoch <= train.epochs:
             raise BadInput(
                 f"--rewind-epoch must lie in 0..{train.epochs} (the dense epochs), "

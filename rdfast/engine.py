@@ -128,6 +128,10 @@ class Engine:
         # The engine's own resolved copy: the caller's Experiment is left as it was given.
         self.exp = exp = resolve_precision(exp, self.device.type)
         data = load_dataset(exp.dataset, exp.data_root)
+        if exp.prune.mitigation == "constrained":
+            from rdfast.mitigations import check_split
+
+            check_split(data, exp.prune.val_fraction)
         probe = build_model(exp.model, data.input_shape, data.num_classes, exp.width)
         try:  # a model that cannot take this data fails here, with a reason, not mid-run
             with torch.no_grad():

@@ -65,7 +65,8 @@ def settings_row(manifest_path: Path) -> dict:
     row = {k: m.get(k) for k in IDENTITY if k != "strategy"}
     row["run_id"] = m.get("run_id", manifest_path.parent.name)
     row["strategy"] = s.get("strategy")
-    row.update({k: _cell(s.get(k)) for k in [*key_names, "masked_kernels"]})
+    # Settings left out of a run's key (a mitigation's, under plain retraining) are absent.
+    row.update({k: _cell(s.get(k)) for k in [*key_names, "masked_kernels"] if k in s})
     row.update({f.name: tr.get(f.name) for f in fields(TrainSettings)})
     row["status"] = live_status(m.get("status"), manifest_path.parent)
     row["device"] = m.get("device")

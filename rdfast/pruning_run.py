@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 
 import rdfast
-from rdfast import store, training
+from rdfast import mitigations, store, training
 from rdfast.errors import RunFailed
 from rdfast.kernels.selection import NaNScoreError
 from rdfast.models import prunable_layers
@@ -170,6 +170,9 @@ class PruningRun:
         dense = self.engine.dense(self.seed)
         model = self.engine._new_model(self.seed)
         forward = self.engine._forward(model)
+        # Built before any step seeds the global generator (building draws from it), so a
+        # resumed run's steps draw what the uninterrupted run's did.
+        self._mitigation = self._mitigation_setup(dense, state if last_done > 0 else None)
         layers = prunable_layers(model, p.exclude)
         total = sum(w.numel() for w in layers.values())
         meta = record_meta(self)
@@ -218,6 +221,8 @@ class PruningRun:
                 "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
                 "masks": {k: v.cpu() for k, v in masks.items()},
             }
+            if "multipliers" in self._mitigation:
+                state["multipliers"] = self._mitigation["multipliers"].cpu()
             self._write_step(
                 i,
                 meta,
@@ -271,33 +276,81 @@ class PruningRun:
         write_step(self.dir, i, meta, cm, self.data.class_names, loss, t, remaining, total,
                    seconds, state, predictions=predictions, labels=self.data.y_test)  # fmt: skip
 
+    def _mitigation_setup(self, dense, state) -> dict:
+        """What the run's mitigation needs across its steps: the dense model (kd's teacher,
+        and the recall the constraints start from), the validation split and the multipliers
+        (from the last recorded step's state when resuming)."""
+        p = self.exp.prune
+        if p.mitigation == "plain":
+            return {}
+        teacher = self.engine._new_model(self.seed)
+        teacher.load_state_dict(dense["model"])
+        teacher.eval().requires_grad_(False)
+        setup = {"teacher": teacher, "teacher_forward": self.engine._forward(teacher)}
+        if p.mitigation == "constrained":
+            data, val = mitigations.validation_split(
+                self.data, p.val_fraction, derive_seed(self.seed, "val") % 2**32
+            )
+            c = self.data.num_classes
+            dense_fit = mitigations.class_recall(setup["teacher_forward"], teacher, *val, c)
+            saved = None if state is None else state.get("multipliers")
+            device = self.engine.device
+            multipliers = torch.zeros(c, dtype=torch.float64, device=device) if saved is None \
+                else saved.to(device)  # fmt: skip
+            setup.update(data=data, val=val, dense_fit=dense_fit, multipliers=multipliers)
+        return setup
+
+    def _objective(self, model, forward):
+        """(training data, objective) of this step's retraining."""
+        p, m = self.exp.prune, self._mitigation
+        if p.mitigation == "kd":
+            return self.data, mitigations.Distillation(
+                m["teacher_forward"], p.kd_weight, p.kd_temperature
+            )
+        if p.mitigation == "constrained":
+            data = m["data"]
+            batches = -(-int(data.y_train.shape[0]) // self.exp.train.batch_size)
+            every = max(1, round(batches / mitigations.UPDATES_PER_EPOCH))
+            objective = mitigations.Constrained(model, forward, m["val"], m["dense_fit"],
+                                                m["multipliers"], p.constraint_eps,
+                                                p.multiplier_lr, every)  # fmt: skip
+            return data, objective
+        return self.data, None
+
     def _retrain(self, model, layers, masks, dense, i, forward):
         p, tr = self.exp.prune, self.exp.train
         by_param = {layers[k]: m for k, m in masks.items()}
+        data, objective = self._objective(model, forward)
         if p.retrain == "rewind":
             model.load_state_dict(dense["rewind"])
             apply_masks(layers, masks)
-            return training.train(
+            stats = training.train(
                 model,
-                self.data,
+                data,
                 tr,
                 masks=by_param,
                 seed_parts=(self.seed, i, "rewind"),
                 forward=forward,
                 start_epoch=p.rewind_epoch,
+                objective=objective,
             )
-        if p.finetune_epochs == 0:
+        elif p.finetune_epochs == 0:
             return None
-        return training.train(
-            model,
-            self.data,
-            tr,
-            lr=p.finetune_rate(tr),
-            epochs=p.finetune_epochs,
-            masks=by_param,
-            seed_parts=(self.seed, i, "finetune"),
-            forward=forward,
-        )
+        else:
+            stats = training.train(
+                model,
+                data,
+                tr,
+                lr=p.finetune_rate(tr),
+                epochs=p.finetune_epochs,
+                masks=by_param,
+                seed_parts=(self.seed, i, "finetune"),
+                forward=forward,
+                objective=objective,
+            )
+        if isinstance(objective, mitigations.Constrained):
+            self._mitigation["multipliers"] = objective.multipliers
+        return stats
 
 
 def intact_steps(run_dir: Path, data, log, stateful: bool = True) -> tuple[int, dict | None]:
@@ -423,10 +476,14 @@ def record_meta(run: PruningRun) -> dict:
         weight_decay=exp.train.weight_decay,
         retrain=exp.prune.retrain,
         device=run.engine.device.type,
+        mitigation=exp.prune.mitigation,
     )
 
 
-def meta_columns(run_id, settings, *, dataset, model, width, seed, weight_decay, retrain, device):
+def meta_columns(
+    run_id, settings, *, dataset, model, width, seed, weight_decay, retrain, device,
+    mitigation="plain",
+):  # fmt: skip
     """The record columns that name a run (`settings`: its key, with dense_id, strategy,
     saliency and eps), the same for `rdfast run` and `rdfast prune`."""
     eps = settings["eps"]
@@ -443,5 +500,6 @@ def meta_columns(run_id, settings, *, dataset, model, width, seed, weight_decay,
         "eps": float("nan") if eps is None else float(eps),
         "weight_decay": float(weight_decay),
         "retrain": retrain,
+        "mitigation": mitigation,
         "device": device,
     }

@@ -215,7 +215,7 @@ def accuracy_plot(a: Analysis, path: Path):
 def paired_plot(a: Analysis, path: Path):
     """E[alpha_t(s) - alpha_t(base)] and E[A_t(s) - A_t(base)] against t with interval bands."""
     p = a.paired[a.paired["t"] > 1]
-    base = a.baseline
+    base, varied = a.baseline, a.paired_by
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
     # Colour: the strategy; marker and line style: the rest of the group (dataset, width, ...).
     rest = [b for b in a.by if b not in ("strategy", "saliency")]
@@ -240,11 +240,11 @@ def paired_plot(a: Analysis, path: Path):
         ax.set_xscale("log", base=2)
         ax.set_yscale("symlog", linthresh=lin)
         ax.set_xlabel("pruning ratio t (log scale)")
-        ax.set_ylabel(f"{what}(strategy) - {what}({base}) (symlog)")
-        ax.set_title(f"{what}: strategy minus {base}, same dense model")
+        ax.set_ylabel(f"{what}({varied}) - {what}({base}) (symlog)")
+        ax.set_title(f"{what}: {varied} minus {base}, same dense model")
     axes[0].legend(fontsize=7)
     fig.suptitle(
-        f"Strategies against {base}, seed by seed: mean difference over seeds with "
+        f"{'Strategies' if varied == 'strategy' else 'Mitigations'} against {base}, seed by seed: mean difference over seeds with "
         f"{a.ci * 100:g} % CI bands\nleft below 0: intensifies less than {base}; right below 0: "
         f"less accurate than {base}",
         fontsize=10,
@@ -419,7 +419,7 @@ def plan_figures(a: Analysis, scatter_ts, run_id: str) -> list[tuple[Figure, Cal
     if vs is not None and (a.paired["t"] > 1).any():
         plan.append(
             (
-                Figure(f"vs_{vs}.png", f"alpha and accuracy of each strategy minus {vs}"),
+                Figure(f"vs_{vs}.png", f"alpha and accuracy of each {a.paired_by} minus {vs}"),
                 lambda p: paired_plot(a, p),
             )
         )

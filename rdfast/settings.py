@@ -9,7 +9,9 @@ From the fields of `TrainSettings`, `PruneSettings` and `Experiment` are derived
 - the parsing of their text (`parse`), and the Experiment built from the flags;
 - the hashed key of a run (`run_key`): every PruneSettings field enters it, through its
   `key` function where the value matters only for some strategies or retraining modes
-  (`None` elsewhere, so runs that cannot differ share their key);
+  (`None` elsewhere, so runs that cannot differ share their key), or `OMIT` where a setting
+  added later is at the value that means "as before" (the runs recorded before it keep
+  their ids);
 - the manifest, which stores that key and the training settings.
 Adding a setting is adding a field (see docs/architecture.md).
 """
@@ -79,6 +81,16 @@ def setting_like(cls, name: str, default: Any = dataclasses.MISSING, help: str |
     return setting(default, **meta)
 
 
+class _Omit:
+    """The key function's answer for "this setting is not part of the run's key"."""
+
+    def __repr__(self) -> str:
+        return "OMIT"
+
+
+OMIT = _Omit()
+
+
 @dataclasses.dataclass(frozen=True)
 class KeyContext:
     """What a key function may look at: the run's strategy and its settings."""
@@ -99,6 +111,10 @@ class KeyContext:
     def rewinds(self) -> bool:
         return self.prune.retrain == "rewind"
 
+    @property
+    def mitigation(self) -> str:
+        return getattr(self.prune, "mitigation", "plain")
+
 
 def flags(cls) -> list[dataclasses.Field]:
     """The fields of `cls` that are `rdfast run` flags, in declaration order."""
@@ -110,13 +126,16 @@ def flag_name(f: dataclasses.Field) -> str:
 
 
 def run_key(prune, train, strategy: str) -> dict:
-    """Every PruneSettings field as it enters the key of a run of `strategy`."""
+    """Every PruneSettings field as it enters the key of a run of `strategy` (fields whose
+    key function says OMIT left out)."""
     ctx = KeyContext(strategy, prune, train)
     out = {}
     for f in dataclasses.fields(prune):
         value = getattr(prune, f.name)
         key = f.metadata.get("key")
         value = key(value, ctx) if key else value
+        if value is OMIT:
+            continue
         out[f.metadata.get("key_name") or f.name] = (
             list(value) if isinstance(value, tuple) else value
         )

@@ -44,6 +44,7 @@ def train(
     forward: Callable | None = None,
     resume: dict | None = None,
     start_epoch: int = 0,
+    objective=None,
 ) -> dict:
     """Train in place. Epoch e shuffles with a generator derived from `seed_parts + (e,)`.
 
@@ -52,7 +53,9 @@ def train(
     run whose model state is already loaded, at that epoch: with the data order derived per
     epoch, the result is the uninterrupted one bit for bit. `on_epoch_end(epoch, optimizer)`
     sees the number of finished epochs. `start_epoch` begins a fresh optimizer at that epoch of
-    the schedule (rewound weights retrained to the end, as OpenLTH does). Returns {"seconds",
+    the schedule (rewound weights retrained to the end, as OpenLTH does). `objective`
+    (rdfast.mitigations): what is minimized, `objective.loss(logits, x, y)`, and what it
+    updates after each optimizer step; plain cross-entropy without. Returns {"seconds",
     "images_per_second", "last_loss"}; raises RunFailed on a NaN/inf loss.
     """
     forward = model if forward is None else forward
@@ -78,12 +81,16 @@ def train(
         loss_sum = torch.zeros((), device=device)
         for x, y in data.train_batches(settings.batch_size, generator(*seed_parts, epoch)):
             with autocast(device, settings.precision):
-                loss = F.cross_entropy(forward(x), y)
+                logits = forward(x)
+                loss = F.cross_entropy(logits, y) if objective is None else (
+                    objective.loss(logits, x, y))  # fmt: skip
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if masked:
                 torch._foreach_mul_([p.grad for p in masked_params], mask_values)
             opt.step()
+            if objective is not None:
+                objective.after_step()
             loss_sum += loss.detach() * y.shape[0]
             seen += y.shape[0]
         last = float(loss_sum) / data.x_train.shape[0]

@@ -22,11 +22,25 @@ def test_every_flag_field_is_an_option_of_run():
             assert f.metadata["help"], f.name
 
 
+MITIGATION_KEYS = {
+    "kd": {"mitigation", "kd_weight", "kd_temperature"},
+    "constrained": {"mitigation", "constraint_eps", "multiplier_lr", "val_fraction"},
+}
+
+
 def test_every_prune_setting_enters_the_run_key():
     train = TrainSettings(epochs=3, lr=0.1, batch_size=32, weight_decay=5e-4)
     names = {f.metadata.get("key_name") or f.name for f in dataclasses.fields(PruneSettings)}
+    mitigation_keys = set().union(*MITIGATION_KEYS.values())
     for strategy in ("mp", "up"):
-        assert set(run_key(PruneSettings(), train, strategy)) == names
+        # Plain retraining: the mitigation settings are left out, so the runs recorded
+        # before they existed keep their ids.
+        assert set(run_key(PruneSettings(), train, strategy)) == names - mitigation_keys
+        for mitigation, own in MITIGATION_KEYS.items():
+            key = run_key(PruneSettings(mitigation=mitigation), train, strategy)
+            assert set(key) == names - mitigation_keys | own
+    key = run_key(PruneSettings(mitigation="kd", kd_temperature=2.0), train, "mp")
+    assert key["mitigation"] == "kd" and key["kd_temperature"] == 2.0
     # Values that cannot matter for a strategy or a mode are None (or "none"): runs that
     # cannot differ share a key.
     key = run_key(PruneSettings(up_eps=0.1, retrain="rewind"), train, "mp")
