@@ -146,8 +146,18 @@ analysis_options = [
         "--vs",
         default="auto",
         show_default=True,
-        help="Compare every strategy with this one, seed by seed on the same dense model "
-        "(auto: mp when present; none: no comparison).",
+        help="Compare every strategy with this one, or every mitigation with plain "
+        "retraining (plain), seed by seed on the same dense model (auto: plain when runs "
+        "used several mitigations, else mp when present; none: no comparison).",
+    ),
+    click.option(
+        "--floor",
+        default=2.0,
+        show_default=True,
+        type=float,
+        help="Show E[alpha_t] and its mark only where the mean accuracy is above FLOOR x "
+        "chance (1 / classes; at most halfway from chance to 1): alpha divides by the "
+        "accuracy (0: everywhere).",
     ),
 ]
 
@@ -158,7 +168,7 @@ def with_analysis_options(fn):
     return fn
 
 
-def analysis_args(by, ci, ci_method, top_classes, vs) -> dict:
+def analysis_args(by, ci, ci_method, top_classes, vs, floor) -> dict:
     """The options `with_analysis_options` adds, as the keywords the commands take."""
     return {
         "by": parse_by(by),
@@ -166,6 +176,7 @@ def analysis_args(by, ci, ci_method, top_classes, vs) -> dict:
         "ci_method": ci_method,
         "top_classes": top_classes,
         "vs": None if vs == "none" else vs,
+        "floor": floor,
     }
 
 
@@ -183,7 +194,7 @@ def analysis_args(by, ci, ci_method, top_classes, vs) -> dict:
 @click.option(
     "-o", "--out", type=click.Path(path_type=Path), help="Folder for the stats tables [RUNS_DIR]."
 )
-def analyze(runs_dir, by, ci, ci_method, top_classes, vs, fmt, out):
+def analyze(runs_dir, by, ci, ci_method, top_classes, vs, floor, fmt, out):
     """E[alpha_t] with its CI mark (< > ?) and mean accuracy, per group and t.
 
     alpha_t(m) is the least-squares slope through the origin of the normalized recall
@@ -196,7 +207,7 @@ def analyze(runs_dir, by, ci, ci_method, top_classes, vs, fmt, out):
     from rdfast.cli.output import print_analysis
     from rdfast.commands import analyze_runs
 
-    args = analysis_args(by, ci, ci_method, top_classes, vs)
+    args = analysis_args(by, ci, ci_method, top_classes, vs, floor)
     a, written = analyze_runs(runs_dir=runs_dir, out=out, **args)
     return print_analysis(
         a, written, fmt, top_classes, click.echo, lambda m: click.echo(m, err=True)
@@ -217,14 +228,14 @@ def analyze(runs_dir, by, ci, ci_method, top_classes, vs, fmt, out):
 @click.option(
     "--scatter-t", default="", help="t values of the scatter plots [smallest, middle, largest]."
 )
-def report(runs_dir, out, by, ci, ci_method, top_classes, vs, run_id, scatter_t):
+def report(runs_dir, out, by, ci, ci_method, top_classes, vs, floor, run_id, scatter_t):
     """Tables and figures of the recall-distortion study: index.html and report.md."""
     from rdfast.commands import make_report
 
     path = make_report(
         runs_dir=runs_dir,
         out=out,
-        **analysis_args(by, ci, ci_method, top_classes, vs),
+        **analysis_args(by, ci, ci_method, top_classes, vs, floor),
         run_id=run_id,
         scatter_ts=list(parse_floats(scatter_t, "--scatter-t")) or None,
     )

@@ -24,6 +24,7 @@ def print_run(result, echo) -> int:
         echo(acc_tab.to_string())
         echo(f"\n{tables.legend(a)}:")
         echo(alpha_tab.to_string())
+        print_floor(a, echo)
         print_extras(a, echo)
     elif result.no_summary:
         echo(f"\nno summary tables: {result.no_summary}")
@@ -38,17 +39,21 @@ def print_run(result, echo) -> int:
 
 
 def print_extras(a, echo, *, md: bool = False, top_classes: int = 0) -> None:
-    """After the alpha and accuracy tables: the strategies against the baseline (if any) and
-    the `top_classes` classes of each group that pay most, as plain text or Markdown."""
+    """After the alpha and accuracy tables: the disparity Psi, the strategies (or mitigations)
+    against the baseline (if any) and the `top_classes` classes of each group that pay most,
+    as plain text or Markdown."""
 
     def section(title, table):
         echo(f"\n{title}" + ("\n" if md else ":"))
         echo(tables.markdown(table) if md else table.to_string())
 
+    if (a.groups["t"] > 1).any():
+        section(tables.disparity_legend(a), tables.disparity_table(a))
     if a.paired is not None:
-        alpha_diff, acc_diff = tables.paired_tables(a)
+        alpha_diff, acc_diff, psi_diff = tables.paired_tables(a)
         section(tables.paired_legend(a), alpha_diff)
         section(f"accuracy minus {a.baseline}", acc_diff)
+        section(f"Psi minus {a.baseline}", psi_diff)
     paying = tables.paying_classes(a, top_classes)
     if not paying.empty:
         section(tables.paying_legend(a, top_classes), paying)
@@ -80,12 +85,14 @@ def print_analysis(a, written, fmt: str, top_classes: int, echo, err) -> int:
     elif fmt == "markdown":
         echo(f"{tables.legend(a)}\n")
         echo(tables.markdown(alpha_tab))
+        print_floor(a, echo)
         echo("\nmean accuracy\n")
         echo(tables.markdown(acc_tab))
         print_extras(a, echo, md=True, top_classes=top_classes)
     else:
         echo(tables.legend(a))
         echo(alpha_tab.to_string())
+        print_floor(a, echo)
         echo("\nmean accuracy")
         echo(acc_tab.to_string())
         print_extras(a, echo, top_classes=top_classes)
@@ -95,6 +102,12 @@ def print_analysis(a, written, fmt: str, top_classes: int, echo, err) -> int:
         err(f"note: {note}")
     err(f"stats tables: {', '.join(str(p) for p in written)}")
     return 0
+
+
+def print_floor(a, echo) -> None:
+    """The legend of `--` cells, where the alpha table has any."""
+    if a.groups["below_floor"].any():
+        echo(tables.floor_legend(a))
 
 
 def print_flips(a, echo, *, md: bool = False) -> None:

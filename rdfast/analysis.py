@@ -2,10 +2,13 @@
 
 Per class:  B = R - A,  Bn = (R - A) / A,  I = Bn_t / Bn_1 (undefined where Bn_1 = 0).
 Per model:  alpha_t = sum_c x_c y_c / sum_c x_c^2 with x = Bn_1, y = Bn_t (slope through the
-            origin), and its standard error sqrt(RSS / (n - 1) / sum x^2).
+            origin), and its standard error sqrt(RSS / (n - 1) / sum x^2); the disparity
+            Psi_t = max_c psi_c - min_c psi_c of the excess recall drops
+            psi_c = (R_1^c - R_t^c) - (A_1 - A_t) (bounded in [0, 2]; no division by A).
 Per group:  E[alpha_t] over replicate models (seeds) with a confidence interval (Student-t or
-            bootstrap), a one-sample t-test of alpha = 1, the mark `<` / `>` / `?`, the mean
-            accuracy with its interval, and the pooled slope over all classes of all models.
+            bootstrap), a one-sample t-test of alpha = 1, the mark `<` / `>` / `?` (none where
+            the mean accuracy is at most `floor` x chance), the mean accuracy and E[Psi_t]
+            with their intervals, and the pooled slope over all classes of all models.
 Per group and class: the mean recall change R_t - R_1 over the replicates with its interval,
             beside the accuracy change A_t - A_1: which classes pay for the sparsity.
 Per pair of strategies, or of mitigations: alpha and accuracy differences between runs of one
@@ -61,6 +64,18 @@ SETTING_COLUMNS = (
     "dense_id",
 )
 CI_METHODS = ("t", "bootstrap")
+# alpha divides by the accuracy: near chance its slope and interval mean nothing (global
+# random pruning on digits reaches 0.11 and 0.10 at t = 32 and 64, chance 0.10). Marks need a
+# group's mean accuracy above FLOOR x chance (chance = 1 / classes), never above halfway
+# from chance to 1 (so a two-class task is not hidden whole): twice chance is 0.2 on ten
+# classes, 0.02 on a hundred, 0.75 on two.
+DEFAULT_FLOOR = 2.0
+
+
+def accuracy_floor(floor: float, n_classes):
+    """The accuracy at or below which alpha is not shown: min(floor / C, (1 + 1/C) / 2)."""
+    chance = 1.0 / np.asarray(n_classes, dtype=float)
+    return np.minimum(floor * chance, (1 + chance) / 2)
 # Coverage (%) of the intervals as `rdfast analyze` computes them, on normal data, by
 # replicate count: `python -m benchmarks.ci_coverage` (4,000 samples per cell, 2026-11-26;
 # benchmarks/README.md). Marks need an interval within COVERAGE_SLACK points of its nominal
@@ -133,6 +148,7 @@ class Analysis:
     notes: list[str] = field(default_factory=list)
     paired: pd.DataFrame | None = None  # one row per (group, t): alpha and accuracy minus --vs
     flips: object | None = None  # flips.Flips, where the runs recorded their predictions
+    floor: float = DEFAULT_FLOOR  # marks need a mean accuracy above floor x chance
 
     @property
     def baseline(self) -> str | None:
@@ -268,10 +284,22 @@ def run_table(classes: pd.DataFrame) -> pd.DataFrame:
     rss = (sums["syy"] - alpha * sums["sxy"]).clip(lower=0)
     dof = (sums["n_classes_used"] - 1).where(sums["n_classes_used"] > 1)
     se = np.sqrt(rss / dof / sums["sxx"].where(sums["sxx"] > 0))
+    # psi_c = (R_1^c - R_t^c) - (A_1 - A_t); its range over classes is that of R_t^c - R_1^c.
+    psi = (classes["R1"] - classes["recall"]) - (classes["A1"] - classes["accuracy"])
+    spread = psi.groupby([classes["run_id"], classes["t"]], sort=False).agg(["max", "min"])
+    spread.index.names = keys
     meta_cols = [c for c in RUN_COLUMNS if c in classes.columns and c != "run_id"]
     meta = classes.drop_duplicates(keys).set_index(keys)[[*meta_cols, "step", "accuracy"]]
     out = meta.join(
-        pd.DataFrame({"alpha": alpha, "alpha_se": se, "n_classes_used": sums["n_classes_used"]})
+        pd.DataFrame(
+            {
+                "alpha": alpha,
+                "alpha_se": se,
+                "n_classes_used": sums["n_classes_used"],
+                "disparity": spread["max"] - spread["min"],
+                "max_excess_drop": spread["max"],
+            }
+        )
     )
     out = out.reset_index()
     return out.sort_values(["run_id", "t"], kind="stable").reset_index(drop=True)
@@ -319,10 +347,13 @@ def paired_table(
     n_resamples=9999,
     seed=0,
     notes: list[str] | None = None,
+    floor: float = DEFAULT_FLOOR,
 ) -> pd.DataFrame:
     """Per (group, t): E[alpha_t(s) - alpha_t(baseline)] over the seeds, each difference taken
     between two runs that pruned the same dense model, with its interval, the paired t-test of
-    no difference (scipy.stats.ttest_rel), and the same for accuracy. `baseline` is a strategy
+    no difference (scipy.stats.ttest_rel), and the same for accuracy and the disparity Psi_t
+    (alpha's mark left out where either side's mean accuracy is at most `floor` x chance).
+    `baseline` is a strategy
     (the others against it, under the same retraining) or a mitigation (`plain`: each
     mitigation against plain retraining, under the same strategy).
 
@@ -352,8 +383,8 @@ def paired_table(
         # A baseline run in both score forms (gp taylor and gp sum): each form is compared
         # with its own (up sum against gp sum), and strategies without a form are left out.
         keys.append("saliency")
-    base = runs.loc[is_base, [*keys, "alpha", "accuracy"]].rename(
-        columns={"alpha": "base_alpha", "accuracy": "base_accuracy"}
+    base = runs.loc[is_base, [*keys, "alpha", "accuracy", "disparity"]].rename(
+        columns={"alpha": "base_alpha", "accuracy": "base_accuracy", "disparity": "base_psi"}
     )
     pairs = runs[~is_base].merge(base, on=keys, how="inner")
     if notes is not None:
@@ -361,10 +392,17 @@ def paired_table(
     pairs = pairs.assign(
         diff=pairs["alpha"] - pairs["base_alpha"],
         acc_diff=pairs["accuracy"] - pairs["base_accuracy"],
+        psi_diff=pairs["disparity"] - pairs["base_psi"],
+        floor_accuracy=accuracy_floor(floor, pairs["n_classes_used"]),
     )
     g = pairs.groupby([*by, "t"], sort=True, dropna=False)
     diff = _summary(g["diff"], ci, method, n_resamples, seed)
     acc = _summary(g["acc_diff"], ci, method, n_resamples, seed)
+    psi = _summary(g["psi_diff"], ci, method, n_resamples, seed)
+    # Either side's mean accuracy at the floor: no mark for the slopes' difference.
+    means = g[["accuracy", "base_accuracy", "floor_accuracy"]].mean()
+    below = np.minimum(means["accuracy"], means["base_accuracy"]) <= means["floor_accuracy"]
+    below &= diff.index.get_level_values("t") > 1
     _note_undercover(method, ci, diff["n"], notes)
     constant = (diff["constant"] | acc["constant"]) & (diff.index.get_level_values("t") > 1)
     if notes is not None and constant.any():
@@ -381,14 +419,22 @@ def paired_table(
             "ci_high": diff["high"],
             "p_value": diff["p"],  # = scipy.stats.ttest_rel of the pairs
             "mark": mark(diff["low"], diff["high"], diff["n"], ref=0.0).where(
-                ~undercovering(method, ci, diff["n"]), ""
+                ~undercovering(method, ci, diff["n"]) & ~below, ""
             ),
+            "below_floor": below,
             "mean_acc_diff": acc["mean"],
             "acc_ci_low": acc["low"],
             "acc_ci_high": acc["high"],
             "acc_p_value": acc["p"],
             "acc_mark": mark(acc["low"], acc["high"], acc["n"], ref=0.0).where(
                 ~undercovering(method, ci, acc["n"]), ""
+            ),
+            "mean_disparity_diff": psi["mean"],
+            "disparity_ci_low": psi["low"],
+            "disparity_ci_high": psi["high"],
+            "disparity_p_value": psi["p"],
+            "disparity_mark": mark(psi["low"], psi["high"], psi["n"], ref=0.0).where(
+                ~undercovering(method, ci, psi["n"]), ""
             ),
         }
     )
@@ -490,11 +536,22 @@ def mark(low, high, n, ref: float = 1.0) -> pd.Series:
 
 
 def group_table(
-    runs, classes, by, ci, method, n_resamples=9999, seed=0, notes=None
+    runs, classes, by, ci, method, n_resamples=9999, seed=0, notes=None, floor=DEFAULT_FLOOR
 ) -> pd.DataFrame:
     keys = [*by, "t"]
     g = runs.groupby(keys, sort=True, dropna=False)
     alpha = _summary(g["alpha"], ci, method, n_resamples, seed, ref=1.0)
+    acc = _summary(g["accuracy"], ci, method, n_resamples, seed)
+    # The floor of each run's classes (those the slope was fitted on), averaged per group.
+    floors = pd.Series(accuracy_floor(floor, runs["n_classes_used"]), index=runs.index)
+    group_floor = floors.groupby([runs[k] for k in keys], sort=True, dropna=False).mean()
+    below = (acc["mean"] <= group_floor) & (alpha.index.get_level_values("t") > 1)
+    if notes is not None and below.any():
+        notes.append(
+            f"{int(below.sum())} (group, t) cells have a mean accuracy at most {floor:g} x "
+            "chance: their E[alpha_t] has no mark and is not shown (alpha divides by the "
+            "accuracy); E[Psi_t] is (--floor 0 shows them)"
+        )
     _note_undercover(method, ci, alpha["n"], notes)
     if notes is not None:
         undefined = runs.loc[runs["alpha"].isna() & (runs["step"] > 0), "run_id"].nunique()
@@ -509,7 +566,7 @@ def group_table(
                 f"{int(constant.sum())} (group, t) have the same alpha in every replicate: "
                 "no interval and no mark there"
             )
-    acc = _summary(g["accuracy"], ci, method, n_resamples, seed)
+    psi = _summary(g["disparity"], ci, method, n_resamples, seed)
     agg = pd.DataFrame(
         {
             "n": alpha["n"],
@@ -518,11 +575,16 @@ def group_table(
             "ci_high": alpha["high"],
             "p_value": alpha["p"],  # the one-sample t-test of E[alpha] = 1
             "mark": mark(alpha["low"], alpha["high"], alpha["n"]).where(
-                ~undercovering(method, ci, alpha["n"]), ""
+                ~undercovering(method, ci, alpha["n"]) & ~below, ""
             ),
             "mean_accuracy": acc["mean"],
             "acc_ci_low": acc["low"],
             "acc_ci_high": acc["high"],
+            "accuracy_floor": group_floor,
+            "below_floor": below,
+            "mean_disparity": psi["mean"],
+            "disparity_ci_low": psi["low"],
+            "disparity_ci_high": psi["high"],
         }
     )
     # Pooled slope: every class of every replicate in one fit (what a scatter plot shows).
@@ -540,11 +602,13 @@ def analyze(
     n_resamples: int = 9999,
     seed: int = 0,
     vs: str | None = "auto",
+    floor: float = DEFAULT_FLOOR,
 ) -> Analysis:
     """All statistics of the records. `vs`: the strategy (or mitigation) the others are
     compared with, run by run (`paired_table`); "auto" takes plain when runs retrained with a
     mitigation and without, else mp when mp and another strategy were run; None none.
-    Records of several mitigations are grouped by mitigation too."""
+    Records of several mitigations are grouped by mitigation too. `floor`: alpha's marks and
+    cells need a mean accuracy above floor x chance (0: always)."""
     if records.empty:
         raise BadInput("no records to analyze")
     check_version(records)
@@ -559,6 +623,8 @@ def analyze(
         raise BadInput(f"--ci must lie strictly between 0 and 1, got {ci}")
     if ci_method not in CI_METHODS:
         raise BadInput(f"unknown CI method {ci_method!r}; choose from t, bootstrap")
+    if not 0 <= floor < np.inf:
+        raise BadInput(f"--floor must be >= 0 and finite, got {floor}")
     notes: list[str] = []
     if "mitigation" in records.columns and "mitigation" not in by:
         if records["mitigation"].nunique() > 1:
@@ -569,15 +635,19 @@ def analyze(
         raise BadInput("no usable records: every class row was left out")
     runs = run_table(classes)
     _note_differing_t(runs, by, notes)
-    groups = group_table(runs, classes, by, ci, ci_method, n_resamples, seed, notes)
+    groups = group_table(runs, classes, by, ci, ci_method, n_resamples, seed, notes, floor)
     class_groups = class_group_table(classes, by, ci, ci_method, n_resamples, seed)
     if vs == "auto":
         vs = _auto_baseline(runs, by)
-    paired = paired_table(runs, by, vs, ci, ci_method, n_resamples, seed, notes) if vs else None
+    paired = (
+        paired_table(runs, by, vs, ci, ci_method, n_resamples, seed, notes, floor) if vs else None
+    )
     if paired is not None and paired.empty:
         notes.append(f"no run pruned the same dense model as a {vs} run: no comparison with {vs}")
         paired = None
-    return Analysis(classes, runs, groups, class_groups, by, ci, ci_method, notes, paired)
+    return Analysis(
+        classes, runs, groups, class_groups, by, ci, ci_method, notes, paired, floor=floor
+    )
 
 
 def _auto_baseline(runs, by) -> str | None:

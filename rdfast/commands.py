@@ -132,7 +132,9 @@ def prune_checkpoint(*, progress=None, **flags):
                         exclude=job.exclude, progress=progress)  # fmt: skip
 
 
-def analyze_runs(*, runs_dir, by, ci, ci_method, out=None, top_classes=3, vs="auto"):
+def analyze_runs(
+    *, runs_dir, by, ci, ci_method, out=None, top_classes=3, vs="auto", floor=2.0
+):  # fmt: skip
     """(Analysis, paths of the stats tables written next to the records or into `out`)."""
     from rdfast import analysis, flips, outdir
 
@@ -140,7 +142,7 @@ def analyze_runs(*, runs_dir, by, ci, ci_method, out=None, top_classes=3, vs="au
     if other:
         outdir.check(out, "analyze")
     records = analysis.load(runs_dir)
-    a = analysis.analyze(records, by=by, ci=ci, ci_method=ci_method, vs=vs)
+    a = analysis.analyze(records, by=by, ci=ci, ci_method=ci_method, vs=vs, floor=floor)
     a.flips = flips.analyze_flips(runs_dir, records, a.by, top=max(top_classes, 1))
     if other:
         Path(out).mkdir(parents=True, exist_ok=True)
@@ -149,14 +151,17 @@ def analyze_runs(*, runs_dir, by, ci, ci_method, out=None, top_classes=3, vs="au
 
 
 def make_report(
-    *, runs_dir, out, by, ci, ci_method, run_id=None, scatter_ts=None, top_classes=3, vs="auto"
-) -> Path:
+    *, runs_dir, out, by, ci, ci_method, run_id=None, scatter_ts=None, top_classes=3, vs="auto",
+    floor=2.0,
+) -> Path:  # fmt: skip
     """The report folder `out` (index.html, report.md, figures) of the records in runs_dir."""
-    from rdfast import analysis, outdir
+    from rdfast import analysis, flips, outdir
     from rdfast.report import build_report
 
     outdir.check(out, "report", records=runs_dir)  # before the analysis: nothing to undo
-    a = analysis.analyze(analysis.load(runs_dir), by=by, ci=ci, ci_method=ci_method, vs=vs)
+    records = analysis.load(runs_dir)
+    a = analysis.analyze(records, by=by, ci=ci, ci_method=ci_method, vs=vs, floor=floor)
+    a.flips = flips.analyze_flips(runs_dir, records, a.by, top=max(top_classes, 1))
     return build_report(
         a, runs_dir, out, run_id=run_id, scatter_ts=scatter_ts, top_classes=top_classes
     )

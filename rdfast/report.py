@@ -26,6 +26,9 @@ from rdfast.errors import BadInput  # noqa: E402
 from rdfast.manifests import settings_table  # noqa: E402
 from rdfast.tables import (  # noqa: E402
     at_largest_t,
+    disparity_legend,
+    disparity_table,
+    floor_legend,
     group_label,
     legend,
     markdown,
@@ -252,6 +255,35 @@ def paired_plot(a: Analysis, path: Path):
     _save(fig, path, dpi=100)
 
 
+def flips_plot(a: Analysis, path: Path):
+    """Mean flip rate (left) and PIE share (right) against t, one line per group."""
+    g = a.flips.groups
+    g = g[g["t"] > 1]
+    keys = [b for b in a.by if b in g.columns]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
+    # Colour: the strategy; marker and line style: the rest of the group (as in paired_plot).
+    rest = [b for b in keys if b not in ("strategy", "saliency")]
+    styles = {}
+    for i, (_, k) in enumerate(sorted_groups(g, keys).iterrows()):
+        rows = g[_in_group(g, k, keys)].sort_values("t")
+        j = styles.setdefault(tuple(k[b] for b in rest), len(styles))
+        style = dict(color=_color(i, k.get("strategy", "")), marker="osD^vP*X"[j % 8],
+                     ls=("-", "--", ":", "-.")[(j // 8) % 4], label=group_label(k, keys))
+        axes[0].plot(rows["t"], 100 * rows["mean_flip_rate"], **style)
+        axes[1].plot(rows["t"], 100 * rows["pie_share"], **style)  # fmt: skip
+    titles = ("test predictions that differ from the dense model's (mean over seeds)",
+              "PIE: modal pruned prediction differs from the modal dense one")  # fmt: skip
+    for ax, title in zip(axes, titles):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("pruning ratio t (log scale)")
+        ax.set_ylabel("% of test examples")
+        ax.set_title(title, fontsize=10)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("Prediction flips against the dense model, and pruning-identified exemplars "
+                 "(Hooker et al. 2019)\nover the seeds of each group", fontsize=10)  # fmt: skip
+    _save(fig, path, dpi=100)
+
+
 def recall_heatmap(classes: pd.DataFrame, run_id: str, path: Path):
     sub = classes[classes["run_id"] == run_id]
     tab = sub.pivot_table(index="class", columns="t", values="recall")
@@ -423,6 +455,13 @@ def plan_figures(a: Analysis, scatter_ts, run_id: str) -> list[tuple[Figure, Cal
                 lambda p: paired_plot(a, p),
             )
         )
+    if a.flips is not None and not a.flips.empty and (a.flips.groups["t"] > 1).any():
+        plan.append(
+            (
+                Figure("flips.png", "flip rate and PIE share against t"),
+                lambda p: flips_plot(a, p),
+            )
+        )
     if (a.class_groups["t"] > 1).any():
         plan.append(
             (
@@ -443,21 +482,31 @@ def plan_figures(a: Analysis, scatter_ts, run_id: str) -> list[tuple[Figure, Cal
 
 def report_sections(a: Analysis, runs_dir: Path, figures, top_classes: int) -> list[Section]:
     alpha_tab, acc_tab = paper_tables(a)
+    alpha_parts = [legend(a) + ".", Table(alpha_tab)]
+    if a.groups["below_floor"].any():
+        alpha_parts.append(floor_legend(a) + ".")
     sections = [
-        Section("E[alpha_t]", [legend(a) + ".", Table(alpha_tab)]),
+        Section("E[alpha_t]", alpha_parts),
         Section("Mean accuracy", [Table(acc_tab)]),
     ]
+    if (a.groups["t"] > 1).any():
+        sections.append(
+            Section("E[Psi_t]: disparity", [disparity_legend(a) + ".", Table(disparity_table(a))])
+        )
     vs = a.baseline
     if vs is not None:
-        alpha_diff, acc_diff = paired_tables(a)
+        alpha_diff, acc_diff, psi_diff = paired_tables(a)
+        what = "Strategies" if a.paired_by == "strategy" else "Mitigations"
         sections.append(
             Section(
-                f"Strategies against {vs}, seed by seed",
+                f"{what} against {vs}, seed by seed",
                 [
                     paired_legend(a) + ".",
                     Table(alpha_diff),
                     f"Accuracy minus {vs}:",
                     Table(acc_diff),
+                    f"Psi minus {vs}:",
+                    Table(psi_diff),
                 ],
             )
         )
@@ -466,12 +515,41 @@ def report_sections(a: Analysis, runs_dir: Path, figures, top_classes: int) -> l
         sections.append(
             Section("Which classes pay", [paying_legend(a, top_classes) + ".", Table(paying)])
         )
+    most = most_flipped_table(a)
+    if not most.empty:
+        sections.append(
+            Section(
+                "Most-flipped test examples",
+                [
+                    "At each group's largest t, per class: the test examples (indices in the "
+                    "dataset's test order) whose prediction differs from the dense model's in "
+                    "the most runs (of the group's seeds).",
+                    Table(most),
+                ],
+            )
+        )
     settings = settings_table(runs_dir, a.runs["run_id"].unique())
     return sections + [
         Section("Notes", [a.notes or ["none"]]),
         Section("Figures", list(figures)),
         Section("Settings of the runs", [Table(settings, key="run_id", empty="(no manifests)")]),
     ]
+
+
+def most_flipped_table(a: Analysis) -> pd.DataFrame:
+    """Rows: (group, class); the most-flipped examples as `index (runs)` lists."""
+    f = a.flips
+    if f is None or f.empty or f.most_flipped.empty:
+        return pd.DataFrame()
+    m = f.most_flipped
+    keys = [b for b in a.by if b in m.columns]
+    rows = []
+    for (key, c), part in m.groupby([m.apply(lambda r: group_label(r, keys), axis=1), "class"],
+                                    sort=False):  # fmt: skip
+        rows.append({"group": key, "t": f"{part['t'].iloc[0]:g}", "class": int(c),
+                     "examples (runs flipped)": ", ".join(
+                         f"{e} ({n})" for e, n in zip(part["example"], part["runs_flipped"]))})
+    return pd.DataFrame(rows).set_index("group")  # fmt: skip
 
 
 def _header(a: Analysis) -> str:

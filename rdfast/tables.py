@@ -53,13 +53,50 @@ def _by_t(frame: pd.DataFrame, a: Analysis, cells) -> pd.DataFrame:
     return tab.reindex([o for o in order if o in tab.index]).fillna("")
 
 
+BELOW_FLOOR = "--"  # a cell whose mean accuracy is at most the floor: alpha not shown
+
+
+def _alpha_cells(frame, mean, mark_, fmt):
+    below = frame["below_floor"] if "below_floor" in frame else [False] * len(frame)
+    return [
+        BELOW_FLOOR if low else _cell(v, m, n, fmt)
+        for v, m, n, low in zip(frame[mean], frame[mark_], frame["n"], below)
+    ]
+
+
 def paper_tables(a: Analysis) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Rows: groups; columns: t. Cells `1.12>` (E[alpha_t] and its mark), then accuracy."""
+    """Rows: groups; columns: t. Cells `1.12>` (E[alpha_t] and its mark; `--` at or below the
+    accuracy floor), then accuracy."""
     g = a.groups
     pruned = g[g["t"] > 1]
-    alpha = [_cell(*r, ".2f") for r in zip(pruned["mean_alpha"], pruned["mark"], pruned["n"])]
+    alpha = _alpha_cells(pruned, "mean_alpha", "mark", ".2f")
     acc = [f"{v:.3f}" for v in g["mean_accuracy"]]
     return _by_t(pruned, a, alpha), _by_t(g, a, acc)
+
+
+def disparity_table(a: Analysis) -> pd.DataFrame:
+    """Rows: groups; columns: t > 1; cells E[Psi_t] over seeds with its interval."""
+    g = a.groups[a.groups["t"] > 1]
+    cells = [
+        "-" if np.isnan(v) else f"{v:.3f}" + ("" if np.isnan(lo) else f" ({lo:.3f} to {hi:.3f})")
+        for v, lo, hi in zip(g["mean_disparity"], g["disparity_ci_low"], g["disparity_ci_high"])
+    ]
+    return _by_t(g, a, cells)
+
+
+def disparity_legend(a: Analysis) -> str:
+    return (
+        "E[Psi_t] over seeds with its " f"{a.ci * 100:g} % {_method_name(a)} interval: Psi_t = "
+        "max_c psi_c - min_c psi_c, psi_c = (R_1^c - R_t^c) - (A_1 - A_t), the spread of the "
+        "classes' excess recall drops (0: every class lost what the model lost; at most 2)"
+    )  # fmt: skip
+
+
+def floor_legend(a: Analysis) -> str:
+    return (
+        f"{BELOW_FLOOR}: mean accuracy at most {a.floor:g} x chance (--floor), where alpha "
+        "(which divides by the accuracy) means nothing; see E[Psi_t]"
+    )
 
 
 def at_largest_t(a: Analysis) -> pd.DataFrame:
@@ -105,19 +142,21 @@ def paying_legend(a: Analysis, top: int) -> str:
     )
 
 
-def paired_tables(a: Analysis) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Rows: strategies other than the baseline; columns: t; cells `-0.05<` (E[difference] and
-    its mark against 0), for alpha and then for accuracy."""
+def paired_tables(a: Analysis) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Rows: strategies (or mitigations) other than the baseline; columns: t; cells `-0.05<`
+    (E[difference] and its mark against 0), for alpha, accuracy and Psi."""
     p = a.paired[a.paired["t"] > 1]
-    alpha = [_cell(*r, "+.2f") for r in zip(p["mean_diff"], p["mark"], p["n"])]
+    alpha = _alpha_cells(p, "mean_diff", "mark", "+.2f")
     acc = [_cell(*r, "+.3f") for r in zip(p["mean_acc_diff"], p["acc_mark"], p["n"])]
-    return _by_t(p, a, alpha), _by_t(p, a, acc)
+    psi = [_cell(*r, "+.3f") for r in zip(p["mean_disparity_diff"], p["disparity_mark"], p["n"])]
+    return _by_t(p, a, alpha), _by_t(p, a, acc), _by_t(p, a, psi)
 
 
 def paired_legend(a: Analysis) -> str:
     baseline = a.baseline
     return (
-        f"E[alpha_t(s) - alpha_t({baseline})] and E[A_t(s) - A_t({baseline})] over seeds, each "
+        f"E[alpha_t(s) - alpha_t({baseline})], E[A_t(s) - A_t({baseline})] and E[Psi_t(s) - "
+        f"Psi_t({baseline})] over seeds, each "
         f"difference between two runs that pruned the same dense model; mark: < "
         f"{a.ci * 100:g} % CI below 0, > above 0, ? overlaps 0 ({_method_name(a)})"
     )

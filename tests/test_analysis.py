@@ -128,6 +128,12 @@ def test_class_recall_change_against_hand_values_and_scipy():
     assert tables.paying_classes(a, 0).empty
 
 
+# The toy models of these tests sit at accuracy 0.5 on three or four classes, at or below
+# the default accuracy floor (2 x chance; rdfast.analysis.accuracy_floor), where alpha gets no
+# mark: the tests of the intervals and marks switch the floor off (NO_FLOOR).
+NO_FLOOR = {"floor": 0.0}
+
+
 def crafted_group(alphas, strategy="mp"):
     x = [0.2, -0.1, -0.1]
     return [run_with(s, x, [al * v for v in x], strategy=strategy) for s, al in enumerate(alphas)]
@@ -135,7 +141,7 @@ def crafted_group(alphas, strategy="mp"):
 
 def test_ci_equals_scipy_t_interval_and_ttest():
     alphas = [1.2, 1.5, 0.9, 1.1, 1.3]
-    a = analysis.analyze(fake_records(crafted_group(alphas)), by=("strategy",), ci=0.99)
+    a = analysis.analyze(fake_records(crafted_group(alphas)), by=("strategy",), ci=0.99, **NO_FLOOR)
     g = a.groups[a.groups["t"] == 4.0].iloc[0]
     lo, hi = stats.t.interval(0.99, len(alphas) - 1, loc=np.mean(alphas), scale=stats.sem(alphas))
     assert g["n"] == 5
@@ -157,7 +163,7 @@ def test_paired_differences_equal_scipy_ttest_rel():
         )
         for s, (al, acc) in enumerate(zip(alphas, accs))
     ]
-    a = analysis.analyze(fake_records(runs), by=("strategy",), ci=0.95)
+    a = analysis.analyze(fake_records(runs), by=("strategy",), ci=0.95, **NO_FLOOR)
     row = a.paired[(a.paired["t"] == 4.0)].set_index("strategy").loc["up"]
     diff = np.subtract(up_alpha, mp_alpha)  # -0.1, -0.08, -0.12, -0.1
     assert row["n"] == 4 and row["baseline"] == "mp"
@@ -171,7 +177,7 @@ def test_paired_differences_equal_scipy_ttest_rel():
     # The unpaired intervals of the two groups overlap; the paired one lies below 0.
     g = a.groups[a.groups["t"] == 4.0].set_index("strategy")
     assert g.loc["up", "ci_high"] > g.loc["mp", "ci_low"] and hi < 0
-    alpha_tab, acc_tab = tables.paired_tables(a)
+    alpha_tab, acc_tab, _ = tables.paired_tables(a)
     assert list(alpha_tab.index) == ["up"] and alpha_tab.loc["up", "t=4"] == "-0.10<"
     # No comparison without the baseline, on request, or when strategy is not a group column.
     assert analysis.analyze(fake_records(runs), by=("strategy",), vs=None).paired is None
@@ -218,7 +224,7 @@ def test_paired_differences_equal_scipy_ttest_rel():
     ],
 )
 def test_marks_on_crafted_groups(alphas, expected):
-    a = analysis.analyze(fake_records(crafted_group(alphas)), by=("strategy",))
+    a = analysis.analyze(fake_records(crafted_group(alphas)), by=("strategy",), **NO_FLOOR)
     assert a.groups.loc[a.groups["t"] == 4.0, "mark"].item() == expected
     alpha_tab, _ = tables.paper_tables(a)
     assert alpha_tab.loc["mp", "t=4"] == f"{np.mean(alphas):.2f}{expected}"
@@ -308,7 +314,7 @@ def test_pooled_alpha_over_all_classes_of_all_replicates():
 
 
 def test_single_replicate_has_no_ci_and_no_mark():
-    a = analysis.analyze(fake_records(crafted_group([1.4])), by=("strategy",))
+    a = analysis.analyze(fake_records(crafted_group([1.4])), by=("strategy",), **NO_FLOOR)
     g = a.groups[a.groups["t"] == 4.0].iloc[0]
     assert g["n"] == 1 and np.isnan(g["ci_low"]) and g["mark"] == ""
     assert tables.paper_tables(a)[0].loc["mp", "t=4"] == "1.40 (n=1)"
@@ -455,7 +461,7 @@ def test_bootstrap_marks_only_where_its_coverage_is_known_to_hold():
         gen = np.random.default_rng(n)
         runs = [run_with(s, x, [a * v for v in x]) for s, a in enumerate(2 + gen.random(n))]
         return analysis.analyze(
-            fake_records(runs), by=("strategy",), ci_method=method, n_resamples=500
+            fake_records(runs), by=("strategy",), ci_method=method, n_resamples=500, **NO_FLOOR
         )
 
     t5, boot5, boot20 = analyzed(5, "t"), analyzed(5, "bootstrap"), analyzed(20, "bootstrap")
@@ -475,3 +481,84 @@ def test_coverage_table_matches_a_fresh_simulation():
         for n in (5, 20):
             got = 100 * coverage(method, n, ci, "normal", reps=600, seed=11)
             assert abs(got - table[n]) < 4.5, (method, ci, n, got, table[n])
+
+
+def test_disparity_is_the_range_of_excess_recall_drops_hand_computed():
+    # Dense recalls 0.9, 0.7, 0.5 (accuracy 0.7 with equal support); at t = 8: 0.8, 0.7, 0.2
+    # (accuracy 0.5666...). psi_c = (R_1 - R_t) - (A_1 - A_t): 0.1 - 0.1333 = -0.0333,
+    # 0 - 0.1333 = -0.1333, 0.3 - 0.1333 = 0.1667: range 0.3, largest 0.1667.
+    run = {"seed": 0, "strategy": "mp", "acc": {1.0: 0.7, 8.0: 1.7 / 3},
+           "recall": {1.0: [0.9, 0.7, 0.5], 8.0: [0.8, 0.7, 0.2]}}  # fmt: skip
+    a = analysis.analyze(fake_records([run]), by=("strategy",))
+    row = a.runs[a.runs["t"] == 8.0].iloc[0]
+    assert row["disparity"] == pytest.approx(0.3, abs=1e-12)
+    assert row["max_excess_drop"] == pytest.approx(0.3 - 0.4 / 3, abs=1e-12)
+    dense = a.runs[a.runs["t"] == 1.0].iloc[0]
+    assert dense["disparity"] == 0.0
+
+
+def test_disparity_group_interval_and_paired_difference_against_scipy():
+    rng = np.random.default_rng(5)
+    runs = []
+    for seed in range(5):
+        r1 = list(rng.uniform(0.6, 0.95, size=4))
+        for strategy, spread in (("mp", 0.05), ("up", 0.15)):
+            rt = [r - rng.uniform(0, spread) for r in r1]
+            runs.append({"seed": seed, "strategy": strategy, "acc": {1.0: np.mean(r1),
+                         4.0: np.mean(rt)}, "recall": {1.0: r1, 4.0: rt}})  # fmt: skip
+    a = analysis.analyze(fake_records(runs), by=("strategy",), ci=0.99)
+    pruned = a.runs[a.runs["t"] == 4.0]
+    for strategy in ("mp", "up"):
+        v = pruned.loc[pruned["strategy"] == strategy, "disparity"].to_numpy()
+        g = a.groups[(a.groups["strategy"] == strategy) & (a.groups["t"] == 4.0)].iloc[0]
+        lo, hi = stats.t.interval(0.99, len(v) - 1, loc=v.mean(), scale=stats.sem(v))
+        assert g["mean_disparity"] == pytest.approx(v.mean(), rel=1e-12)
+        assert (g["disparity_ci_low"], g["disparity_ci_high"]) == (
+            pytest.approx(lo, rel=1e-9), pytest.approx(hi, rel=1e-9))  # fmt: skip
+    # Hand check of one run's Psi from its recalls, independent of the records pipeline.
+    r1, rt = np.array(runs[1]["recall"][1.0]), np.array(runs[1]["recall"][4.0])
+    psi = (r1 - rt) - (r1.mean() - rt.mean())
+    got = pruned.loc[(pruned["strategy"] == "up") & (pruned["seed"] == 0), "disparity"].item()
+    assert got == pytest.approx(psi.max() - psi.min(), rel=1e-12)
+    p = a.paired[a.paired["t"] == 4.0].iloc[0]
+    up = pruned[pruned["strategy"] == "up"].sort_values("seed")["disparity"].to_numpy()
+    mp = pruned[pruned["strategy"] == "mp"].sort_values("seed")["disparity"].to_numpy()
+    assert p["mean_disparity_diff"] == pytest.approx((up - mp).mean(), rel=1e-12)
+    assert p["disparity_p_value"] == pytest.approx(stats.ttest_rel(up, mp).pvalue, rel=1e-9)
+
+
+def test_floor_hides_alpha_and_its_mark_near_chance_and_counts_the_cells():
+    # Four classes (chance 0.25, floor 2 x chance = 0.5): a group at accuracy 0.45 and one
+    # at 0.9.
+    runs = []
+    for seed, noise in enumerate((0.0, 0.1, -0.1)):
+        for strategy, at in (("rp", 0.45), ("mp", 0.9)):
+            x = [0.1, -0.1, 0.05, -0.05]
+            y = [(3 + noise) * v for v in x]
+            runs.append(run_with(seed, x, y, a1=0.9, at=at, strategy=strategy))
+    a = analysis.analyze(fake_records(runs), by=("strategy",), vs="mp")
+    g = a.groups.set_index(["strategy", "t"])
+    assert g.loc[("rp", 4.0), "accuracy_floor"] == pytest.approx(0.5)
+    assert bool(g.loc[("rp", 4.0), "below_floor"]) and g.loc[("rp", 4.0), "mark"] == ""
+    assert not g.loc[("mp", 4.0), "below_floor"] and g.loc[("mp", 4.0), "mark"] == ">"
+    # The numbers stay in the table; the printed cell does not show them.
+    assert g.loc[("rp", 4.0), "mean_alpha"] == pytest.approx(3.0, abs=0.05)
+    alpha_tab, _ = tables.paper_tables(a)
+    assert alpha_tab.loc["rp", "t=4"] == tables.BELOW_FLOOR
+    assert alpha_tab.loc["mp", "t=4"].endswith(">")
+    assert any("1 (group, t) cells have a mean accuracy at most 2 x chance" in n for n in a.notes)
+    p = a.paired.set_index(["strategy", "t"])
+    assert bool(p.loc[("rp", 4.0), "below_floor"]) and p.loc[("rp", 4.0), "mark"] == ""
+    # A floor of 1.5 (0.375) lets the 0.45 group through; 0 switches the floor off.
+    for floor in (1.5, 0.0):
+        b = analysis.analyze(fake_records(runs), by=("strategy",), floor=floor)
+        assert not b.groups["below_floor"].any()
+        assert b.groups.set_index(["strategy", "t"]).loc[("rp", 4.0), "mark"] == ">"
+    with pytest.raises(BadInput, match="--floor"):
+        analysis.analyze(fake_records(runs), by=("strategy",), floor=-1)
+
+
+def test_accuracy_floor_is_a_multiple_of_chance_capped_halfway_to_one():
+    # floor / C, but never above (1 + 1/C) / 2: by hand for 10, 100, 3 and 2 classes.
+    got = analysis.accuracy_floor(2.0, np.array([10, 100, 3, 2]))
+    np.testing.assert_allclose(got, [0.2, 0.02, 2 / 3, 0.75])

@@ -3,6 +3,7 @@ refused in one line naming the key, exit code 2, nothing written."""
 
 from __future__ import annotations
 
+import pandas as pd
 import pytest
 from click.testing import CliRunner
 
@@ -84,6 +85,12 @@ def test_shipped_specs_expand():
     assert len(gpu.dense) == 40 and len(gpu.runs) == 160
     assert {r.exp.device for r in gpu.runs.values()} == {"cuda"}
     assert {r.resources["num_gpus"] for r in gpu.runs.values()} == {1.0}
+    # 2 datasets x 2 widths x 10 seeds; mp and up under three mitigations each, which share
+    # their dense models.
+    mit = grid_spec.load("mitigations")
+    assert len(mit.dense) == 40 and len(mit.runs) == 240
+    counts = pd.Series([r.exp.prune.mitigation for r in mit.runs.values()]).value_counts()
+    assert counts.to_dict() == {"plain": 80, "kd": 80, "constrained": 80}
 
 
 BAD = [

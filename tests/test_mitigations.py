@@ -233,3 +233,20 @@ def test_bad_mitigation_settings_are_one_line_exit_2(tmp_path, args, message):
     assert res.exit_code == 2, res.output
     assert message in res.output and "Traceback" not in res.output
     assert not out.exists()
+
+
+def test_cli_analyze_and_report_compare_mitigations_with_plain(tmp_path):
+    for m in ("plain", "kd"):
+        Engine(experiment(tmp_path, strategies=("mp",), seeds=(0, 1), mitigation=m),
+               progress=False).execute()  # fmt: skip
+    res = CliRunner().invoke(cli, ["analyze", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    assert "E[alpha_t(s) - alpha_t(plain)]" in res.stdout and "Psi minus plain" in res.stdout
+    # The paired rows are the kd groups (plain is the baseline).
+    rows = res.stdout.split("accuracy minus plain:")[1].splitlines()[2:3]
+    assert rows and rows[0].startswith("mp ") and " kd " in rows[0]
+    out = tmp_path / "report"
+    res = CliRunner().invoke(cli, ["report", str(tmp_path), "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    md = (out / "report.md").read_text()
+    assert "## Mitigations against plain, seed by seed" in md and (out / "vs_plain.png").exists()

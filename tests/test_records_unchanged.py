@@ -11,7 +11,10 @@ records must equal one set exactly, and the statistics and report that set's. On
 of CPU, record its set from a commit whose records are known to be right (the run ids and
 dense ids must match the stored ones) with `python -m tests.test_records_unchanged NAME`.
 If a change is meant to move the numbers (a new protocol), regenerate every set and say why
-in the commit.
+in the commit. The report is compared where its set holds one (`expected_report.md`): a
+change of the report's text or tables can be recorded only on the kind of machine a set is
+from, so the sets of other machines drop their report until they are recorded again; their
+records and statistics are still compared.
 """
 
 from __future__ import annotations
@@ -94,7 +97,9 @@ def test_records_and_statistics_are_unchanged(tmp_path):
     expected_groups["mark"] = expected_groups["mark"].fillna("").astype(object)
     groups = groups.assign(mark=groups["mark"].astype(object))
     pd.testing.assert_frame_equal(groups, expected_groups, check_exact=True, check_dtype=False)
-    assert report_md(tmp_path, tmp_path / "report") == (folder / "expected_report.md").read_text()
+    report = folder / "expected_report.md"
+    if report.exists():
+        assert report_md(tmp_path, tmp_path / "report") == report.read_text()
 
 
 if __name__ == "__main__":

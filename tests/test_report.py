@@ -127,6 +127,7 @@ def test_report_files_and_figures(digits_runs, tmp_path):
         "accuracy.png",
         "alpha_by_strategy.png",
         "class_change.png",
+        "flips.png",
         "recall_heatmap.png",
         "scatter.png",
         "vs_mp.png",
@@ -135,13 +136,28 @@ def test_report_files_and_figures(digits_runs, tmp_path):
         img = mpimg.imread(p)
         assert img.ndim == 3 and img.shape[0] > 200 and img.shape[1] > 200
     html = (out / "index.html").read_text()
-    assert html.count("data:image/png;base64,") == 6 and "<table" in html
+    assert html.count("data:image/png;base64,") == 7 and "<table" in html
     md = (out / "report.md").read_text()
     for name in pngs:
         assert f"]({name})" in md
     # gp, up and rp against mp, seed by seed, at every t.
     section = md.split("## Strategies against mp, seed by seed")[1].split("##")[0]
-    assert sum(line.startswith(("| gp", "| up", "| rp")) for line in section.splitlines()) == 6
+    # alpha, accuracy and Psi: three tables of gp, up and rp.
+    assert sum(line.startswith(("| gp", "| up", "| rp")) for line in section.splitlines()) == 9
+    section = md.split("## E[Psi_t]: disparity")[1].split("##")[0]
+    assert sum(line.startswith(("| mp", "| gp", "| up", "| rp")) for line in
+               section.splitlines()) == 4  # fmt: skip
+    # The most-flipped examples: a row per (strategy, class) with flips, each index a test
+    # example of that class.
+    from rdfast.data import load_dataset
+
+    labels = load_dataset("digits").y_test.numpy()
+    section = md.split("## Most-flipped test examples")[1].split("##")[0]
+    rows = [line.split(" | ") for line in section.splitlines() if line.startswith("| mp")]
+    assert 1 <= len(rows) <= 10
+    for row in rows:
+        c, examples = int(row[2]), row[3].rstrip(" |").split(", ")
+        assert all(labels[int(e.split(" ")[0])] == c for e in examples)
     # Three classes per strategy by default, each at the largest t (32).
     section = md.split("## Which classes pay")[1].split("##")[0]
     rows = [line for line in section.splitlines() if line.startswith("| ") and "| 32 |" in line]
