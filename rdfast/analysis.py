@@ -410,32 +410,27 @@ def paired_table(
             f"{int(constant.sum())} (group, t) of the comparison with {baseline} have the same "
             "difference in every pair: no interval and no mark there"
         )
+    def columns(summary, prefix, hide=False):
+        """mean_{prefix}diff, its interval, p-value and mark against 0 (none where `hide`)."""
+        shown = ~undercovering(method, ci, summary["n"]) & ~hide
+        return {
+            f"mean_{prefix}diff": summary["mean"],
+            f"{prefix}ci_low": summary["low"],
+            f"{prefix}ci_high": summary["high"],
+            f"{prefix}p_value": summary["p"],  # = scipy.stats.ttest_rel of the pairs
+            f"{prefix}mark": mark(summary["low"], summary["high"], summary["n"], ref=0.0).where(
+                shown, ""
+            ),
+        }
+
     agg = pd.DataFrame(
         {
             "baseline": baseline,
             "n": diff["n"],
-            "mean_diff": diff["mean"],
-            "ci_low": diff["low"],
-            "ci_high": diff["high"],
-            "p_value": diff["p"],  # = scipy.stats.ttest_rel of the pairs
-            "mark": mark(diff["low"], diff["high"], diff["n"], ref=0.0).where(
-                ~undercovering(method, ci, diff["n"]) & ~below, ""
-            ),
+            **columns(diff, "", hide=below),
             "below_floor": below,
-            "mean_acc_diff": acc["mean"],
-            "acc_ci_low": acc["low"],
-            "acc_ci_high": acc["high"],
-            "acc_p_value": acc["p"],
-            "acc_mark": mark(acc["low"], acc["high"], acc["n"], ref=0.0).where(
-                ~undercovering(method, ci, acc["n"]), ""
-            ),
-            "mean_disparity_diff": psi["mean"],
-            "disparity_ci_low": psi["low"],
-            "disparity_ci_high": psi["high"],
-            "disparity_p_value": psi["p"],
-            "disparity_mark": mark(psi["low"], psi["high"], psi["n"], ref=0.0).where(
-                ~undercovering(method, ci, psi["n"]), ""
-            ),
+            **columns(acc, "acc_"),
+            **columns(psi, "disparity_"),
         }
     )
     return agg.reset_index()
