@@ -199,10 +199,13 @@ def analyze(runs_dir, by, ci, ci_method, top_classes, vs, floor, fmt, out):
 
     alpha_t(m) is the least-squares slope through the origin of the normalized recall
     balance after pruning (Bn_t) on that of the dense model (Bn_1) over the classes of model m;
-    above 1 the gap between classes widens (intensification). Then every strategy against
-    mp (--vs), seed by seed on the same dense model, and the classes that lose the most recall
-    at the largest t. Writes alpha_runs, alpha_groups, class_groups and alpha_paired (Parquet
-    and CSV) next to the records or to -o.
+    above 1 the gap between classes widens (intensification); cells whose accuracy is near
+    chance (--floor) show no alpha. Then the disparity E[Psi_t], the spread over classes of
+    the excess recall drops (R_1 - R_t) - (A_1 - A_t), bounded in [0, 2]; every strategy
+    against mp (--vs), or every mitigation against plain retraining, seed by seed on the same
+    dense model; the classes that lose the most recall at the largest t; prediction flips and
+    PIE shares. Writes alpha_runs, alpha_groups, class_groups, alpha_paired and the flip tables
+    (Parquet and CSV) next to the records or to -o.
     """
     from rdfast.cli.output import print_analysis
     from rdfast.commands import analyze_runs

@@ -39,6 +39,7 @@ def run_row(manifest_path: Path) -> dict:
         "seed": m.get("seed"),
         "strategy": s.get("strategy"),
         "saliency": s.get("saliency"),
+        "mitigation": s.get("mitigation", "plain"),
         "status": live_status(m.get("status"), manifest_path.parent),
         "steps": f"{max(done - 1, 0)}/{len(s.get('ratios', []))}",
         "error": m.get("error") or "",
@@ -46,7 +47,7 @@ def run_row(manifest_path: Path) -> dict:
 
 
 STATUS_COLUMNS = ["run_id", "dataset", "model", "width", "seed", "strategy", "saliency"]
-STATUS_COLUMNS += ["status", "steps", "error"]
+STATUS_COLUMNS += ["mitigation", "status", "steps", "error"]
 IDENTITY = ["run_id", "dataset", "model", "width", "seed", "strategy"]
 
 
