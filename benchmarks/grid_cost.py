@@ -62,8 +62,10 @@ def main(argv=None) -> None:
         rows.append((dataset, model, width, int(part["runs"].sum()), epochs, per_epoch, hours))
         print(f"{dataset:<14} {model:<9} {width:>5g} {rows[-1][3]:>5} runs {epochs:>8,} epochs "
               f"x {per_epoch:6.2f} s = {hours:7.1f} h", flush=True)  # fmt: skip
-    what = "GPU-hours" if args.images_per_second else (
-        f"task-hours ({torch.get_num_threads()} thread(s) each)"
+    what = (
+        "GPU-hours"
+        if args.images_per_second
+        else (f"task-hours ({torch.get_num_threads()} thread(s) each)")
     )
     print(f"\n{grid.name}: {len(grid.dense)} dense models, {len(grid.runs)} runs, "
           f"{total:,.1f} {what} of training")  # fmt: skip

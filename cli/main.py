@@ -303,19 +303,44 @@ def grid():
 
 @grid.command("run")
 @click.argument("spec")
-@click.option("--out", type=click.Path(path_type=Path), default="runs", show_default=True,
-              help="Experiment folder, in the layout `rdfast run` writes; only this "
-              "command's process writes it.")
-@click.option("--executor", type=click.Choice(["local", "ray"]), default="local",
-              show_default=True, help="A process pool on this machine, or Ray tasks.")
-@click.option("--workers", type=int, help="local: processes [CPUs / the spec's num_cpus]; "
-              "ray without --address: CPUs of the Ray instance started here [all].")
-@click.option("--address", help="ray: auto (the cluster `ray start` made here), HOST:PORT of "
-              "its head, or ray://HOST:PORT (Ray Client) [a new local instance].")
-@click.option("--retries", type=int, default=3, show_default=True,
-              help="Times a task whose worker died is started again.")
-@click.option("--dry-run", is_flag=True, help="Print the jobs and their training epochs; "
-              "run nothing, write nothing.")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default="runs",
+    show_default=True,
+    help="Experiment folder, in the layout `rdfast run` writes; only this "
+    "command's process writes it.",
+)
+@click.option(
+    "--executor",
+    type=click.Choice(["local", "ray"]),
+    default="local",
+    show_default=True,
+    help="A process pool on this machine, or Ray tasks.",
+)
+@click.option(
+    "--workers",
+    type=int,
+    help="local: processes [CPUs / the spec's num_cpus]; "
+    "ray without --address: CPUs of the Ray instance started here [all].",
+)
+@click.option(
+    "--address",
+    help="ray: auto (the cluster `ray start` made here), HOST:PORT of "
+    "its head, or ray://HOST:PORT (Ray Client) [a new local instance].",
+)
+@click.option(
+    "--retries",
+    type=int,
+    default=3,
+    show_default=True,
+    help="Times a task whose worker died is started again.",
+)
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Print the jobs and their training epochs; run nothing, write nothing.",
+)
 @click.option(
     "--progress/--no-progress", default=None, help="Progress bar [on when stderr is a terminal]."
 )
@@ -341,10 +366,16 @@ def grid_run(spec, out, executor, workers, address, retries, dry_run, progress):
 
 @grid.command("status")
 @click.argument("spec")
-@click.option("--out", type=click.Path(path_type=Path), default="runs", show_default=True,
-              help="The grid's experiment folder.")
-@click.option("--all", "show_all", is_flag=True, help="List every run, not only those not "
-              "complete.")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default="runs",
+    show_default=True,
+    help="The grid's experiment folder.",
+)
+@click.option(
+    "--all", "show_all", is_flag=True, help="List every run, not only those not complete."
+)
 def grid_status(spec, out, show_all):
     """How far the grid of SPEC is in OUT: complete, failed (why), in flight, part-way, to do.
 

@@ -76,6 +76,8 @@ def accuracy_floor(floor: float, n_classes):
     """The accuracy at or below which alpha is not shown: min(floor / C, (1 + 1/C) / 2)."""
     chance = 1.0 / np.asarray(n_classes, dtype=float)
     return np.minimum(floor * chance, (1 + chance) / 2)
+
+
 # Coverage (%) of the intervals as `rdfast analyze` computes them, on normal data, by
 # replicate count: `python -m benchmarks.ci_coverage` (4,000 samples per cell, 2026-11-26;
 # benchmarks/README.md). Marks need an interval within COVERAGE_SLACK points of its nominal
@@ -410,6 +412,7 @@ def paired_table(
             f"{int(constant.sum())} (group, t) of the comparison with {baseline} have the same "
             "difference in every pair: no interval and no mark there"
         )
+
     def columns(summary, prefix, hide=False):
         """mean_{prefix}diff, its interval, p-value and mark against 0 (none where `hide`)."""
         shown = ~undercovering(method, ci, summary["n"]) & ~hide

@@ -154,9 +154,7 @@ class Engine:
 
     # ------------------------------------------------------------------ keys
     def dense_key(self, seed: int) -> dict:
-        return dense_key(
-            self.exp, seed, self.data.name, self.device.type, torch.get_num_threads()
-        )
+        return dense_key(self.exp, seed, self.data.name, self.device.type, torch.get_num_threads())
 
     def run_settings(self, seed: int, strategy: str) -> dict:
         return run_settings(self.exp, self.dense_key(seed), strategy)

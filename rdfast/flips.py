@@ -137,4 +137,3 @@ def _pie(runs, loaded, by, num_classes, top, notes):
         last = most.groupby(by, dropna=False)["t"].transform("max") if by else most["t"].max()
         most = most[most["t"] == last].reset_index(drop=True)
     return groups, pd.DataFrame(class_rows), most
-

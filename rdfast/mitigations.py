@@ -13,10 +13,11 @@
   mean loss CE_c in the batch: (CE + sum_c lambda_c CE_c) / (1 + sum_c lambda_c). The
   model's own loss, the other half of psi_c, is left out of the proxy: with it (- lambda_c
   CE), the objective is unbounded below once the multipliers sum past 1, and retraining
-  diverged within 3 epochs on digits. The division keeps the plain objective's step size. psi_c is measured on a
-  validation split carved from the training set (stratified, seeded by the run's seed) and
-  held out of retraining; the test set stays the measurement. The dense model was trained on
-  the whole training set, split included: its R_1 on the split is a training recall.
+  diverged within 3 epochs on digits. The division keeps the plain objective's step size.
+  psi_c is measured on a validation split carved from the training set (stratified, seeded
+  by the run's seed) and held out of retraining; the test set stays the measurement. The
+  dense model was trained on the whole training set, split included: its R_1 on the split
+  is a training recall.
   The multipliers carry over from one pruning step to the next (they are part of the
   step's state), so a class that kept paying keeps its weight.
 """
@@ -140,7 +141,9 @@ def validation_split(data: TensorData, fraction: float, seed: int):
             np.arange(len(y)), test_size=fraction, stratify=y, random_state=seed
         )
     except ValueError as e:
-        raise BadInput(f"cannot hold out a stratified validation split ({fraction:g}): {e}")
+        raise BadInput(
+            f"cannot hold out a stratified validation split ({fraction:g}): {e}"
+        ) from None
     keep = torch.from_numpy(np.sort(keep)).to(data.x_train.device)
     held = torch.from_numpy(np.sort(held)).to(data.x_train.device)
     fields = {k: getattr(data, k) for k in data.__dataclass_fields__}

@@ -397,9 +397,16 @@ def _check_predictions(run_dir: Path, i: int, cm: np.ndarray) -> None:
         raise store.DamagedFile(labels_path, "missing beside the predictions")
     pred, y = store.read_npy(path), store.read_npy(labels_path)
     c = cm.shape[0]
-    ok = pred.shape == y.shape == (int(cm.sum()),) and (pred.size == 0 or (
-        0 <= pred.min() and pred.max() < c and np.array_equal(
-            np.bincount(y.astype(np.int64) * c + pred, minlength=c * c).reshape(c, c), cm)))
+    ok = pred.shape == y.shape == (int(cm.sum()),) and (
+        pred.size == 0
+        or (
+            0 <= pred.min()
+            and pred.max() < c
+            and np.array_equal(
+                np.bincount(y.astype(np.int64) * c + pred, minlength=c * c).reshape(c, c), cm
+            )
+        )
+    )
     if not ok:
         raise store.DamagedFile(path, "disagrees with its confusion matrix")  # fmt: skip
 

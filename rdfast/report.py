@@ -246,8 +246,9 @@ def paired_plot(a: Analysis, path: Path):
         ax.set_ylabel(f"{what}({varied}) - {what}({base}) (symlog)")
         ax.set_title(f"{what}: {varied} minus {base}, same dense model")
     axes[0].legend(fontsize=7)
+    what = "Strategies" if varied == "strategy" else "Mitigations"
     fig.suptitle(
-        f"{'Strategies' if varied == 'strategy' else 'Mitigations'} against {base}, seed by seed: mean difference over seeds with "
+        f"{what} against {base}, seed by seed: mean difference over seeds with "
         f"{a.ci * 100:g} % CI bands\nleft below 0: intensifies less than {base}; right below 0: "
         f"less accurate than {base}",
         fontsize=10,
@@ -267,8 +268,12 @@ def flips_plot(a: Analysis, path: Path):
     for i, (_, k) in enumerate(sorted_groups(g, keys).iterrows()):
         rows = g[_in_group(g, k, keys)].sort_values("t")
         j = styles.setdefault(tuple(k[b] for b in rest), len(styles))
-        style = dict(color=_color(i, k.get("strategy", "")), marker="osD^vP*X"[j % 8],
-                     ls=("-", "--", ":", "-.")[(j // 8) % 4], label=group_label(k, keys))
+        style = dict(
+            color=_color(i, k.get("strategy", "")),
+            marker="osD^vP*X"[j % 8],
+            ls=("-", "--", ":", "-.")[(j // 8) % 4],
+            label=group_label(k, keys),
+        )
         axes[0].plot(rows["t"], 100 * rows["mean_flip_rate"], **style)
         axes[1].plot(rows["t"], 100 * rows["pie_share"], **style)  # fmt: skip
     titles = ("test predictions that differ from the dense model's (mean over seeds)",
@@ -546,9 +551,16 @@ def most_flipped_table(a: Analysis) -> pd.DataFrame:
     rows = []
     for (key, c), part in m.groupby([m.apply(lambda r: group_label(r, keys), axis=1), "class"],
                                     sort=False):  # fmt: skip
-        rows.append({"group": key, "t": f"{part['t'].iloc[0]:g}", "class": int(c),
-                     "examples (runs flipped)": ", ".join(
-                         f"{e} ({n})" for e, n in zip(part["example"], part["runs_flipped"]))})
+        rows.append(
+            {
+                "group": key,
+                "t": f"{part['t'].iloc[0]:g}",
+                "class": int(c),
+                "examples (runs flipped)": ", ".join(
+                    f"{e} ({n})" for e, n in zip(part["example"], part["runs_flipped"])
+                ),
+            }
+        )
     return pd.DataFrame(rows).set_index("group")  # fmt: skip
 
 

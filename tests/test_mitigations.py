@@ -11,7 +11,6 @@ from scipy import special, stats
 import rdfast.training as training_mod
 from rdfast import analysis, mitigations, store
 from rdfast.cli.main import cli
-from rdfast.data import load_dataset
 from rdfast.engine import Engine
 from tests.test_engine import VOLATILE, Interrupt, experiment
 
@@ -27,17 +26,14 @@ def test_distillation_loss_matches_scipy():
     # scipy.stats.entropy(p, q) = KL(p || q), per row.
     kl = stats.entropy(special.softmax(zt / t, axis=1), special.softmax(z / t, axis=1), axis=1)
     expected = (1 - w) * ce + w * t * t * kl.mean()
-    got = mitigations.distillation_loss(
-        torch.tensor(z), torch.tensor(zt), torch.tensor(y), w, t
-    )
+    got = mitigations.distillation_loss(torch.tensor(z), torch.tensor(zt), torch.tensor(y), w, t)
     assert float(got) == pytest.approx(expected, rel=1e-10)
     # Weight 0 is cross-entropy alone; a student equal to its teacher adds nothing.
-    zz = torch.tensor(z)
-    ce0 = torch.nn.functional.cross_entropy(zz, torch.tensor(y))
-    assert float(mitigations.distillation_loss(zz, zz.clone(), torch.tensor(y), 0.0, t)) == float(ce0)
-    assert float(mitigations.distillation_loss(zz, zz.clone(), torch.tensor(y), 1.0, t)) == (
-        pytest.approx(0.0, abs=1e-12)
-    )
+    zz, yy = torch.tensor(z), torch.tensor(y)
+    ce0 = torch.nn.functional.cross_entropy(zz, yy)
+    assert float(mitigations.distillation_loss(zz, zz.clone(), yy, 0.0, t)) == float(ce0)
+    same = mitigations.distillation_loss(zz, zz.clone(), yy, 1.0, t)
+    assert float(same) == pytest.approx(0.0, abs=1e-12)
 
 
 def test_surrogate_loss_hand_computed():
@@ -161,9 +157,10 @@ def test_kd_and_constrained_change_retraining(tmp_path, monkeypatch):
     acc = rec[rec["step"] == 3].groupby("mitigation")["loss"].first()
     assert acc["kd"] != acc["plain"] and acc["constrained"] != acc["plain"]
     finetunes = [(n, type(o).__name__) for part, n, o in sizes if part == "finetune"]
-    assert finetunes == [(400, "NoneType")] * 3 + [(400, "Distillation")] * 3 + [
-        (360, "Constrained")
-    ] * 3  # 10 % of the 400 training examples held out
+    assert (
+        finetunes
+        == [(400, "NoneType")] * 3 + [(400, "Distillation")] * 3 + [(360, "Constrained")] * 3
+    )  # 10 % of the 400 training examples held out
     run = rec.loc[rec["mitigation"] == "constrained", "run_id"].iloc[0]
     lam = store.load_torch(tmp_path / "runs" / run / "step-3.pt")["multipliers"]
     assert lam.shape == (5,) and bool((lam >= 0).all()) and bool((lam > 0).any())
