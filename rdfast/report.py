@@ -140,10 +140,22 @@ def alpha_boxplot(runs: pd.DataFrame, path: Path, panel: str | None = None, titl
 
 def _save(fig, path: Path, dpi: int) -> None:
     """Lay out a figure with a two-line suptitle (0.6 inch kept free above the panels, however
-    tall the figure) and write it."""
+    tall the figure) and write it (a legend placed outside the panels included)."""
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.6 / fig.get_figheight()))
-    fig.savefig(path, dpi=dpi)
+    fig.savefig(path, dpi=dpi, bbox_inches="tight")
     plt.close(fig)
+
+
+def _group_legend(axes) -> None:
+    """The groups' legend: inside the first panel for a few lines, beside the last one for
+    more (24 groups of the mitigation study would cover the panel)."""
+    n = len(axes[0].get_legend_handles_labels()[1])
+    if n <= 8:
+        axes[0].legend(fontsize=7)
+    else:
+        handles, labels = axes[0].get_legend_handles_labels()
+        axes[-1].legend(handles, labels, fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1),
+                        borderaxespad=0, ncol=1 if n <= 30 else 2)  # fmt: skip
 
 
 def scatter_grid(a: Analysis, path: Path, ts: list[float]):
@@ -245,7 +257,7 @@ def paired_plot(a: Analysis, path: Path):
         ax.set_xlabel("pruning ratio t (log scale)")
         ax.set_ylabel(f"{what}({varied}) - {what}({base}) (symlog)")
         ax.set_title(f"{what}: {varied} minus {base}, same dense model")
-    axes[0].legend(fontsize=7)
+    _group_legend(axes)
     what = "Strategies" if varied == "strategy" else "Mitigations"
     fig.suptitle(
         f"{what} against {base}, seed by seed: mean difference over seeds with "
@@ -276,14 +288,14 @@ def flips_plot(a: Analysis, path: Path):
         )
         axes[0].plot(rows["t"], 100 * rows["mean_flip_rate"], **style)
         axes[1].plot(rows["t"], 100 * rows["pie_share"], **style)  # fmt: skip
-    titles = ("test predictions that differ from the dense model's (mean over seeds)",
+    titles = ("predictions that differ from the dense model (mean over seeds)",
               "PIE: modal pruned prediction differs from the modal dense one")  # fmt: skip
     for ax, title in zip(axes, titles):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("pruning ratio t (log scale)")
         ax.set_ylabel("% of test examples")
         ax.set_title(title, fontsize=10)
-    axes[0].legend(fontsize=7)
+    _group_legend(axes)
     fig.suptitle("Prediction flips against the dense model, and pruning-identified exemplars "
                  "(Hooker et al. 2019)\nover the seeds of each group", fontsize=10)  # fmt: skip
     _save(fig, path, dpi=100)
