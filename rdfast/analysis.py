@@ -11,8 +11,8 @@ Per group:  E[alpha_t] over replicate models (seeds) with a confidence interval 
             with their intervals, and the pooled slope over all classes of all models.
 Per group and class: the mean recall change R_t - R_1 over the replicates with its interval,
             beside the accuracy change A_t - A_1: which classes pay for the sparsity.
-Per pair of strategies, or of mitigations: alpha and accuracy differences between runs of one
-            dense model.
+Per pair of strategies, or of mitigations: alpha, accuracy and Psi differences between runs
+            of one dense model.
 
 Everything is vectorized with groupby sums; the bootstrap batches the groups that have the
 same number of replicates into one scipy call.
@@ -355,9 +355,8 @@ def paired_table(
     between two runs that pruned the same dense model, with its interval, the paired t-test of
     no difference (scipy.stats.ttest_rel), and the same for accuracy and the disparity Psi_t
     (alpha's mark left out where either side's mean accuracy is at most `floor` x chance).
-    `baseline` is a strategy
-    (the others against it, under the same retraining) or a mitigation (`plain`: each
-    mitigation against plain retraining, under the same strategy).
+    `baseline` is a strategy (the others against it, under the same retraining) or a
+    mitigation (`plain`: each mitigation against plain retraining, under the same strategy).
 
     Pairing removes the seed-to-seed spread of the dense models that the unpaired intervals
     of two groups carry, so a difference between strategies shows with fewer seeds.
@@ -547,8 +546,8 @@ def group_table(
     if notes is not None and below.any():
         notes.append(
             f"{int(below.sum())} (group, t) cells have a mean accuracy at most {floor:g} x "
-            "chance: their E[alpha_t] has no mark and is not shown (alpha divides by the "
-            "accuracy); E[Psi_t] is (--floor 0 shows them)"
+            "chance: their E[alpha_t] is not shown and has no mark (alpha divides by the "
+            "accuracy; E[Psi_t] is shown; --floor 0 shows alpha too)"
         )
     _note_undercover(method, ci, alpha["n"], notes)
     if notes is not None:
