@@ -118,13 +118,14 @@ def records(out):
     return store.load_records(out).sort_values(["run_id", "step", "class"]).reset_index(drop=True)
 
 
-def test_kd_at_weight_zero_records_what_plain_retraining_does(tmp_path):
+@pytest.mark.parametrize("retrain", ["finetune", "rewind"])
+def test_kd_at_weight_zero_records_what_plain_retraining_does(tmp_path, retrain):
     """The distillation path (teacher built, its forward run every batch) changes nothing
     but the objective: at weight 0 the records equal plain retraining's bit for bit, under a
     run id of their own that names the mitigation."""
-    Engine(experiment(tmp_path, strategies=("mp", "up")), progress=False).execute()
-    Engine(experiment(tmp_path, strategies=("mp", "up"), mitigation="kd", kd_weight=0.0),
-           progress=False).execute()  # fmt: skip
+    both = dict(strategies=("mp", "up"), retrain=retrain)
+    Engine(experiment(tmp_path, **both), progress=False).execute()
+    Engine(experiment(tmp_path, **both, mitigation="kd", kd_weight=0.0), progress=False).execute()
     rec = records(tmp_path)
     plain, kd = rec[rec["mitigation"] == "plain"], rec[rec["mitigation"] == "kd"]
     assert plain["run_id"].nunique() == kd["run_id"].nunique() == 2
@@ -166,10 +167,11 @@ def test_kd_and_constrained_change_retraining(tmp_path, monkeypatch):
     assert lam.shape == (5,) and bool((lam >= 0).all()) and bool((lam > 0).any())
 
 
-def test_interrupted_constrained_run_resumes_to_identical_table(tmp_path, monkeypatch):
+@pytest.mark.parametrize("retrain", ["finetune", "rewind"])
+def test_interrupted_constrained_run_resumes_to_identical_table(tmp_path, monkeypatch, retrain):
     """The multipliers are part of a step's state: a run killed after its first step resumes
-    to the uninterrupted numbers."""
-    exp = dict(strategies=("mp",), mitigation="constrained", multiplier_lr=20.0)
+    to the uninterrupted numbers, fine-tuned or rewound."""
+    exp = dict(strategies=("mp",), mitigation="constrained", multiplier_lr=20.0, retrain=retrain)
     Engine(experiment(tmp_path / "a", **exp), progress=False).execute()
     real_evaluate = training_mod.evaluate
     count = {"n": 0}
