@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 import rdfast
-from rdfast.config import Experiment, PruneJob, PruneSettings, TrainSettings
+from rdfast.config import DEFAULT_FLOOR, Experiment, PruneJob, PruneSettings, TrainSettings
 from rdfast.errors import BadInput, DamagedFile
 from rdfast.settings import click_options, parse_floats
 
@@ -152,7 +152,7 @@ analysis_options = [
     ),
     click.option(
         "--floor",
-        default=2.0,
+        default=DEFAULT_FLOOR,
         show_default=True,
         type=float,
         help="Show E[alpha_t] and its mark only where the mean accuracy is above FLOOR x "

@@ -28,7 +28,7 @@ import pandas as pd
 from scipy import stats
 
 from rdfast import store
-from rdfast.config import MITIGATIONS, STRATEGY_ORDER
+from rdfast.config import DEFAULT_FLOOR, MITIGATIONS, STRATEGY_ORDER
 from rdfast.errors import BadInput, DamagedFile
 
 DEFAULT_BY = ("strategy", "saliency", "dataset", "model", "width")
@@ -64,12 +64,6 @@ SETTING_COLUMNS = (
     "dense_id",
 )
 CI_METHODS = ("t", "bootstrap")
-# alpha divides by the accuracy: near chance its slope and interval mean nothing (global
-# random pruning on digits reaches 0.11 and 0.10 at t = 32 and 64, chance 0.10). Marks need a
-# group's mean accuracy above FLOOR x chance (chance = 1 / classes), never above halfway
-# from chance to 1 (so a two-class task is not hidden whole): twice chance is 0.2 on ten
-# classes, 0.02 on a hundred, 0.75 on two.
-DEFAULT_FLOOR = 2.0
 
 
 def accuracy_floor(floor: float, n_classes):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from rdfast import manifests, store
 from rdfast.config import (
+    DEFAULT_FLOOR,
     Experiment,
     PruneJob,
     PruneSettings,
@@ -133,7 +134,7 @@ def prune_checkpoint(*, progress=None, **flags):
 
 
 def analyze_runs(
-    *, runs_dir, by, ci, ci_method, out=None, top_classes=3, vs="auto", floor=2.0
+    *, runs_dir, by, ci, ci_method, out=None, top_classes=3, vs="auto", floor=DEFAULT_FLOOR
 ):  # fmt: skip
     """(Analysis, paths of the stats tables written next to the records or into `out`)."""
     from rdfast import analysis, flips, outdir
@@ -152,7 +153,7 @@ def analyze_runs(
 
 def make_report(
     *, runs_dir, out, by, ci, ci_method, run_id=None, scatter_ts=None, top_classes=3, vs="auto",
-    floor=2.0,
+    floor=DEFAULT_FLOOR,
 ) -> Path:  # fmt: skip
     """The report folder `out` (index.html, report.md, figures) of the records in runs_dir."""
     from rdfast import analysis, flips, outdir

@@ -28,6 +28,14 @@ RETRAIN_MODES = ("finetune", "rewind")
 MITIGATIONS = ("plain", "kd", "constrained")
 
 
+# alpha divides by the accuracy: near chance its slope and interval mean nothing (global
+# random pruning on digits reaches 0.11 and 0.10 at t = 32 and 64, chance 0.10). `analyze`
+# shows alpha's marks only where a group's mean accuracy is above DEFAULT_FLOOR x chance
+# (chance = 1 / classes), never above halfway from chance to 1 (so a two-class task is not
+# hidden whole): twice chance is 0.2 on ten classes, 0.02 on a hundred, 0.75 on two.
+DEFAULT_FLOOR = 2.0
+
+
 def _when(mitigation: str):
     """Key function of a mitigation's own settings: in the key of its runs only (left out of
     the others', whose ids stay as they were before mitigations existed)."""

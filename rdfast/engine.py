@@ -24,6 +24,7 @@ from rdfast.data import TensorData, load_dataset
 from rdfast.dense import DenseModels
 from rdfast.errors import BadInput
 from rdfast.kernels._backend import cuda_path, interpreting
+from rdfast.mitigations import check_split
 from rdfast.models import build_model, prunable_layers
 from rdfast.pruning import (
     check_ratios,
@@ -129,8 +130,6 @@ class Engine:
         self.exp = exp = resolve_precision(exp, self.device.type)
         data = load_dataset(exp.dataset, exp.data_root)
         if exp.prune.mitigation == "constrained":
-            from rdfast.mitigations import check_split
-
             check_split(data, exp.prune.val_fraction)
         probe = build_model(exp.model, data.input_shape, data.num_classes, exp.width)
         try:  # a model that cannot take this data fails here, with a reason, not mid-run

@@ -24,6 +24,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import torch
 from torch import nn
@@ -89,8 +91,9 @@ def excess_drop(recall, accuracy, dense_recall, dense_accuracy):
 
 
 class Constrained(CrossEntropy):
-    """Surrogate descent for the model, projected gradient ascent for the multipliers (state
-    in `multipliers`, updated every `every` optimizer steps)."""
+    """Surrogate descent for the model, projected gradient ascent for the multipliers (the
+    run's tensor `multipliers`, updated in place every `every` optimizer steps, so it carries
+    over to the next pruning step)."""
 
     def __init__(self, model, forward, val: tuple, dense: tuple, multipliers, eps, lr, every):
         self.model, self.forward = model, forward
@@ -114,7 +117,7 @@ class Constrained(CrossEntropy):
                                         self.multipliers.shape[0])  # fmt: skip
         self.model.train(was_training)
         psi = excess_drop(recall, accuracy, self.dense_recall, self.dense_accuracy)
-        self.multipliers = (self.multipliers + self.lr * (psi - self.eps)).clamp_min(0)
+        self.multipliers.add_(self.lr * (psi - self.eps)).clamp_(min=0)
 
 
 @torch.no_grad()
@@ -133,30 +136,32 @@ def class_recall(forward, model: nn.Module, x, y, num_classes: int, batch_size: 
 def validation_split(data: TensorData, fraction: float, seed: int):
     """(data without the split, (x_val prepared, y_val)): a stratified share `fraction` of the
     training set, drawn with `seed`; every class keeps at least one example on both sides."""
+    keep, held = (torch.from_numpy(i).to(data.x_train.device)
+                  for i in _split_indices(data, fraction, seed))  # fmt: skip
+    rest = replace(data, x_train=data.x_train[keep], y_train=data.y_train[keep])
+    return rest, (data.prepare(data.x_train[held]), data.y_train[held])
+
+
+def _split_indices(data: TensorData, fraction: float, seed: int):
+    """(kept, held-out) training indices, each sorted; ValueError where the split cannot be
+    stratified (a class with fewer than two examples, fewer held out than classes)."""
     from sklearn.model_selection import train_test_split
 
     y = data.y_train.cpu().numpy()
-    try:
-        keep, held = train_test_split(
-            np.arange(len(y)), test_size=fraction, stratify=y, random_state=seed
-        )
-    except ValueError as e:
-        raise BadInput(
-            f"cannot hold out a stratified validation split ({fraction:g}): {e}"
-        ) from None
-    keep = torch.from_numpy(np.sort(keep)).to(data.x_train.device)
-    held = torch.from_numpy(np.sort(held)).to(data.x_train.device)
-    fields = {k: getattr(data, k) for k in data.__dataclass_fields__}
-    fields.update(x_train=data.x_train[keep], y_train=data.y_train[keep])
-    return TensorData(**fields), (data.prepare(data.x_train[held]), data.y_train[held])
+    keep, held = train_test_split(
+        np.arange(len(y)), test_size=fraction, stratify=y, random_state=seed
+    )
+    return np.sort(keep), np.sort(held)
 
 
 def check_split(data: TensorData, fraction: float) -> None:
-    """The split can be drawn (checked before anything is written)."""
-    n, c = int(data.y_train.shape[0]), data.num_classes
-    held = int(np.ceil(n * fraction))
-    if held < c or n - held < c:
+    """The split can be drawn (checked before anything is written; whether it can does not
+    depend on the seed)."""
+    try:
+        _split_indices(data, fraction, seed=0)
+    except ValueError as e:
+        n, c = int(data.y_train.shape[0]), data.num_classes
         raise BadInput(
-            f"--val-fraction {fraction:g} of {n} training examples holds out {held}: "
-            f"both sides need at least one example of each of the {c} classes"
-        )
+            f"--val-fraction {fraction:g} of {n} training examples: both sides need at least "
+            f"one example of each of the {c} classes ({' '.join(str(e).split())})"
+        ) from None

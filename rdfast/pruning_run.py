@@ -222,7 +222,7 @@ class PruningRun:
                 "masks": {k: v.cpu() for k, v in masks.items()},
             }
             if "multipliers" in self._mitigation:
-                state["multipliers"] = self._mitigation["multipliers"].cpu()
+                state["multipliers"] = self._mitigation["multipliers"].cpu().clone()
             self._write_step(
                 i,
                 meta,
@@ -301,7 +301,8 @@ class PruningRun:
         return setup
 
     def _objective(self, model, forward):
-        """(training data, objective) of this step's retraining."""
+        """(training data, objective) of this step's retraining (the constrained one updates
+        the run's multipliers in place)."""
         p, m = self.exp.prune, self._mitigation
         if p.mitigation == "kd":
             return self.data, mitigations.Distillation(
@@ -315,7 +316,7 @@ class PruningRun:
                                                 m["multipliers"], p.constraint_eps,
                                                 p.multiplier_lr, every)  # fmt: skip
             return data, objective
-        return self.data, None
+        return self.data, None  # training's own default: cross-entropy
 
     def _retrain(self, model, layers, masks, dense, i, forward):
         p, tr = self.exp.prune, self.exp.train
@@ -324,7 +325,7 @@ class PruningRun:
         if p.retrain == "rewind":
             model.load_state_dict(dense["rewind"])
             apply_masks(layers, masks)
-            stats = training.train(
+            return training.train(
                 model,
                 data,
                 tr,
@@ -334,23 +335,19 @@ class PruningRun:
                 start_epoch=p.rewind_epoch,
                 objective=objective,
             )
-        elif p.finetune_epochs == 0:
+        if p.finetune_epochs == 0:
             return None
-        else:
-            stats = training.train(
-                model,
-                data,
-                tr,
-                lr=p.finetune_rate(tr),
-                epochs=p.finetune_epochs,
-                masks=by_param,
-                seed_parts=(self.seed, i, "finetune"),
-                forward=forward,
-                objective=objective,
-            )
-        if isinstance(objective, mitigations.Constrained):
-            self._mitigation["multipliers"] = objective.multipliers
-        return stats
+        return training.train(
+            model,
+            data,
+            tr,
+            lr=p.finetune_rate(tr),
+            epochs=p.finetune_epochs,
+            masks=by_param,
+            seed_parts=(self.seed, i, "finetune"),
+            forward=forward,
+            objective=objective,
+        )
 
 
 def intact_steps(run_dir: Path, data, log, stateful: bool = True) -> tuple[int, dict | None]:

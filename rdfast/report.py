@@ -227,27 +227,35 @@ def accuracy_plot(a: Analysis, path: Path):
     plt.close(fig)
 
 
+def _group_lines(frame: pd.DataFrame, by):
+    """(rows of a group sorted by t, its line style) per group of `frame` in table order.
+    Colour: the strategy; marker and line style: the rest of the group (dataset, width,
+    mitigation, ...)."""
+    rest = [b for b in by if b not in ("strategy", "saliency")]
+    styles = {}
+    for i, (_, k) in enumerate(sorted_groups(frame, by).iterrows()):
+        j = styles.setdefault(tuple(k[b] for b in rest), len(styles))
+        style = dict(
+            color=_color(i, k.get("strategy", "")),
+            marker="osD^vP*X"[j % 8],
+            ls=("-", "--", ":", "-.")[(j // 8) % 4],
+            label=group_label(k, by),
+        )
+        yield frame[_in_group(frame, k, by)].sort_values("t"), style
+
+
 def paired_plot(a: Analysis, path: Path):
     """E[alpha_t(s) - alpha_t(base)] and E[A_t(s) - A_t(base)] against t with interval bands."""
     p = a.paired[a.paired["t"] > 1]
     base, varied = a.baseline, a.paired_by
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
-    # Colour: the strategy; marker and line style: the rest of the group (dataset, width, ...).
-    rest = [b for b in a.by if b not in ("strategy", "saliency")]
-    styles = {}
-    for i, (_, k) in enumerate(sorted_groups(p, a.by).iterrows()):
-        rows = p[_in_group(p, k, a.by)].sort_values("t")
-        color = _color(i, k.get("strategy", ""))
-        j = styles.setdefault(tuple(k[b] for b in rest), len(styles))
-        marker, ls = "osD^vP*X"[j % 8], ("-", "--", ":", "-.")[(j // 8) % 4]
+    for rows, style in _group_lines(p, a.by):
         for ax, (m, lo, hi) in zip(
             axes,
             (("mean_diff", "ci_low", "ci_high"), ("mean_acc_diff", "acc_ci_low", "acc_ci_high")),
         ):
-            ax.plot(
-                rows["t"], rows[m], marker=marker, ls=ls, color=color, label=group_label(k, a.by)
-            )
-            ax.fill_between(rows["t"], rows[lo], rows[hi], color=color, alpha=0.15)
+            ax.plot(rows["t"], rows[m], **style)
+            ax.fill_between(rows["t"], rows[lo], rows[hi], color=style["color"], alpha=0.15)
     # Random pruning moves alpha by 1-10 and accuracy by 0.5 where the other strategies differ
     # from the baseline by 0.01-0.1: symmetric-log axes keep both readable.
     for ax, what, lin in ((axes[0], "alpha_t", 0.1), (axes[1], "accuracy", 0.01)):
@@ -274,20 +282,9 @@ def flips_plot(a: Analysis, path: Path):
     g = g[g["t"] > 1]
     keys = [b for b in a.by if b in g.columns]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
-    # Colour: the strategy; marker and line style: the rest of the group (as in paired_plot).
-    rest = [b for b in keys if b not in ("strategy", "saliency")]
-    styles = {}
-    for i, (_, k) in enumerate(sorted_groups(g, keys).iterrows()):
-        rows = g[_in_group(g, k, keys)].sort_values("t")
-        j = styles.setdefault(tuple(k[b] for b in rest), len(styles))
-        style = dict(
-            color=_color(i, k.get("strategy", "")),
-            marker="osD^vP*X"[j % 8],
-            ls=("-", "--", ":", "-.")[(j // 8) % 4],
-            label=group_label(k, keys),
-        )
+    for rows, style in _group_lines(g, keys):
         axes[0].plot(rows["t"], 100 * rows["mean_flip_rate"], **style)
-        axes[1].plot(rows["t"], 100 * rows["pie_share"], **style)  # fmt: skip
+        axes[1].plot(rows["t"], 100 * rows["pie_share"], **style)
     titles = ("predictions that differ from the dense model (mean over seeds)",
               "PIE: modal pruned prediction differs from the modal dense one")  # fmt: skip
     for ax, title in zip(axes, titles):

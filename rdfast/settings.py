@@ -113,7 +113,7 @@ class KeyContext:
 
     @property
     def mitigation(self) -> str:
-        return getattr(self.prune, "mitigation", "plain")
+        return self.prune.mitigation
 
 
 def flags(cls) -> list[dataclasses.Field]:

@@ -57,10 +57,9 @@ BELOW_FLOOR = "--"  # a cell whose mean accuracy is at most the floor: alpha not
 
 
 def _alpha_cells(frame, mean, mark_, fmt):
-    below = frame["below_floor"] if "below_floor" in frame else [False] * len(frame)
     return [
         BELOW_FLOOR if low else _cell(v, m, n, fmt)
-        for v, m, n, low in zip(frame[mean], frame[mark_], frame["n"], below)
+        for v, m, n, low in zip(frame[mean], frame[mark_], frame["n"], frame["below_floor"])
     ]
 
 

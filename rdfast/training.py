@@ -20,6 +20,7 @@ from rdfast.config import TrainSettings
 from rdfast.data import TensorData
 from rdfast.errors import RunFailed
 from rdfast.kernels import confusion_matrix, masked_linear
+from rdfast.mitigations import CrossEntropy
 from rdfast.seeding import generator
 
 
@@ -55,10 +56,11 @@ def train(
     sees the number of finished epochs. `start_epoch` begins a fresh optimizer at that epoch of
     the schedule (rewound weights retrained to the end, as OpenLTH does). `objective`
     (rdfast.mitigations): what is minimized, `objective.loss(logits, x, y)`, and what it
-    updates after each optimizer step; plain cross-entropy without. Returns {"seconds",
+    updates after each optimizer step; plain cross-entropy by default. Returns {"seconds",
     "images_per_second", "last_loss"}; raises RunFailed on a NaN/inf loss.
     """
     forward = model if forward is None else forward
+    objective = CrossEntropy() if objective is None else objective
     device = data.x_train.device
     lr = settings.lr if lr is None else lr
     epochs = settings.epochs if epochs is None else epochs
@@ -81,16 +83,13 @@ def train(
         loss_sum = torch.zeros((), device=device)
         for x, y in data.train_batches(settings.batch_size, generator(*seed_parts, epoch)):
             with autocast(device, settings.precision):
-                logits = forward(x)
-                loss = F.cross_entropy(logits, y) if objective is None else (
-                    objective.loss(logits, x, y))  # fmt: skip
+                loss = objective.loss(forward(x), x, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if masked:
                 torch._foreach_mul_([p.grad for p in masked_params], mask_values)
             opt.step()
-            if objective is not None:
-                objective.after_step()
+            objective.after_step()
             loss_sum += loss.detach() * y.shape[0]
             seen += y.shape[0]
         last = float(loss_sum) / data.x_train.shape[0]

@@ -67,7 +67,7 @@ def test_excess_drop_and_multiplier_update_hand_computed():
     # drops 0.5, 0.0, 0.5 against the model's 1/3
     np.testing.assert_allclose(psi.numpy(), [0.5 - 1 / 3, -1 / 3, 0.5 - 1 / 3])
     lam = torch.tensor([0.0, 0.1, 1.0], dtype=torch.float64)
-    c = mitigations.Constrained(model, model, (x, y), dense, lam, eps=0.05, lr=2.0, every=2)
+    c = mitigations.Constrained(model, model, (x, y), dense, lam.clone(), eps=0.05, lr=2.0, every=2)
     c.after_step()
     assert torch.equal(c.multipliers, lam)  # not yet: every 2 steps
     c.after_step()
