@@ -2,13 +2,14 @@
 (VmHWM) is its own. Prints one JSON line: seconds (the work, imports excluded) and
 peak_rss_mb (the whole process, `import torch` included).
 
-    python -m benchmarks.stream_cases write CKPT WEIGHTS       a synthetic checkpoint
+    python -m benchmarks.stream_cases write CKPT WEIGHTS [DTYPE]   a synthetic checkpoint
+                                                        (float32, bfloat16 or float16)
     python -m benchmarks.stream_cases CASE CKPT OUT RATIOS [cold]   one case, e.g. rdfast 2,4,8
                                                         (cold: the checkpoint evicted from the
                                                         page cache first)
 
-The checkpoint: 8 fp32 shards as Hugging Face writes them (an index and
-model-0000i-of-00008.safetensors), each 7 weight matrices of R x 4360 and one bias; R is
+The checkpoint: 8 shards (fp32 unless DTYPE says otherwise) as Hugging Face writes them (an
+index and model-0000i-of-00008.safetensors), each 7 weight matrices of R x 4360 and one bias; R is
 chosen so the matrices hold WEIGHTS values (R = 4096 for 1e9).
 """
 
@@ -26,7 +27,7 @@ SHARDS, MATRICES, COLUMNS = 8, 7, 4360
 BLOCK = 1 << 24  # bytes a read/write of the I/O floor moves at a time
 
 
-def write_checkpoint(folder: Path, weights: float) -> int:
+def write_checkpoint(folder: Path, weights: float, dtype: str = "float32") -> int:
     """The synthetic checkpoint; returns its number of matrix weights."""
     import torch
     from safetensors.torch import save_file
@@ -38,10 +39,14 @@ def write_checkpoint(folder: Path, weights: float) -> int:
     for s in range(SHARDS):
         file = f"model-{s + 1:05d}-of-{SHARDS:05d}.safetensors"
         tensors = {
-            f"layers.{s}.proj{j}.weight": torch.randn(rows, COLUMNS, generator=gen)
+            f"layers.{s}.proj{j}.weight": torch.randn(rows, COLUMNS, generator=gen).to(
+                getattr(torch, dtype)
+            )
             for j in range(MATRICES)
         }
-        tensors[f"layers.{s}.norm.bias"] = torch.randn(rows, generator=gen)
+        tensors[f"layers.{s}.norm.bias"] = torch.randn(rows, generator=gen).to(
+            getattr(torch, dtype)
+        )
         save_file(tensors, str(folder / file), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(tensors, file))
         del tensors
@@ -143,7 +148,8 @@ def main(argv) -> None:
 
     torch.set_num_threads(2)
     if argv[0] == "write":
-        print(json.dumps({"weights": write_checkpoint(Path(argv[1]), float(argv[2]))}))
+        weights = write_checkpoint(Path(argv[1]), float(argv[2]), *argv[3:4])
+        print(json.dumps({"weights": weights}))
         return
     case, ckpt, out = argv[0], Path(argv[1]), Path(argv[2])
     ratios = [float(t) for t in argv[3].split(",")]

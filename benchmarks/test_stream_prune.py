@@ -27,7 +27,7 @@ WEIGHTS = float(os.environ.get("RDFAST_BENCH_STREAM_WEIGHTS", "1e9"))
 # global_unstructured needs ~4.5 GB per 1e8 weights beyond the model (measured on the
 # selection benchmark): 1e9 would need ~45 GB on a 24 GB machine, so it gets a fifth.
 PEER_WEIGHTS = {"torch_global_unstructured": WEIGHTS / 5}
-# (case, ratios, cache): "warm" reads the checkpoint from the page cache (4 GB fit in this
+# (case, ratios, cache[, dtype]): "warm" reads the checkpoint from the page cache (4 GB fit in this
 # machine's 24 GB: the floor is then a memory copy), "cold" evicts it first (a checkpoint
 # larger than memory is read from disk on every pass).
 CASES = [
@@ -40,7 +40,11 @@ CASES = [
     ("torch_kthvalue", "2,4,8", "warm"),
     ("numpy_sort", "2,4,8", "warm"),
     ("torch_global_unstructured", "2,4,8", "warm"),
+    # Checkpoints of large models are mostly bf16: the same weights, half the bytes.
+    ("io_floor", "2,4,8", "warm", "bfloat16"),
+    ("rdfast", "2,4,8", "warm", "bfloat16"),
 ]
+CASES = [c if len(c) == 4 else (*c, "float32") for c in CASES]
 
 
 def run_case(*args) -> dict:
@@ -58,23 +62,24 @@ def run_case(*args) -> dict:
 def checkpoints(tmp_path_factory):
     base = Path(os.environ.get("RDFAST_BENCH_DIR") or tmp_path_factory.mktemp("stream"))
     made = {}
-    for weights in sorted({WEIGHTS, *PEER_WEIGHTS.values()}):
-        folder = base / f"ckpt-{weights:g}"
+    wanted = {(PEER_WEIGHTS.get(c[0], WEIGHTS), c[3]) for c in CASES}
+    for weights, dtype in sorted(wanted):
+        folder = base / f"ckpt-{weights:g}-{dtype}"
         if not folder.exists():
-            run_case("write", folder, weights)
-        made[weights] = folder
+            run_case("write", folder, weights, dtype)
+        made[weights, dtype] = folder
     yield made
     if not os.environ.get("RDFAST_BENCH_DIR"):
         for folder in made.values():
             shutil.rmtree(folder, ignore_errors=True)
 
 
-@pytest.mark.parametrize("case, ratios, cache", CASES, ids=["-".join(c) for c in CASES])
-def test_stream_prune(benchmark, checkpoints, tmp_path, case, ratios, cache):
+@pytest.mark.parametrize("case, ratios, cache, dtype", CASES, ids=["-".join(c) for c in CASES])
+def test_stream_prune(benchmark, checkpoints, tmp_path, case, ratios, cache, dtype):
     weights = PEER_WEIGHTS.get(case, WEIGHTS)
-    ckpt = checkpoints[weights]
+    ckpt = checkpoints[weights, dtype]
     out = tmp_path / "out"
-    benchmark.group = f"stream-prune-t{ratios}-{cache}"
+    benchmark.group = f"stream-prune-t{ratios}-{cache}-{dtype}"
     result = {}
 
     def once():
@@ -84,4 +89,6 @@ def test_stream_prune(benchmark, checkpoints, tmp_path, case, ratios, cache):
     benchmark.pedantic(once, rounds=1, warmup_rounds=0)
     shutil.rmtree(out, ignore_errors=True)
     size = sum(f.stat().st_size for f in ckpt.iterdir())
-    benchmark.extra_info.update(result, weights=weights, checkpoint_gb=round(size / 1e9, 2))
+    benchmark.extra_info.update(
+        result, weights=weights, dtype=dtype, checkpoint_gb=round(size / 1e9, 2)
+    )

@@ -143,11 +143,15 @@ def print_status(table, echo) -> int:
 
 def print_stream(summary: dict, echo) -> int:
     """What a streamed prune kept per ratio, and where the checkpoints are."""
+    for folder, problem in summary.get("repaired", {}).items():
+        echo(f"{folder}: {problem}; pruned again")
     echo(f"pruned {len(summary['tensors'])} tensors, {summary['total']:,} weights, "
          f"in {summary['seconds']:.1f} s")  # fmt: skip
+    already = set(summary.get("already", ()))
     for r in summary["ratios"]:
+        note = " (already complete)" if r["t"] in already else ""
         echo(f"  t={r['t']:g}: kept {r['remaining']:,} (threshold |w| = {r['threshold']:.4g}) -> "
-             f"{r['path']}")  # fmt: skip
+             f"{r['path']}{note}")  # fmt: skip
     return 0
 
 

@@ -760,7 +760,8 @@ def _radix_select(src, masks, k, names, backend, group=None):
     return _torch_select(src, masks, [k], names, group)[0]
 
 
-def _key_to_float(T: int) -> torch.Tensor:
+def float_of_key(T: int) -> torch.Tensor:
+    """The float32 whose selection key is T (the inverse of `float_key_torch`)."""
     b = torch.tensor([T], dtype=torch.int32)
     return (b ^ ((b >> 31) & 0x7FFFFFFF)).view(torch.float32)[0]
 
@@ -787,7 +788,7 @@ def kth_smallest(
     names = _validate(src, masks, names)
     be = pick(backend, *src.tensors)
     T, _ = _radix_select(src, masks, int(k), names, be, group)
-    return _key_to_float(T)
+    return float_of_key(T)
 
 
 def _prune(src, masks, n, names, backend, group):

@@ -201,6 +201,30 @@ class Checkpoint:
             return [self.path]
         return ([self.index_file] if self.index_file else []) + [s.path for s in self.shards]
 
+    def other_files(self) -> list[Path]:
+        """Every file of the checkpoint's folder that is not a weight file (config, generation
+        config, tokenizer, model card, ...), relative to the folder; hidden files and folders
+        are left out. A pruned copy of the model needs them to load where the input loads."""
+        if not self.path.is_dir():
+            return []
+        weights = {f.resolve() for f in self.files()}
+        other = []
+        for p in sorted(self.path.rglob("*")):
+            rel = p.relative_to(self.path)
+            if any(part.startswith(".") for part in rel.parts) or not p.is_file():
+                continue
+            if p.resolve() not in weights:
+                other.append(rel)
+        return other
+
+    def copy_other_files(self, folder: Path) -> None:
+        """`other_files()` copied into `folder`, at the same relative paths."""
+        import shutil
+
+        for rel in self.other_files():
+            (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(self.path / rel, folder / rel)
+
     def sha256(self) -> str:
         """Of the file, or of the index and shards (names and contents, in order)."""
         h = hashlib.sha256()

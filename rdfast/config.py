@@ -59,6 +59,13 @@ def check_strategies(names, given: str = "(none)") -> tuple[str, ...]:
     return names
 
 
+NORMALIZE_HELP = (
+    "Input normalization the model expects, per channel: dataset (the train split's mean "
+    "and std), none (pixels scaled to [0, 1], other inputs as stored), model (a timm "
+    "model's pretrained mean/std), or MEAN/STD as comma lists, one value a channel or one "
+    "for all, on the [0, 1] pixel scale (0.4914,0.4822,0.4465/0.247,0.243,0.261)."
+)
+
 SCHEDULES = ("cosine", "step")
 PRECISIONS = ("fp32", "bf16")
 DEFAULT_RATIOS = (2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
@@ -292,6 +299,10 @@ class Experiment:
         choices=("auto", *PRECISIONS),
     )
     compile: bool = setting(False, "torch.compile the model (CUDA; first steps slower).")
+    normalize: str = setting(
+        "dataset",
+        NORMALIZE_HELP,
+    )
 
 
 @dataclass(frozen=True)
@@ -356,6 +367,10 @@ class PruneJob:
         "Write each pruned model (safetensors shaped like the input) and its bit-packed masks "
         "under OUT/pruned/.",
     )
+    normalize: str = setting_like(
+        Experiment, "normalize", "dataset", NORMALIZE_HELP + " Give the normalization the "
+        "checkpoint was trained with: a mismatch shows as accuracy near chance."
+    )  # fmt: skip
     device: str = setting_like(Experiment, "device", help="Where to prune and evaluate.")
     data_root: Path | None = setting_like(Experiment, "data_root")
     out: Path = setting(

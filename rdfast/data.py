@@ -14,6 +14,7 @@ Every dataset accepts `train=N` and `test=N` (a stratified subset drawn with a f
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -209,6 +210,63 @@ def load_dataset(spec: str, root: Path | str | None = None) -> TensorData:
         std,
         raw.augment,
     )
+
+
+def normalize(data: TensorData, spec: str, model=None) -> tuple[TensorData, dict]:
+    """`data` normalized as `spec` says (`rdfast.config.NORMALIZE_HELP`), and the manifest's
+    record of it: the spec and the per-channel mean and std on the [0, 1] pixel scale (the
+    stored scale for inputs that are not uint8 images)."""
+    scale = 255.0 if data.x_train.dtype == torch.uint8 else 1.0
+    channels = data.mean.numel()
+    spec = (spec or "dataset").strip()
+    if spec == "dataset":  # as loaded: bit for bit the statistics every earlier run used
+        record = {"normalize": spec, "mean": _rounded(data.mean / scale),
+                  "std": _rounded(data.std / scale)}  # fmt: skip
+        return data, record
+    if spec == "none":
+        mean, std = torch.zeros(channels), torch.ones(channels)
+    elif spec == "model":
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        if "mean" not in cfg or "std" not in cfg:
+            raise BadInput("--normalize model needs a timm: model with a pretrained mean/std")
+        mean, std = torch.tensor(cfg["mean"]), torch.tensor(cfg["std"])
+    else:
+        mean, std = _parse_mean_std(spec, channels)
+    if mean.numel() == 1:
+        mean, std = mean.expand(channels), std.expand(channels)
+    if mean.numel() != channels or std.numel() != channels:
+        raise BadInput(
+            f"--normalize {spec}: {mean.numel()} mean and {std.numel()} std values for "
+            f"{channels} input channels of {data.name}"
+        )
+    shape = data.mean.shape
+    fields = {k: getattr(data, k) for k in data.__dataclass_fields__}
+    fields["mean"] = (mean.float() * scale).reshape(shape).to(data.mean.device)
+    fields["std"] = (std.float() * scale).reshape(shape).to(data.std.device)
+    record = {"normalize": spec, "mean": _rounded(mean), "std": _rounded(std)}
+    return TensorData(**fields), record
+
+
+def _rounded(values: torch.Tensor) -> list[float]:
+    return [round(float(v), 6) for v in values.flatten()]
+
+
+def _parse_mean_std(spec: str, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    parts = spec.split("/")
+    if len(parts) != 2:
+        raise BadInput(
+            f"--normalize {spec}: give dataset, none, model or MEAN/STD (comma lists, e.g. "
+            "0.5,0.5,0.5/0.25,0.25,0.25)"
+        )
+    try:
+        mean, std = ([float(v) for v in p.split(",")] for p in parts)
+    except ValueError:
+        raise BadInput(f"--normalize {spec}: MEAN and STD must be numbers") from None
+    if not all(math.isfinite(v) for v in mean) or not all(0 < v < math.inf for v in std):
+        raise BadInput(f"--normalize {spec}: means must be finite and stds > 0")
+    if len(mean) != len(std):
+        raise BadInput(f"--normalize {spec}: {len(mean)} means but {len(std)} stds")
+    return torch.tensor(mean), torch.tensor(std)
 
 
 def _check_labels(name: str, raw: Raw) -> None:

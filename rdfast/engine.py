@@ -20,7 +20,7 @@ from rdfast.config import (
     Experiment,
     check_strategies,
 )
-from rdfast.data import TensorData, load_dataset
+from rdfast.data import TensorData, load_dataset, normalize
 from rdfast.dense import DenseModels
 from rdfast.errors import BadInput
 from rdfast.kernels._backend import cuda_path, interpreting
@@ -74,6 +74,9 @@ def dense_key(exp: Experiment, seed: int, data_name: str, device_type: str, thre
         # CPU reductions split work by thread: 1 and 2 threads give losses that differ in
         # the 7th digit, so the thread count is part of what a CPU model is.
         **({"threads": threads} if device_type == "cpu" else {}),
+        # Models normalized by the train split's statistics keep the ids they had before
+        # the setting existed; any other normalization changes the arithmetic: keyed.
+        **({"normalize": exp.normalize} if exp.normalize != "dataset" else {}),
     }
 
 
@@ -132,6 +135,7 @@ class Engine:
         if exp.prune.mitigation == "constrained":
             check_split(data, exp.prune.val_fraction)
         probe = build_model(exp.model, data.input_shape, data.num_classes, exp.width)
+        data, self.normalization = normalize(data, exp.normalize, probe)
         try:  # a model that cannot take this data fails here, with a reason, not mid-run
             with torch.no_grad():
                 probe.eval()(data.prepare(data.x_train[:2]))

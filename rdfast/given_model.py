@@ -195,9 +195,12 @@ def shard_plan(ckpt: Checkpoint, names: Iterable[str]) -> dict[str, list[str]]:
 def save_pruned(
     folder: Path, ckpt: Checkpoint, state: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]
 ) -> None:
-    """A pruned model as safetensors shards shaped like the input (same files, tensor names,
-    dtypes and index), and its masks bit-packed (np.packbits, 1 bit a weight) beside them.
-    Written into FOLDER.partial and renamed when complete: never a half-written model."""
+    """A pruned model in the input's format: safetensors shards shaped like the input (same
+    files, tensor names, dtypes and index) with every other file of the input's folder
+    (config, ...), or for a torch state dict a plain state dict of the model under the
+    input's file name (loads with `model.load_state_dict(torch.load(path))`); its masks
+    bit-packed (np.packbits, 1 bit a weight) beside them. Written into FOLDER.partial and
+    renamed when complete: never a half-written model."""
     from safetensors.numpy import save_file as save_numpy
     from safetensors.torch import save_file
 
@@ -206,14 +209,19 @@ def save_pruned(
     _remove_tree(partial)
     partial.mkdir(parents=True)
     try:
-        plan = shard_plan(ckpt, state)
-        for file, names in plan.items():
-            tensors = {n: _as_stored(ckpt, n, state[n]) for n in names}
-            save_file(tensors, str(partial / file), metadata={"format": "pt"})
-        if ckpt.index_file is not None:
-            weight_map = {n: f for f, ns in plan.items() for n in ns}
-            index = {"metadata": {"total_size": _nbytes(state)}, "weight_map": weight_map}
-            (partial / ckpt.index_file.name).write_text(json.dumps(index, indent=2) + "\n")
+        if not ckpt.is_safetensors:
+            torch.save({n: _as_stored(ckpt, n, t) for n, t in state.items()},
+                       partial / ckpt.path.name)  # fmt: skip
+        else:
+            plan = shard_plan(ckpt, state)
+            for file, names in plan.items():
+                tensors = {n: _as_stored(ckpt, n, state[n]) for n in names}
+                save_file(tensors, str(partial / file), metadata={"format": "pt"})
+            if ckpt.index_file is not None:
+                weight_map = {n: f for f, ns in plan.items() for n in ns}
+                index = {"metadata": {"total_size": _nbytes(state)}, "weight_map": weight_map}
+                (partial / ckpt.index_file.name).write_text(json.dumps(index, indent=2) + "\n")
+            ckpt.copy_other_files(partial)
         packed = {k: np.packbits(m.detach().cpu().reshape(-1).numpy()) for k, m in masks.items()}
         shapes = {k: list(m.shape) for k, m in masks.items()}
         save_numpy(packed, str(partial / MASKS_FILE), metadata={"shapes": json.dumps(shapes)})

@@ -11,6 +11,7 @@ every run (`dense_id` names the checkpoint by its sha256), so strategies pair se
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,7 @@ from tqdm.auto import tqdm
 from rdfast import store, training
 from rdfast.checkpoints import Checkpoint
 from rdfast.config import PruneJob, TrainSettings
-from rdfast.data import load_dataset
+from rdfast.data import load_dataset, normalize
 from rdfast.engine import resolve_device
 from rdfast.errors import BadInput, RunFailed
 from rdfast.given_model import load_weights, prune_module, save_pruned
@@ -57,10 +58,11 @@ class GivenModel:
 
 
 class GivenModelStudy:
-    def __init__(self, job: PruneJob, progress: bool | None = None, log=None):
+    def __init__(self, job: PruneJob, progress: bool | None = None, log=None, warn=None):
         self.job = job
         self.progress = progress
         self.log = log or (lambda msg: tqdm.write(msg))
+        self.warn = warn or (lambda msg: tqdm.write(msg, file=sys.stderr))
 
     # ------------------------------------------------------------------ setup
     def prepare(self) -> None:
@@ -78,6 +80,7 @@ class GivenModelStudy:
         data = load_dataset(job.dataset, job.data_root)
         model = build_model(job.model, data.input_shape, data.num_classes, job.width)
         load_weights(model, self.ckpt, data.num_classes)
+        data, self.normalization = normalize(data, job.normalize, model)
         self._probe(model, data)
         self.out = store.check_out(job.out)
         # As `rdfast run` does: channels_last for conv nets on CUDA (and on the CPU under
@@ -139,6 +142,8 @@ class GivenModelStudy:
             "batch_size": j.batch_size,
             "exclude": list(j.exclude),
             "device": self.device.type,
+            # keyed when not the default, so the ids of earlier runs stay as they were
+            **({"normalize": j.normalize} if j.normalize != "dataset" else {}),
         }
 
     def run_id(self, seed: int, strategy: str) -> str:
@@ -218,6 +223,7 @@ class GivenModelStudy:
                 "path": str(Path(self.job.checkpoint).resolve()),
                 "sha256": self.sha256,
             },  # fmt: skip
+            "normalization": self.normalization,
             "created": _now(),
         }
 
@@ -248,11 +254,26 @@ class GivenModelStudy:
             start = time.perf_counter()
             ev = training.evaluate(g.model, self.data, precision=self.precision)
             g.evaluation = {**ev, "seconds": time.perf_counter() - start}
+            self._warn_near_chance(ev)
         ev = g.evaluation
         meta = self._meta(run_id, seed, strategy)
         write_step(folder, 0, meta, ev["confusion"], self.data.class_names, ev["loss"], 1.0,
                    g.total, g.total, ev["seconds"], state=None, predictions=ev["predictions"],
                    labels=self.data.y_test)  # fmt: skip
+
+    def _warn_near_chance(self, ev) -> None:
+        """One line when the given model is no better than twice chance: the checkpoint, the
+        data or the normalization probably do not match."""
+        chance = 1 / self.data.num_classes
+        accuracy = float(ev["confusion"].diagonal().sum() / ev["confusion"].sum())
+        if accuracy <= 2 * chance:
+            n = self.normalization
+            self.warn(
+                f"warning: the given model's accuracy on {self.data.name} is {accuracy:.3f}, "
+                f"at most twice chance ({2 * chance:.3f}): do the checkpoint, the data and "
+                f"--normalize {n['normalize']} (mean {n['mean']}, std {n['std']}) match "
+                "how it was trained?"
+            )
 
     def _gradients(self, seed: int) -> dict:
         """The mean gradient of the given model over seed's calibration batches, once per

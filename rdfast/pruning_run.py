@@ -450,6 +450,7 @@ def new_manifest(run_id: str, data_name: str, exp, seed: int, settings: dict) ->
         "width": exp.width,
         "seed": seed,
         "settings": {**settings, "train": asdict(exp.train)},
+        "normalize": exp.normalize,
         "created": _now(),
     }
 

@@ -95,3 +95,12 @@ def write_image_tree(
                 arr = rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8)
                 Image.fromarray(arr).save(root / c / f"{i}.{fmt}")
     return Path(path)
+
+
+def read_cifar10_test(root: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The test split of `write_cifar10`'s files as N x 3 x 32 x 32 uint8 images and labels,
+    read here with pickle alone."""
+    with open(Path(root) / "cifar-10-batches-py" / "test_batch", "rb") as f:
+        batch = pickle.load(f, encoding="bytes")
+    x = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+    return x, np.asarray(batch[b"labels"])
