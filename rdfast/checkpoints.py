@@ -64,6 +64,61 @@ class Entry:
         return self.dtype in FLOATING
 
 
+MAX_HEADER = 100_000_000  # bytes: the safetensors library's own limit
+
+
+def _entries(path: Path, header, data_size: int) -> list[Entry]:
+    """The tensors of a parsed header, checked by the safetensors format's rules before a
+    byte of data is used: a JSON object of tensors, each with a known dtype, a shape of
+    non-negative integers and data_offsets [begin, end] of exactly its size, inside the data
+    and the tensors covering the data end to end; __metadata__ a table of strings."""
+
+    def bad(why: str):
+        return BadInput(f"{path}: not a safetensors file ({why})")
+
+    if not isinstance(header, dict):
+        raise bad(f"the header is a JSON {type(header).__name__}, not an object")
+    meta = header.get("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise bad("__metadata__ must map names to strings")
+    entries = []
+    for name, h in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(h, dict):
+            raise bad(f"tensor {name} is a {type(h).__name__}, not an object")
+        dtype, shape, offsets = h.get("dtype"), h.get("shape"), h.get("data_offsets")
+        if dtype not in DTYPES:
+            raise BadInput(f"{path}: tensor {name} has dtype {dtype}, unsupported")
+        if not _naturals(shape):
+            raise bad(f"tensor {name}: shape must be a list of integers >= 0, got {shape!r}")
+        if not _naturals(offsets) or len(offsets) != 2 or offsets[1] < offsets[0]:
+            raise bad(f"tensor {name}: data_offsets must be [begin, end], integers with "
+                      f"0 <= begin <= end, got {offsets!r}")  # fmt: skip
+        entry = Entry(name, path, dtype, tuple(shape), offsets[0], offsets[1])
+        itemsize = torch.empty(0, dtype=DTYPES[dtype]).element_size()
+        if entry.end - entry.begin != entry.numel * itemsize or entry.end > data_size:
+            raise BadInput(f"{path}: tensor {name} does not fit its byte range")
+        entries.append(entry)
+    # As the library reads it: in offset order, each tensor starts where the one before ends
+    # (no gap, no overlap) and the last ends where the file does.
+    at, before = 0, None
+    for e in sorted(entries, key=lambda e: (e.begin, e.end)):
+        if e.begin != at:
+            what = f"{before} and {e.name} overlap" if e.begin < at else f"a gap before {e.name}"
+            raise bad(f"byte ranges: {what}" if before else f"{e.name} does not start the data")
+        at, before = e.end, e.name
+    if at != data_size:
+        raise bad(f"{data_size - at} bytes after the last tensor: the data is not fully covered")
+    return entries
+
+
+def _naturals(v) -> bool:
+    return isinstance(v, list) and all(
+        isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v
+    )
+
+
 class Shard:
     """One safetensors file: its header, and its tensors read through a memory map."""
 
@@ -76,28 +131,17 @@ class Shard:
                     raise ValueError("shorter than a header")
                 (n,) = struct.unpack("<Q", head)
                 size = self.path.stat().st_size
-                if n > size - 8:
-                    raise ValueError("header longer than the file")
+                if n > min(size - 8, MAX_HEADER):
+                    raise ValueError("header longer than the file or than 100 MB")
                 self.header_bytes = head + f.read(n)
             header = json.loads(self.header_bytes[8:])
-        except (ValueError, UnicodeDecodeError) as e:
-            raise BadInput(f"{self.path}: not a safetensors file ({e})") from None
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:
+            reason = "nested too deeply" if isinstance(e, RecursionError) else e
+            raise BadInput(f"{self.path}: not a safetensors file ({reason})") from None
         except OSError as e:
             raise BadInput(f"cannot read {self.path}: {e.strerror or e}") from None
         self.data_start = 8 + n
-        self.metadata = header.pop("__metadata__", None)
-        self.entries = []
-        for name, h in header.items():
-            if h.get("dtype") not in DTYPES:
-                raise BadInput(
-                    f"{self.path}: tensor {name} has dtype {h.get('dtype')}, unsupported"
-                )
-            begin, end = h["data_offsets"]
-            entry = Entry(name, self.path, h["dtype"], tuple(h["shape"]), begin, end)
-            itemsize = torch.empty(0, dtype=DTYPES[entry.dtype]).element_size()
-            if end - begin != entry.numel * itemsize or self.data_start + end > size:
-                raise BadInput(f"{self.path}: tensor {name} does not fit its byte range")
-            self.entries.append(entry)
+        self.entries = _entries(self.path, header, size - self.data_start)
         self.entries.sort(key=lambda e: e.begin)  # file order: the order chunks are read
         self._map = None
 
@@ -161,6 +205,8 @@ class Checkpoint:
                 files = sorted(self.path.glob("*.safetensors"))
                 if not files:
                     raise BadInput(f"{self.path} holds no *.safetensors file")
+                for f in files:
+                    _check_inside(self.path, f.name, self.path)
         elif self.path.suffix == ".safetensors":
             files = [self.path]
         elif self.path.suffix in TORCH_SUFFIXES:
@@ -184,12 +230,22 @@ class Checkpoint:
         return bool(self.shards)
 
     def _indexed_files(self) -> list[Path]:
+        """The shards the index names, each a file of this folder (untrusted input: a name
+        with a path, or a link out of the folder, is refused before anything is opened)."""
         try:
             index = json.loads(self.index_file.read_text())
-            weight_map = index["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise BadInput(f"{self.index_file}: not a safetensors index ({e})") from None
-        files = [self.path / f for f in dict.fromkeys(sorted(set(weight_map.values())))]
+        except (OSError, ValueError, RecursionError) as e:
+            why = "nested too deeply" if isinstance(e, RecursionError) else e
+            raise BadInput(f"{self.index_file}: not a safetensors index ({why})") from None
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(v, str) for v in weight_map.values()
+        ):
+            raise BadInput(f"{self.index_file}: not a safetensors index (its weight_map must "
+                           "map tensor names to shard file names)")  # fmt: skip
+        files = [self.path / f for f in sorted(set(weight_map.values()))]
+        for name in sorted(set(weight_map.values())):
+            _check_inside(self.path, name, self.index_file)
         missing = [f.name for f in files if not f.exists()]
         if missing:
             raise BadInput(f"{self.index_file} names missing shards: {', '.join(missing[:3])}")
@@ -271,6 +327,22 @@ class Checkpoint:
         """`names` in the checkpoint's order: shards in order, tensors in file order."""
         wanted = set(names)
         return [e.name for s in self.shards for e in s.entries if e.name in wanted]
+
+
+def _check_inside(folder: Path, name: str, index: Path) -> None:
+    """A shard named by an index must be a file of `folder`: a plain file name (no folder
+    part, no ..), that resolves inside the folder -- or, in the Hugging Face hub cache's
+    layout (snapshots/REV/NAME -> ../../blobs/HASH), inside that repository's blobs."""
+    where = f"{index}: shard {name!r}"
+    if not name or name != Path(name).name or name in (".", ".."):
+        raise BadInput(f"{where} is not a file name of the checkpoint's folder")
+    target = (folder / name).resolve()
+    home = folder.resolve()
+    inside = target.parent == home
+    if not inside and home.parent.name == "snapshots":
+        inside = target.parent == home.parent.parent / "blobs"
+    if not inside:
+        raise BadInput(f"{where} leads out of the checkpoint's folder (to {target})")
 
 
 def _torch_state_dict(path: Path) -> dict[str, torch.Tensor]:

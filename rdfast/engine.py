@@ -9,7 +9,7 @@ and a rerun continues where it stopped.
 
 from __future__ import annotations
 
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from tqdm.auto import tqdm
@@ -101,6 +101,41 @@ def run_id(dense: dict, settings: dict) -> str:
     return store.stable_hash({"dense": dense, **settings, "records": store.RECORDS_VERSION})
 
 
+@dataclass
+class Checked:
+    """What `check_with_data` found: the data (on the CPU, normalized), a model built for
+    it, its prunable layers and the normalization's record."""
+
+    data: TensorData
+    probe: torch.nn.Module
+    layers: dict
+    normalization: dict
+
+
+def check_with_data(exp: Experiment) -> Checked:
+    """Everything about `exp` that only its data and model can tell, checked once for
+    `rdfast run` and for every sub-grid point of `rdfast grid` (before a task starts): the
+    dataset and its subsets load, the constrained split can be drawn, the normalization fits
+    the channels, the model takes the inputs, --exclude names its layers and leaves one,
+    every ratio leaves a weight. BadInput, one line, on the first that fails."""
+    data = load_dataset(exp.dataset, exp.data_root)
+    if exp.prune.mitigation == "constrained":
+        check_split(data, exp.prune.val_fraction)
+    probe = build_model(exp.model, data.input_shape, data.num_classes, exp.width)
+    data, normalization = normalize(data, exp.normalize, probe)
+    try:  # a model that cannot take this data fails here, with a reason, not mid-run
+        with torch.no_grad():
+            probe.eval()(data.prepare(data.x_train[:2]))
+    except RuntimeError as e:
+        raise BadInput(
+            f"model {exp.model} cannot take inputs of shape {data.input_shape}: "
+            f"{' '.join(str(e).split())[:160]}"
+        ) from None
+    layers = prunable_layers(probe, exp.prune.exclude)
+    check_ratios(sum(w.numel() for w in layers.values()), exp.prune.ratios)
+    return Checked(data, probe, layers, normalization)
+
+
 class Engine:
     def __init__(self, exp: Experiment, progress: bool | None = None, log=None):
         self.exp = exp
@@ -131,27 +166,14 @@ class Engine:
             )
         # The engine's own resolved copy: the caller's Experiment is left as it was given.
         self.exp = exp = resolve_precision(exp, self.device.type)
-        data = load_dataset(exp.dataset, exp.data_root)
-        if exp.prune.mitigation == "constrained":
-            check_split(data, exp.prune.val_fraction)
-        probe = build_model(exp.model, data.input_shape, data.num_classes, exp.width)
-        data, self.normalization = normalize(data, exp.normalize, probe)
-        try:  # a model that cannot take this data fails here, with a reason, not mid-run
-            with torch.no_grad():
-                probe.eval()(data.prepare(data.x_train[:2]))
-        except RuntimeError as e:
-            raise BadInput(
-                f"model {exp.model} cannot take inputs of shape {data.input_shape}: "
-                f"{' '.join(str(e).split())[:160]}"
-            ) from None
-        layers = prunable_layers(probe, exp.prune.exclude)
-        self.convolutional = any(isinstance(m, torch.nn.Conv2d) for m in probe.modules())
+        checked = check_with_data(exp)
+        data, self.normalization = checked.data, checked.normalization
+        self.convolutional = any(isinstance(m, torch.nn.Conv2d) for m in checked.probe.modules())
         # channels_last pays on CUDA tensor cores for conv nets; on the CPU it would only
         # change the arithmetic order and with it the bit-identical records. RDFAST_CUDA_PATH
         # takes it on the CPU too, to check the CUDA code path without a GPU.
         self.channels_last = (self.device.type == "cuda" or cuda_path()) and self.convolutional
         data.channels_last = self.channels_last
-        check_ratios(sum(w.numel() for w in layers.values()), exp.prune.ratios)
         self.data = data.to(self.device)
         self.out = store.check_out(exp.out)
 

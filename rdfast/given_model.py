@@ -7,7 +7,9 @@ ratio); `rdfast prune` (rdfast/given_study.py) measures per-class recall with it
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
@@ -216,7 +218,7 @@ def save_pruned(
             plan = shard_plan(ckpt, state)
             for file, names in plan.items():
                 tensors = {n: _as_stored(ckpt, n, state[n]) for n in names}
-                save_file(tensors, str(partial / file), metadata={"format": "pt"})
+                _save_safetensors(save_file, tensors, partial / file, {"format": "pt"})
             if ckpt.index_file is not None:
                 weight_map = {n: f for f, ns in plan.items() for n in ns}
                 index = {"metadata": {"total_size": _nbytes(state)}, "weight_map": weight_map}
@@ -224,12 +226,25 @@ def save_pruned(
             ckpt.copy_other_files(partial)
         packed = {k: np.packbits(m.detach().cpu().reshape(-1).numpy()) for k, m in masks.items()}
         shapes = {k: list(m.shape) for k, m in masks.items()}
-        save_numpy(packed, str(partial / MASKS_FILE), metadata={"shapes": json.dumps(shapes)})
+        _save_safetensors(save_numpy, packed, partial / MASKS_FILE, {"shapes": json.dumps(shapes)})
         _remove_tree(folder)
         partial.rename(folder)
     except BaseException:
         _remove_tree(partial)
         raise
+
+
+def _save_safetensors(save_file, tensors: dict, path: Path, metadata: dict) -> None:
+    """The library's save_file, its errors as the OSError they are (a full disk: one line,
+    exit 1, not the library's SafetensorError traceback)."""
+    from safetensors import SafetensorError
+
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as e:
+        full = "No space left" in str(e) or "os error 28" in str(e)
+        code = errno.ENOSPC if full else errno.EIO
+        raise OSError(code, os.strerror(code) if full else str(e), str(path)) from None
 
 
 def load_masks(folder: Path) -> dict[str, torch.Tensor]:

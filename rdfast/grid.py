@@ -54,6 +54,7 @@ def run_grid(
     written (the spec, the executor, a Ray address that does not answer)."""
     grid = grid_spec.load(spec)
     out = store.check_out(out)
+    grid_spec.check_data(grid)
     if retries < 0:
         raise BadInput(f"--retries must be >= 0, got {retries}")
     if workers is not None and workers < 1:
@@ -254,6 +255,7 @@ def grid_status(spec, out) -> dict:
     import pandas as pd
 
     grid = grid_spec.load(spec)
+    grid_spec.check_data(grid)
     out = Path(out)
     driver = store.lock_holder(store.grid_lock(out)) if out.is_dir() else None
     in_flight = set()
@@ -293,6 +295,7 @@ def grid_plan(spec, out) -> dict:
     import pandas as pd
 
     grid = grid_spec.load(spec)
+    grid_spec.check_data(grid)
 
     def row(where, e, dense, runs, epochs):
         return {"where": where, "dataset": e.dataset, "model": e.model, "width": e.width,

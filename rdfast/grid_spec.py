@@ -117,13 +117,39 @@ def find_spec(spec: str | Path) -> Path:
 def load(spec: str | Path) -> Grid:
     """Read, check and expand a spec; BadInput (one line, naming the key) on any mistake."""
     path = find_spec(spec)
-    text = path.read_text()
     where = path.name
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise BadInput(f"{where}: not UTF-8 text (byte {e.start}); TOML specs are UTF-8") from None
+    except OSError as e:
+        raise BadInput(f"cannot read {path}: {e.strerror or e}") from None
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise BadInput(f"{where}: not valid TOML: {e}") from None
     return expand(doc, where, text=text, source=str(path))
+
+
+def check_data(grid: Grid) -> None:
+    """What only the data and the model can tell (`engine.check_with_data`, as `rdfast run`
+    checks it), once per distinct (data, model, exclude, ratios, ...) of the grid's runs, before
+    any task starts: a bad point is refused in one line naming it, nothing written."""
+    from rdfast.engine import check_with_data
+
+    seen = set()
+    for run in grid.runs.values():
+        e = run.exp
+        p = e.prune
+        signature = (e.dataset, str(e.data_root), e.model, e.width, e.normalize, p.exclude,
+                     p.ratios, p.mitigation == "constrained" and p.val_fraction)  # fmt: skip
+        if signature in seen:
+            continue
+        seen.add(signature)
+        try:
+            check_with_data(e)
+        except BadInput as err:
+            raise BadInput(f"{run.where}: {err}") from None
 
 
 def _setting_fields() -> dict[str, tuple[type, dataclasses.Field]]:

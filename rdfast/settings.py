@@ -203,22 +203,29 @@ def default_of(f: dataclasses.Field):
 # --------------------------------------------------------------------------- flag texts
 
 
+# Every seed is a run (or a dense model) of its own: 10,000 is far past any study, and a
+# range is checked against it by its bounds before a single seed is made.
+MAX_SEEDS = 10_000
+
+
 def parse_seeds(text: str) -> tuple[int, ...]:
     """'0-4' -> (0..4); '0,2,5' -> (0, 2, 5); ranges and lists mix: '0-2,7'."""
-    seeds: list[int] = []
+    bounds: list[tuple[int, int]] = []
     try:
-        for part in text.split(","):
+        for part in str(text).split(","):
             lo, dash, hi = part.strip().partition("-")
-            if dash:
-                a, b = int(lo), int(hi)
-                if b < a:
-                    raise ValueError
-                seeds.extend(range(a, b + 1))
-            else:
-                seeds.append(int(lo))
+            a, b = (int(lo), int(hi)) if dash else (int(lo), int(lo))
+            if b < a:
+                raise ValueError
+            bounds.append((a, b))
     except ValueError:
         raise BadInput(f"malformed --seeds {text!r}; use e.g. 0-4 or 0,2,5") from None
-    if any(not 0 <= s < 2**31 for s in seeds) or len(set(seeds)) != len(seeds):
+    if any(not (0 <= a and b < 2**31) for a, b in bounds):
+        raise BadInput(f"--seeds must be distinct integers in 0..2^31-1, got {text!r}")
+    if sum(b - a + 1 for a, b in bounds) > MAX_SEEDS:
+        raise BadInput(f"--seeds {text!r} asks for more than {MAX_SEEDS:,} seeds")
+    seeds = [s for a, b in bounds for s in range(a, b + 1)]
+    if len(set(seeds)) != len(seeds):
         raise BadInput(f"--seeds must be distinct integers in 0..2^31-1, got {text!r}")
     return tuple(seeds)
 
