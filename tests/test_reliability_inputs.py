@@ -219,9 +219,8 @@ def test_hub_cache_snapshots_are_read_through_their_blob_links(tmp_path):
 
 
 def test_full_disk_under_save_is_one_line(tmp_path, monkeypatch):
-    from safetensors import SafetensorError
-
     import safetensors.torch
+    from safetensors import SafetensorError
 
     def full(*a, **kw):
         raise SafetensorError(
