@@ -138,7 +138,7 @@ def print_status(table, echo) -> int:
     echo(table.to_string(index=False))
     counts = table["status"].value_counts()
     echo("\n" + ", ".join(f"{n} {k}" for k, n in counts.items()))
-    return 1 if "failed" in counts else 0
+    return 1 if "failed" in counts or "damaged" in counts else 0
 
 
 def print_stream(summary: dict, echo) -> int:
@@ -193,4 +193,4 @@ def print_grid_status(status: dict, echo, show_all: bool = False) -> int:
         + ", ".join(f"{n} {k}" for k, n in counts.items())
         + driver
     )
-    return 1 if "failed" in counts else 0
+    return 1 if "failed" in counts or "damaged" in counts else 0

@@ -22,15 +22,22 @@ def live_status(status: str | None, run_dir: Path) -> str | None:
 
 
 def finished(out: Path, run_id: str) -> bool:
-    manifest = store.manifest_path(store.run_dir(out, run_id))
-    return manifest.exists() and store.read_json(manifest).get("status") == "complete"
+    """Complete, and every recorded step is this run's own (a step file copied from another
+    run makes the run one to redo)."""
+    folder = store.run_dir(out, run_id)
+    manifest = store.manifest_path(folder)
+    if not manifest.exists() or store.read_json(manifest).get("status") != "complete":
+        return False
+    return not any(store.owner_problem(p) for p in store.step_files(folder).values())
 
 
 def run_row(manifest_path: Path) -> dict:
     """A run's row of the status table, from its manifest and recorded steps."""
     m = store.read_json(manifest_path)
     s = m.get("settings", {})
-    done = len(store.step_files(manifest_path.parent))
+    steps = store.step_files(manifest_path.parent)
+    done = len(steps)
+    foreign = next((f"{p.name} {w}" for p in steps.values() if (w := store.owner_problem(p))), "")
     return {
         "run_id": m.get("run_id", manifest_path.parent.name),
         "dataset": m.get("dataset"),
@@ -40,9 +47,9 @@ def run_row(manifest_path: Path) -> dict:
         "strategy": s.get("strategy"),
         "saliency": s.get("saliency"),
         "mitigation": s.get("mitigation", "plain"),
-        "status": live_status(m.get("status"), manifest_path.parent),
+        "status": "damaged" if foreign else live_status(m.get("status"), manifest_path.parent),
         "steps": f"{max(done - 1, 0)}/{len(s.get('ratios', []))}",
-        "error": m.get("error") or "",
+        "error": (f"{foreign}: rerun to recompute" if foreign else m.get("error")) or "",
     }
 
 

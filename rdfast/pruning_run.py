@@ -367,10 +367,14 @@ def intact_steps(run_dir: Path, data, log, stateful: bool = True) -> tuple[int, 
             if i not in done:
                 raise store.DamagedFile(store.step_path(run_dir, i, "parquet"), "missing")
             df = store.read_parquet(done[i])
+            store.check_owner(done[i], df)
             cm = store.read_npy(store.step_path(run_dir, i, "npy"))
             if cm.shape != (c, c) or int(cm.sum()) != n_test:
                 raise store.DamagedFile(store.step_path(run_dir, i, "npy"), "not this run's matrix")
-            if len(df) != c or not np.array_equal(df["correct"].to_numpy(), cm.diagonal()):
+            if len(df) != c or not (
+                np.array_equal(df["correct"].to_numpy(), cm.diagonal())
+                and np.array_equal(df["support"].to_numpy(), cm.sum(1))
+            ):
                 raise store.DamagedFile(done[i], "disagrees with its confusion matrix")
             _check_predictions(run_dir, i, cm)
         state = None

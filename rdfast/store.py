@@ -302,6 +302,29 @@ def step_files(run_dir: Path) -> dict[int, Path]:
     return out
 
 
+def check_owner(path: Path, df: pd.DataFrame) -> None:
+    """A step's records name the run and step they are of (every row's run_id and step
+    columns): a file copied from another run or another step is DamagedFile, repaired like
+    other damage, never counted as this run's."""
+    run, step = Path(path).parent.name, int(Path(path).name.split(".")[0].split("-")[1])
+    ids = set(df["run_id"].astype(str)) if "run_id" in df else set()
+    steps = set(df["step"].astype(int)) if "step" in df else set()
+    if ids != {run} or steps != {step}:
+        their_runs = ",".join(sorted(ids)) or "?"
+        their_steps = ",".join(map(str, sorted(steps))) or "?"
+        theirs = f"run {their_runs} step {their_steps}"
+        raise DamagedFile(path, f"holds {theirs}, not run {run} step {step}")
+
+
+def owner_problem(path: Path) -> str | None:
+    """Why a step's records are not this run's step (or cannot be read), or None."""
+    try:
+        check_owner(path, read_parquet(path, columns=["run_id", "step"]))
+    except DamagedFile as e:
+        return e.why
+    return None
+
+
 def sources_digest(files) -> str:
     """Content fingerprint of a set of step files: their names and the sha256 of their bytes."""
     h = hashlib.sha256()
@@ -333,7 +356,11 @@ def load_records(out_dir: Path, prefer_consolidated: bool = False) -> pd.DataFra
             meta = {}
         if meta.get(SOURCES_KEY, b"").decode() == sources_digest(files):
             return read_parquet(merged)
-    df = pd.concat([read_parquet(p) for p in files], ignore_index=True)
+    frames = []
+    for p in files:
+        frames.append(read_parquet(p))
+        check_owner(p, frames[-1])
+    df = pd.concat(frames, ignore_index=True)
     return df.sort_values(["run_id", "step", "class"], kind="stable").reset_index(drop=True)
 
 
@@ -344,7 +371,9 @@ def load_confusion(out_dir: Path) -> pd.DataFrame:
         npy = rec.with_suffix(".npy")
         if not npy.exists():
             continue
-        meta = read_parquet(rec, columns=["run_id", "step", "t_target"]).iloc[0]
+        meta = read_parquet(rec, columns=["run_id", "step", "t_target"])
+        check_owner(rec, meta)
+        meta = meta.iloc[0]
         cm = read_npy(npy)
         c = cm.shape[0]
         frames.append(

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from rdfast import store
+from rdfast import manifests, store
 from rdfast.cli.main import cli
 from tests.conftest import run_args
 
@@ -127,6 +127,39 @@ def test_damaged_records_give_one_line_naming_the_file(reference, tmp_path):
         lines = res.stderr.strip().splitlines()
         assert len(lines) == 1 and "step-1.parquet" in lines[0], res.stderr
     assert not (tmp_path / "rep").exists()
+
+
+def foreign_step(out):
+    """Run A's step 1 (records, matrix, predictions) copied over run B's."""
+    a, b = sorted(out.glob("runs/*/step-1.parquet"))[:2]
+    for suffix in (".parquet", ".npy", ".pred.npy"):
+        shutil.copyfile(a.with_name("step-1" + suffix), b.with_name("step-1" + suffix))
+    return a.parent.name, b.parent.name
+
+
+def test_a_foreign_step_file_is_named_by_every_reader(reference, tmp_path):
+    out = copy_of(reference, tmp_path)
+    a, b = foreign_step(out)
+    message = f"holds run {a} step 1, not run {b} step 1"
+    for cmd in (["analyze", str(out)], ["report", str(out), "-o", str(tmp_path / "rep")]):
+        res = CliRunner().invoke(cli, cmd)
+        assert res.exit_code == 2, res.output
+        lines = res.stderr.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0], res.stderr
+    res = CliRunner().invoke(cli, ["status", str(out)])
+    assert res.exit_code == 1 and "damaged" in res.output and message in res.output, res.output
+    # what a grid rerun asks before it skips a run: B is to be redone, A is complete
+    assert manifests.finished(out, a) and not manifests.finished(out, b)
+
+
+@pytest.mark.slow
+def test_a_foreign_step_file_is_recomputed_bit_for_bit(reference, tmp_path):
+    out = copy_of(reference, tmp_path)
+    a, b = foreign_step(out)
+    res = run(out)
+    assert res.exit_code == 0, res.output
+    assert f"holds run {a} step 1, not run {b} step 1" in res.output
+    assert_same(out, reference)
 
 
 def test_consolidated_records_are_used_only_when_made_from_these_steps(reference, tmp_path):
