@@ -19,7 +19,7 @@ import torch
 
 from rdfast import store
 from rdfast.dataset_registry import AUGMENTATIONS, Option, Raw, register_dataset
-from rdfast.errors import BadInput, DataWarning
+from rdfast.errors import BadInput, DataMissing, DataWarning
 
 
 def offline() -> bool:
@@ -65,7 +65,7 @@ def _fetch(download, folder: Path, files, what: str, archive: str) -> None:
             reason = "the download did not produce them"
         except Exception as e:  # torchvision raises URLError, RuntimeError, OSError here
             reason = _reason(e)
-    raise BadInput(
+    raise DataMissing(
         f"{what} files not found in {folder} (expected {', '.join(missing)}, from the official "
         f"archive {archive}) and download failed: {reason}"
     )

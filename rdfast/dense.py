@@ -79,6 +79,7 @@ class DenseModels:
         path = self.path(seed, key)
         ckpt = self._read(path, key)
         if ckpt is not None:
+            store.clear_temporaries(path.parent)  # a write killed after the model was cached
             return ckpt
         lock = store.lock_path(path.parent)
         with store.locked(lock, wait=False) as held:
@@ -139,8 +140,7 @@ class DenseModels:
         """Train the dense model of `seed` (resuming partial.pt) and cache it at `path`."""
         engine, exp = self.engine, self.engine.exp
         store.remove(path)  # damaged or foreign, if present (the lock is held)
-        for stale in path.parent.glob(".*.tmp"):  # writes a killed process did not finish
-            stale.unlink(missing_ok=True)
+        store.clear_temporaries(path.parent, lock_held=True)
         model = engine._new_model(seed)
         partial_path = store.dense_partial(path)
         rewind, resume = self._resume(seed, model, partial_path)

@@ -239,5 +239,7 @@ class Engine:
                     outcomes.append(self.run_one(seed, todo[seed].pop(0), bar))
                 else:
                     self.dense_models.forget(seed)  # its strategies are done: free the weights
+                    # a write killed after the model was cached (e.g. its checksum's)
+                    store.clear_temporaries(self.dense_models.path(seed).parent)
         store.consolidate(self.out)
         return outcomes

@@ -15,6 +15,11 @@ class RunFailed(RuntimeError):
     """A run stopped part-way; the message is stored in its manifest."""
 
 
+class DataMissing(BadInput):
+    """A dataset's files are not on this machine (and could not be downloaded): on a grid's
+    driver this says nothing of the workers, which may hold them."""
+
+
 class DamagedFile(Exception):
     """A file under OUT that cannot be used as written: truncated, garbled, foreign."""
 

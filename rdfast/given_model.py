@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from rdfast import store
 from rdfast.checkpoints import Checkpoint
 from rdfast.config import STRATEGIES
 from rdfast.errors import BadInput
@@ -227,6 +228,10 @@ def save_pruned(
         packed = {k: np.packbits(m.detach().cpu().reshape(-1).numpy()) for k, m in masks.items()}
         shapes = {k: list(m.shape) for k, m in masks.items()}
         _save_safetensors(save_numpy, packed, partial / MASKS_FILE, {"shapes": json.dumps(shapes)})
+        # Every file's checksum, last: a rerun or `rdfast status` tells a complete folder
+        # from one a full disk or a user truncated.
+        digests = store.file_digests(partial)
+        (partial / store.SAVED_RECORD).write_text(json.dumps({"files": digests}, indent=2) + "\n")
         _remove_tree(folder)
         partial.rename(folder)
     except BaseException:

@@ -182,8 +182,7 @@ class GivenModelStudy:
 
     def _locked(self, run_id, folder, seed, strategy, bar) -> RunOutcome:
         j = self.job
-        for stale in folder.glob(".*.tmp"):
-            stale.unlink()
+        store.clear_temporaries(folder, lock_held=True)
         last, _ = intact_steps(folder, self.data, self.log, stateful=False)
         todo = [i for i in range(1, len(j.ratios) + 1) if i > last or not self._saved(run_id, i)]
         bar.update(len(j.ratios) - len(todo))
@@ -230,7 +229,13 @@ class GivenModelStudy:
     def _saved(self, run_id: str, i: int) -> bool:
         if not self.job.save:
             return True
-        return store.pruned_model(self.out, run_id, self.job.ratios[i - 1]).is_dir()
+        folder = store.pruned_model(self.out, run_id, self.job.ratios[i - 1])
+        if not folder.is_dir():
+            return False
+        problem = store.saved_problem(folder)
+        if problem is not None:
+            self.log(f"run {run_id}: saved model {problem}: pruning it again")
+        return problem is None
 
     def _meta(self, run_id, seed, strategy) -> dict:
         s = self.run_settings(strategy)

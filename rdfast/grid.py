@@ -98,6 +98,8 @@ class Driver:
         grid = self.grid
         todo = [r for r in grid.runs.values() if not manifests.finished(self.out, r.run_id)]
         already = len(grid.runs) - len(todo)
+        for folder in [*self.out.glob("runs/*"), *self.out.glob("dense/*")]:
+            store.clear_temporaries(folder)  # writes of a driver killed mid-install
         for r in todo:
             self._waiting.setdefault(r.dense_id, []).append(r)
         quiet = None if self.progress is None else not self.progress
@@ -212,6 +214,7 @@ class Driver:
             if not rel.startswith(prefix) or ".." in Path(rel).parts:
                 raise RuntimeError(f"a task returned {rel!r}, outside {prefix}")
         with store.locked(store.lock_path(folder), wait=True):
+            store.clear_temporaries(folder, lock_held=True)  # a driver killed mid-write
             if manifest is not None:
                 store.remove(folder / manifest)
                 for f in store.step_files_of(folder):

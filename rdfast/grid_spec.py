@@ -42,7 +42,7 @@ from pathlib import Path
 from rdfast import engine as keys
 from rdfast import store
 from rdfast.config import Experiment, PruneSettings, TrainSettings, check_strategies
-from rdfast.errors import BadInput
+from rdfast.errors import BadInput, DataMissing
 from rdfast.settings import default_of, flag_name, flags
 
 if sys.version_info >= (3, 11):
@@ -134,7 +134,9 @@ def load(spec: str | Path) -> Grid:
 def check_data(grid: Grid) -> None:
     """What only the data and the model can tell (`engine.check_with_data`, as `rdfast run`
     checks it), once per distinct (data, model, exclude, ratios, ...) of the grid's runs, before
-    any task starts: a bad point is refused in one line naming it, nothing written."""
+    any task starts: a bad point is refused in one line naming it, nothing written. Data
+    this machine lacks is left to the workers, which may hold it (and record the run failed
+    if they do not)."""
     from rdfast.engine import check_with_data
 
     seen = set()
@@ -148,6 +150,8 @@ def check_data(grid: Grid) -> None:
         seen.add(signature)
         try:
             check_with_data(e)
+        except DataMissing:
+            continue
         except BadInput as err:
             raise BadInput(f"{run.where}: {err}") from None
 

@@ -37,7 +37,12 @@ def run_row(manifest_path: Path) -> dict:
     s = m.get("settings", {})
     steps = store.step_files(manifest_path.parent)
     done = len(steps)
-    foreign = next((f"{p.name} {w}" for p in steps.values() if (w := store.owner_problem(p))), "")
+    damage = next((f"{p.name} {w}" for p in steps.values() if (w := store.owner_problem(p))), "")
+    out, run_id = manifest_path.parent.parent.parent, manifest_path.parent.name
+    saved = sorted(store.pruned_model(out, run_id, 1).parent.glob("t*"))
+    damage = damage or next(
+        (f"saved model {w}" for f in saved if (w := store.saved_problem(f))), ""
+    )
     return {
         "run_id": m.get("run_id", manifest_path.parent.name),
         "dataset": m.get("dataset"),
@@ -47,9 +52,9 @@ def run_row(manifest_path: Path) -> dict:
         "strategy": s.get("strategy"),
         "saliency": s.get("saliency"),
         "mitigation": s.get("mitigation", "plain"),
-        "status": "damaged" if foreign else live_status(m.get("status"), manifest_path.parent),
+        "status": "damaged" if damage else live_status(m.get("status"), manifest_path.parent),
         "steps": f"{max(done - 1, 0)}/{len(s.get('ratios', []))}",
-        "error": (f"{foreign}: rerun to recompute" if foreign else m.get("error")) or "",
+        "error": (f"{damage}: rerun to recompute" if damage else m.get("error")) or "",
     }
 
 

@@ -132,8 +132,7 @@ class PruningRun:
     def _locked(self, bar) -> RunOutcome:
         """Resume from the recorded steps; the caller holds the run's lock."""
         n_steps = len(self.exp.prune.ratios)
-        for stale in self.dir.glob(".*.tmp"):  # a write the last process did not finish
-            stale.unlink()
+        store.clear_temporaries(self.dir, lock_held=True)  # writes a killed process left
         last_done, state = intact_steps(self.dir, self.data, self.engine.log)
         manifest = self._manifest()
         if last_done == n_steps:

@@ -173,6 +173,68 @@ def atomic_write(path: Path, write: Callable[[io.BufferedWriter], None]) -> None
         raise
 
 
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_digests(folder: Path, known: dict[str, str] | None = None) -> dict[str, str]:
+    """Every file under `folder` (relative POSIX path -> sha256), sorted; `known` digests
+    (computed while writing) are taken as they are."""
+    known = known or {}
+    out = {}
+    for p in sorted(Path(folder).rglob("*")):
+        rel = p.relative_to(folder).as_posix()
+        if p.is_file():
+            out[rel] = known.get(rel) or sha256_file(p)
+    return out
+
+
+def folder_problem(folder: Path, digests) -> str | None:
+    """None if every file of `digests` is in `folder` with its sha256, else what is wrong."""
+    folder = Path(folder)
+    if not isinstance(digests, dict):
+        return f"{folder.name}: its file checksums are missing or unreadable"
+    for rel, digest in digests.items():
+        path = folder / rel
+        if not path.is_file():
+            return f"{folder.name}/{rel} is missing"
+        if sha256_file(path) != digest:
+            return f"{folder.name}/{rel} differs from its checksum"
+    return None
+
+
+SAVED_RECORD = "files.json"  # in a saved pruned model's folder: its files' checksums
+
+
+def saved_problem(folder: Path) -> str | None:
+    """None if the pruned model saved in `folder` is whole, else what is not."""
+    try:
+        record = json.loads((Path(folder) / SAVED_RECORD).read_text())
+    except (OSError, ValueError):
+        return f"{Path(folder).name}/{SAVED_RECORD} is missing or unreadable"
+    return folder_problem(folder, record.get("files") if isinstance(record, dict) else None)
+
+
+def clear_temporaries(folder: Path, *, lock_held: bool = False) -> None:
+    """Remove the temporary files of writes a killed process left in `folder` (atomic_write's
+    `.NAME.*.tmp`). Unless the caller holds the folder's lock (`lock_held`), only when no
+    other process holds it, for that one may be writing them right now."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    if lock_held:
+        for stale in folder.glob(".*.tmp"):
+            stale.unlink(missing_ok=True)
+        return
+    with locked(lock_path(folder), wait=False) as held:
+        if held:
+            clear_temporaries(folder, lock_held=True)
+
+
 @contextlib.contextmanager
 def locked(path: Path, *, wait: bool) -> Iterator[bool]:
     """Hold an exclusive lock on the file `path` (created if missing) inside the block.

@@ -295,14 +295,6 @@ def _check_space(ckpt: Checkpoint, out: Path, n_ratios: int) -> None:
         )  # fmt: skip
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _read_record(folder: Path) -> dict | None:
     try:
         record = json.loads((folder / RECORD).read_text())
@@ -313,15 +305,9 @@ def _read_record(folder: Path) -> dict | None:
 
 def _intact(folder: Path, record: dict | None) -> str | None:
     """None if every file `record` lists is in `folder` with its sha256, else what is wrong."""
-    if record is None or not isinstance(record.get("files"), dict):
+    if record is None:
         return f"{folder.name}/{RECORD} is missing or unreadable"
-    for rel, digest in record["files"].items():
-        path = folder / rel
-        if not path.is_file():
-            return f"{folder.name}/{rel} is missing"
-        if _sha256(path) != digest:
-            return f"{folder.name}/{rel} differs from its checksum"
-    return None
+    return store.folder_problem(folder, record.get("files"))
 
 
 def _earlier(out: Path) -> dict[str, dict | None]:
@@ -387,6 +373,8 @@ def stream_prune(
                            f"{total / (total - 0.5):.7g}")  # fmt: skip
     out = outdir.check(Path(out), "prune", flag="--out")
     earlier = _earlier(out)
+    for stale in out.glob(".*.tmp"):  # a write of a command killed before it finished
+        stale.unlink()
     # The checkpoint's sha256 names the input in every record. A rerun needs it first, to
     # refuse another input before touching anything; a first run hashes on a thread of its
     # own (hashlib releases the GIL: 4 GB, ~3 s, overlap the passes instead of following them).
@@ -453,10 +441,7 @@ def _prune(ckpt, names, total, ratios, remaining, out, progress, digest, source,
                 folder = staging / _folder(t)
                 index = _write_index(ckpt, folder)
                 ckpt.copy_other_files(folder)
-                for p in sorted(folder.rglob("*")):
-                    rel = p.relative_to(folder).as_posix()
-                    if p.is_file() and rel not in files[j]:
-                        files[j][rel] = _sha256(p)
+                files[j] = store.file_digests(folder, known=files[j])
                 T, _ = thresholds[j]
                 record = {
                     "rdfast": __version__,
@@ -471,7 +456,7 @@ def _prune(ckpt, names, total, ratios, remaining, out, progress, digest, source,
                     "threshold": keys.value(T),
                     "kept": {n: kept[j].get(n, 0) for n in names},
                     "index": index,
-                    "files": dict(sorted(files[j].items())),
+                    "files": files[j],
                 }
                 store.write_json(folder / RECORD, record)
                 final = out / _folder(t)

@@ -294,3 +294,60 @@ def test_a_second_driver_on_the_same_out_is_refused(tmp_path):
     assert res.exit_code == 2
     assert "another rdfast grid is writing" in res.output
     assert not (out / "runs").exists()
+
+
+def _descendants(pid: int) -> set[int]:
+    """Every process below `pid`, read from /proc (Linux)."""
+    found, todo = set(), [pid]
+    while todo:
+        p = todo.pop()
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            try:
+                kids = {int(k) for k in (task / "children").read_text().split()}
+            except OSError:
+                continue
+            todo += list(kids - found)
+            found |= kids
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal")
+def test_workers_die_with_a_killed_driver(tmp_path):
+    """kill -9 of a local grid's driver leaves no worker, nor the resource tracker, behind."""
+    spec = write_spec(tmp_path, SPEC.replace("epochs = 3", "epochs = 400"))
+    out = str(tmp_path / "out")
+    cmd = [sys.executable, "-m", "rdfast.cli.main", "grid", str(spec), "--out", out,
+           "--executor", "local", "--workers", "2", "--no-progress"]  # fmt: skip
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    children: set[int] = set()
+    try:
+        deadline = time.monotonic() + 120
+        while len(children) < 3 and time.monotonic() < deadline:  # 2 workers + the tracker
+            assert proc.poll() is None, "the driver ended before it could be killed"
+            time.sleep(0.2)
+            children = _descendants(proc.pid)
+        assert len(children) >= 3, children
+        time.sleep(2)  # the workers past their start-up, into training
+        children = _descendants(proc.pid)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        deadline = time.monotonic() + 30
+        while any(_alive(p) for p in children) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not [p for p in children if _alive(p)], "processes left behind the driver"
+    finally:
+        for p in children:
+            try:
+                os.kill(p, signal.SIGKILL)
+            except OSError:
+                pass
+        if proc.poll() is None:
+            proc.kill()

@@ -365,3 +365,41 @@ def test_bad_normalize_is_one_line(cifar_given, tmp_path, spec, message):
         f"rdfast: error: {res.output.split('rdfast: error: ')[1].strip()}"
     ]
     assert not (tmp_path / "out").exists()
+
+
+def test_truncated_saved_model_is_noticed_and_saved_again(tmp_path):
+    """--save: a pruned model a full disk or a user truncated is named by `rdfast status`
+    and written again by a rerun; a stale temporary file of the output is removed."""
+    from click.testing import CliRunner
+
+    from rdfast.cli.main import cli
+    from rdfast.models import build_model
+
+    torch.manual_seed(0)
+    ckpt = tmp_path / "mlp.pt"
+    torch.save(build_model("mlp", (64,), 10, 0.5).state_dict(), ckpt)
+    out = tmp_path / "out"
+    args = ["--model", "mlp", "--width", "0.5", "--checkpoint", ckpt, "--dataset", "digits",
+            "--ratios", "2,4", "--save", "--out", out, "--no-progress"]  # fmt: skip
+    assert invoke(*args).exit_code == 0
+    (saved,) = out.glob("pruned/*/t4")
+    good = (saved / "mlp.pt").read_bytes()
+    (saved / "mlp.pt").write_bytes(good[: len(good) // 2])
+    status = CliRunner().invoke(cli, ["status", str(out)])
+    assert status.exit_code == 1 and "damaged" in status.output, status.output
+    assert "t4/mlp.pt differs from its checksum" in status.output
+    stale = saved.parent.parent.parent / "runs" / saved.parent.name / ".step-2.npy.ab12.tmp"
+    stale.write_bytes(b"half")
+    res = invoke(*args)
+    assert res.exit_code == 0, res.output
+    assert "t4/mlp.pt differs from its checksum: pruning it again" in res.output
+    assert (saved / "mlp.pt").read_bytes() == good and not stale.exists()
+    assert CliRunner().invoke(cli, ["status", str(out)]).exit_code == 0
+
+
+def test_stale_temporary_files_of_a_streamed_prune_are_removed(small, tmp_path):
+    out = tmp_path / "out"
+    assert invoke("--checkpoint", small[0], "--ratios", "2", "--out", out).exit_code == 0
+    (out / ".prune.json.k3j4.tmp").write_text("{")
+    assert invoke("--checkpoint", small[0], "--ratios", "2", "--out", out).exit_code == 0
+    assert not list(out.rglob("*.tmp"))

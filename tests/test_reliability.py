@@ -258,3 +258,18 @@ def test_out_below_a_file_is_refused_and_results_are_readable_by_others(referenc
     assert afile.read_text() == "x"
     modes = {p.stat().st_mode & 0o777 for p in reference.rglob("*") if p.is_file()}
     assert all(m & 0o044 == 0o044 for m in modes), modes
+
+
+def test_temporary_files_of_killed_writes_are_gone_after_a_rerun(reference, tmp_path):
+    """What a write killed before its rename leaves (atomic_write's .NAME.*.tmp) in run and
+    dense folders is removed by the next command, which still finds the results whole."""
+    out = copy_of(reference, tmp_path)
+    left = [next(out.glob("runs/*")) / ".step-1.pred.npy.x1y2.tmp",
+            next(out.glob("dense/*")) / ".checkpoint.pt.sha256.a9b8.tmp"]  # fmt: skip
+    for p in left:
+        p.write_bytes(b"half a write")
+    res = run(out)
+    assert res.exit_code == 0, res.output
+    assert not [p for p in left if p.exists()]
+    assert not list(out.rglob("*.tmp"))
+    assert_same(out, reference)
