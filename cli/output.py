@@ -165,7 +165,8 @@ def print_grid(result, echo) -> int:
         f"{result.already} already there; {result.dense_trained} dense models trained), "
         f"{len(result.failed)} failed, {result.seconds:.1f} s on {result.executor}"
     )
-    echo(f"records: {records_path(result.out)}; next: rdfast analyze {result.out}")
+    if result.complete:
+        echo(f"records: {records_path(result.out)}; next: rdfast analyze {result.out}")
     return 1 if result.failed else 0
 
 

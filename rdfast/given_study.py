@@ -44,6 +44,19 @@ from rdfast.seeding import derive_seed
 SOURCE = "checkpoint"  # in every run's settings: what the dense model is
 
 
+def _refuse_foreign_folder(out: Path) -> None:
+    """The records of `rdfast prune --dataset` go into a new or empty folder, or one rdfast
+    wrote records into: never among a user's own files."""
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    ours = (out / "runs").is_dir() or store.records_path(out).exists()
+    if not ours:
+        raise BadInput(
+            f"refusing to write the prune records into {out}: it is not empty and holds no "
+            "rdfast records; give a new or empty folder"
+        )
+
+
 @dataclass
 class GivenModel:
     """The loaded model, its prunable layers, the given weights (restored before every step)
@@ -83,6 +96,7 @@ class GivenModelStudy:
         data, self.normalization = normalize(data, job.normalize, model)
         self._probe(model, data)
         self.out = store.check_out(job.out)
+        _refuse_foreign_folder(self.out)
         # As `rdfast run` does: channels_last for conv nets on CUDA (and on the CPU under
         # RDFAST_CUDA_PATH, to check that path), masks paired with weights by logical index.
         convolutional = any(isinstance(m, torch.nn.Conv2d) for m in model.modules())
@@ -204,7 +218,7 @@ class GivenModelStudy:
         except RunFailed as e:
             manifest.update(status="failed", error=str(e), updated=_now())
             store.write_json(path, manifest)
-            self.log(f"run {run_id} (seed {seed}, {strategy}) failed: {e}")
+            self.warn(f"run {run_id} (seed {seed}, {strategy}) failed: {e}")
             return RunOutcome(run_id, seed, strategy, "failed", str(e))
         manifest.update(status="complete", updated=_now())
         store.write_json(path, manifest)

@@ -41,6 +41,8 @@ def check(out: Path, kind: str, records: Path | None = None, flag: str = "-o") -
                 f"refusing to write the {kind} into {out}: it is {what}; give a new or empty folder"
             )
     parent = next(p for p in (out, *out.absolute().parents) if p.exists())
+    if not parent.is_dir():
+        raise BadInput(f"{flag} {out}: {parent} is a file, not a folder")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise BadInput(f"cannot write to {out}: {parent} is not writable")
     return out

@@ -251,3 +251,51 @@ def test_one_line_as_a_process_too(tmp_path):
     assert res.returncode == 2 and res.stdout == ""
     assert res.stderr.count("\n") == 1 and "Traceback" not in res.stderr, res.stderr
     assert errno.ENOSPC == 28
+
+
+# --------------------------------------------------------------------------- minor ones
+
+
+def test_prune_records_never_go_among_a_users_files(tmp_path):
+    from rdfast.models import build_model
+
+    ckpt = tmp_path / "mlp.pt"
+    torch.save(build_model("mlp", (64,), 10, 0.5).state_dict(), ckpt)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("my notes\n")
+    res = invoke("prune", "--model", "mlp", "--width", "0.5", "--checkpoint", ckpt,
+                 "--dataset", "digits", "--out", mine)  # fmt: skip
+    assert "not empty and holds no rdfast records" in one_error_line(res)
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+
+
+def test_nan_weights_with_a_dataset_say_so_on_stderr(tmp_path):
+    from rdfast.models import build_model
+
+    state = build_model("mlp", (64,), 10, 0.5).state_dict()
+    next(v for k, v in state.items() if k.endswith("weight"))[0, 0] = float("nan")
+    ckpt = tmp_path / "mlp.pt"
+    torch.save(state, ckpt)
+    res = invoke("prune", "--model", "mlp", "--width", "0.5", "--checkpoint", ckpt,
+                 "--dataset", "digits", "--out", tmp_path / "out", "--no-progress")  # fmt: skip
+    assert res.exit_code == 1, res.output
+    assert "failed" in res.stderr and "NaN" in res.stderr, res.stderr
+
+
+def test_out_below_a_file_says_it_is_a_file(tmp_path):
+    (tmp_path / "file").write_text("x")
+    ckpt = tmp_path / "m.safetensors"
+    save_file({"w": torch.randn(4, 4)}, str(ckpt))
+    res = invoke("prune", "--checkpoint", ckpt, "--out", tmp_path / "file" / "x")
+    assert "is a file" in one_error_line(res)
+
+
+def test_a_grid_with_no_run_complete_names_no_records(tmp_path):
+    spec = tmp_path / "s.toml"
+    spec.write_text('dataset = "digits"\nseeds = "0"\nstrategy = "mp"\nratios = [2]\n'
+                    "epochs = 1\nlr = 1e12\n")  # fmt: skip
+    res = invoke("grid", "run", spec, "--out", tmp_path / "out", "--workers", "1",
+                 "--no-progress")  # fmt: skip
+    assert res.exit_code == 1, res.output
+    assert "0/1 runs complete" in res.output and "records:" not in res.output
