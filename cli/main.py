@@ -159,6 +159,17 @@ analysis_options = [
         "chance (1 / classes; at most halfway from chance to 1): alpha divides by the "
         "accuracy (0: everywhere).",
     ),
+    click.option(
+        "--adjust",
+        default="holm",
+        show_default=True,
+        type=click.Choice(["holm", "bh", "none"]),
+        help="Multiplicity control of the marks: the marks of one table column are one family "
+        "(every group x t cell with an interval), and a cell keeps its < or > only where its "
+        "p-value adjusted over the family is below 1 - CI as well: holm bounds the chance of "
+        "any false mark, bh (Benjamini-Hochberg) the expected share of false marks; none: "
+        "each interval alone. Raw and adjusted p-values are both written.",
+    ),
 ]
 
 
@@ -168,7 +179,7 @@ def with_analysis_options(fn):
     return fn
 
 
-def analysis_args(by, ci, ci_method, top_classes, vs, floor) -> dict:
+def analysis_args(by, ci, ci_method, top_classes, vs, floor, adjust) -> dict:
     """The options `with_analysis_options` adds, as the keywords the commands take."""
     return {
         "by": parse_by(by),
@@ -177,6 +188,7 @@ def analysis_args(by, ci, ci_method, top_classes, vs, floor) -> dict:
         "top_classes": top_classes,
         "vs": None if vs == "none" else vs,
         "floor": floor,
+        "adjust": adjust,
     }
 
 
@@ -194,7 +206,7 @@ def analysis_args(by, ci, ci_method, top_classes, vs, floor) -> dict:
 @click.option(
     "-o", "--out", type=click.Path(path_type=Path), help="Folder for the stats tables [RUNS_DIR]."
 )
-def analyze(runs_dir, by, ci, ci_method, top_classes, vs, floor, fmt, out):
+def analyze(runs_dir, by, ci, ci_method, top_classes, vs, floor, adjust, fmt, out):
     """E[alpha_t] with its CI mark (< > ?) and mean accuracy, per group and t.
 
     alpha_t(m) is the least-squares slope through the origin of the normalized recall
@@ -210,7 +222,7 @@ def analyze(runs_dir, by, ci, ci_method, top_classes, vs, floor, fmt, out):
     from rdfast.cli.output import print_analysis
     from rdfast.commands import analyze_runs
 
-    args = analysis_args(by, ci, ci_method, top_classes, vs, floor)
+    args = analysis_args(by, ci, ci_method, top_classes, vs, floor, adjust)
     a, written = analyze_runs(runs_dir=runs_dir, out=out, **args)
     return print_analysis(
         a, written, fmt, top_classes, click.echo, lambda m: click.echo(m, err=True)
@@ -231,14 +243,14 @@ def analyze(runs_dir, by, ci, ci_method, top_classes, vs, floor, fmt, out):
 @click.option(
     "--scatter-t", default="", help="t values of the scatter plots [smallest, middle, largest]."
 )
-def report(runs_dir, out, by, ci, ci_method, top_classes, vs, floor, run_id, scatter_t):
+def report(runs_dir, out, by, ci, ci_method, top_classes, vs, floor, adjust, run_id, scatter_t):
     """Tables and figures of the recall-distortion study: index.html and report.md."""
     from rdfast.commands import make_report
 
     path = make_report(
         runs_dir=runs_dir,
         out=out,
-        **analysis_args(by, ci, ci_method, top_classes, vs, floor),
+        **analysis_args(by, ci, ci_method, top_classes, vs, floor, adjust),
         run_id=run_id,
         scatter_ts=list(parse_floats(scatter_t, "--scatter-t")) or None,
     )

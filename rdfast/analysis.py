@@ -145,6 +145,7 @@ class Analysis:
     paired: pd.DataFrame | None = None  # one row per (group, t): alpha and accuracy minus --vs
     flips: object | None = None  # flips.Flips, where the runs recorded their predictions
     floor: float = DEFAULT_FLOOR  # marks need a mean accuracy above floor x chance
+    adjust: str = "holm"  # the multiplicity control of each table column's marks
 
     @property
     def baseline(self) -> str | None:
@@ -344,6 +345,7 @@ def paired_table(
     seed=0,
     notes: list[str] | None = None,
     floor: float = DEFAULT_FLOOR,
+    adjust: str = "holm",
 ) -> pd.DataFrame:
     """Per (group, t): E[alpha_t(s) - alpha_t(baseline)] over the seeds, each difference taken
     between two runs that pruned the same dense model, with its interval, the paired t-test of
@@ -406,27 +408,30 @@ def paired_table(
             "difference in every pair: no interval and no mark there"
         )
 
-    def columns(summary, prefix, hide=False):
-        """mean_{prefix}diff, its interval, p-value and mark against 0 (none where `hide`)."""
+    def columns(summary, prefix, what, hide=False):
+        """mean_{prefix}diff, its interval, raw and adjusted p-values and mark against 0 (none
+        where `hide`); each column's marks are one family."""
         shown = ~undercovering(method, ci, summary["n"]) & ~hide
+        marks, p_adj = adjusted_marks(summary["low"], summary["high"], summary["n"],
+                                      summary["p"], shown, ci, adjust, ref=0.0)  # fmt: skip
+        _note_family(notes, adjust, ci, f"the {what} difference against {baseline}", p_adj)
         return {
             f"mean_{prefix}diff": summary["mean"],
             f"{prefix}ci_low": summary["low"],
             f"{prefix}ci_high": summary["high"],
             f"{prefix}p_value": summary["p"],  # = scipy.stats.ttest_rel of the pairs
-            f"{prefix}mark": mark(summary["low"], summary["high"], summary["n"], ref=0.0).where(
-                shown, ""
-            ),
+            f"{prefix}p_adjusted": p_adj,
+            f"{prefix}mark": marks,
         }
 
     agg = pd.DataFrame(
         {
             "baseline": baseline,
             "n": diff["n"],
-            **columns(diff, "", hide=below),
+            **columns(diff, "", "alpha", hide=below),
             "below_floor": below,
-            **columns(acc, "acc_"),
-            **columns(psi, "disparity_"),
+            **columns(acc, "acc_", "accuracy"),
+            **columns(psi, "disparity_", "Psi"),
         }
     )
     return agg.reset_index()
@@ -526,9 +531,64 @@ def mark(low, high, n, ref: float = 1.0) -> pd.Series:
     return pd.Series(out, index=low.index)
 
 
+ADJUSTMENTS = ("holm", "bh", "none")
+ADJUSTMENT_NAMES = {"holm": "Holm (family-wise)", "bh": "Benjamini-Hochberg (false discovery)"}
+
+
+def adjust_p(p: pd.Series, method: str) -> pd.Series:
+    """p-values adjusted for the multiplicity of their family (the non-NaN entries of `p`):
+    Holm's step-down, which bounds the chance of any false mark by the level, or
+    Benjamini-Hochberg's step-up, which bounds the expected share of false marks; `none`
+    leaves them as they are. Each adjusted p is >= its raw p, so adjusting only removes
+    marks."""
+    if method == "none":
+        return p.copy()
+    out = pd.Series(np.nan, index=p.index)
+    values = p.dropna()
+    m = len(values)
+    if not m:
+        return out
+    order = np.argsort(values.to_numpy(), kind="stable")
+    ranked = values.to_numpy()[order]
+    rank = np.arange(1, m + 1)
+    if method == "holm":
+        adj = np.maximum.accumulate((m - rank + 1) * ranked)
+    else:  # bh
+        adj = np.minimum.accumulate((m / rank * ranked)[::-1])[::-1]
+    adj = np.minimum(adj, 1.0)
+    result = np.empty(m)
+    result[order] = adj
+    out[values.index] = result
+    return out
+
+
+def adjusted_marks(low, high, n, p, shown, ci, adjust, ref):
+    """(marks, adjusted p-values) of one table column, whose marks are one family: the cells
+    that can carry a mark (an interval, shown). A cell keeps its `<` or `>` only where its
+    adjusted p-value is below 1 - ci as well; the others of the family read `?`."""
+    raw = mark(low, high, n, ref=ref).where(shown, "")
+    family = raw != ""
+    p_adj = adjust_p(p.where(family), adjust)
+    keep = (p_adj < 1 - ci) | (adjust == "none")
+    return raw.where(~raw.isin(["<", ">"]) | keep, "?"), p_adj
+
+
+def _note_family(notes, adjust, ci, what: str, p_adj: pd.Series) -> None:
+    if notes is None or adjust == "none":
+        return
+    m = int(p_adj.notna().sum())
+    if m:
+        notes.append(
+            f"marks of {what}: {ADJUSTMENT_NAMES[adjust]} adjusted p < {1 - ci:.2g} over its "
+            f"family of {m} cells (every cell of the column that has an interval); p_value is "
+            "the raw t-test, p_adjusted the adjusted one"
+        )
+
+
 def group_table(
-    runs, classes, by, ci, method, n_resamples=9999, seed=0, notes=None, floor=DEFAULT_FLOOR
-) -> pd.DataFrame:
+    runs, classes, by, ci, method, n_resamples=9999, seed=0, notes=None, floor=DEFAULT_FLOOR,
+    adjust="holm",
+) -> pd.DataFrame:  # fmt: skip
     keys = [*by, "t"]
     g = runs.groupby(keys, sort=True, dropna=False)
     alpha = _summary(g["alpha"], ci, method, n_resamples, seed, ref=1.0)
@@ -558,6 +618,10 @@ def group_table(
                 "no interval and no mark there"
             )
     psi = _summary(g["disparity"], ci, method, n_resamples, seed)
+    shown = ~undercovering(method, ci, alpha["n"]) & ~below
+    marks, p_adj = adjusted_marks(alpha["low"], alpha["high"], alpha["n"], alpha["p"], shown, ci,
+                                  adjust, ref=1.0)  # fmt: skip
+    _note_family(notes, adjust, ci, "E[alpha_t] against 1", p_adj)
     agg = pd.DataFrame(
         {
             "n": alpha["n"],
@@ -565,9 +629,8 @@ def group_table(
             "ci_low": alpha["low"],
             "ci_high": alpha["high"],
             "p_value": alpha["p"],  # the one-sample t-test of E[alpha] = 1
-            "mark": mark(alpha["low"], alpha["high"], alpha["n"]).where(
-                ~undercovering(method, ci, alpha["n"]) & ~below, ""
-            ),
+            "p_adjusted": p_adj,
+            "mark": marks,
             "mean_accuracy": acc["mean"],
             "acc_ci_low": acc["low"],
             "acc_ci_high": acc["high"],
@@ -594,12 +657,14 @@ def analyze(
     seed: int = 0,
     vs: str | None = "auto",
     floor: float = DEFAULT_FLOOR,
+    adjust: str = "holm",
 ) -> Analysis:
     """All statistics of the records. `vs`: the strategy (or mitigation) the others are
     compared with, run by run (`paired_table`); "auto" takes plain when runs retrained with a
     mitigation and without, else mp when mp and another strategy were run; None none.
     Records of several mitigations are grouped by mitigation too. `floor`: alpha's marks and
-    cells need a mean accuracy above floor x chance (0: always)."""
+    cells need a mean accuracy above floor x chance (0: always). `adjust`: the multiplicity
+    control of each table column's marks (holm, bh or none; `adjust_p`)."""
     if records.empty:
         raise BadInput("no records to analyze")
     check_version(records)
@@ -616,6 +681,8 @@ def analyze(
         raise BadInput(f"unknown CI method {ci_method!r}; choose from t, bootstrap")
     if not 0 <= floor < np.inf:
         raise BadInput(f"--floor must be >= 0 and finite, got {floor}")
+    if adjust not in ADJUSTMENTS:
+        raise BadInput(f"unknown --adjust {adjust!r}; choose from {', '.join(ADJUSTMENTS)}")
     notes: list[str] = []
     if "mitigation" in records.columns and "mitigation" not in by:
         if records["mitigation"].nunique() > 1:
@@ -626,19 +693,23 @@ def analyze(
         raise BadInput("no usable records: every class row was left out")
     runs = run_table(classes)
     _note_differing_t(runs, by, notes)
-    groups = group_table(runs, classes, by, ci, ci_method, n_resamples, seed, notes, floor)
+    groups = group_table(runs, classes, by, ci, ci_method, n_resamples, seed, notes, floor,
+                         adjust)  # fmt: skip
     class_groups = class_group_table(classes, by, ci, ci_method, n_resamples, seed)
     if vs == "auto":
         vs = _auto_baseline(runs, by)
     paired = (
-        paired_table(runs, by, vs, ci, ci_method, n_resamples, seed, notes, floor) if vs else None
+        paired_table(runs, by, vs, ci, ci_method, n_resamples, seed, notes, floor, adjust)
+        if vs
+        else None
     )
     if paired is not None and paired.empty:
         notes.append(f"no run pruned the same dense model as a {vs} run: no comparison with {vs}")
         paired = None
     return Analysis(
-        classes, runs, groups, class_groups, by, ci, ci_method, notes, paired, floor=floor
-    )
+        classes, runs, groups, class_groups, by, ci, ci_method, notes, paired, floor=floor,
+        adjust=adjust,
+    )  # fmt: skip
 
 
 def _auto_baseline(runs, by) -> str | None:

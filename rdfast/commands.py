@@ -14,6 +14,7 @@ from rdfast.config import (
     PruneJob,
     PruneSettings,
     TrainSettings,
+    default_model,
     prune_settings,
     train_settings,
 )
@@ -46,7 +47,8 @@ def build_experiment(*, image_size: int | None = None, **flags) -> Experiment:
         raise TypeError(f"not a setting of rdfast run: {', '.join(sorted(unknown))}")
     dataset = with_image_size(exp_kw.pop("dataset", Experiment.dataset), image_size)
     name, _ = parse_spec(dataset)
-    model = exp_kw.get("model", Experiment.model)
+    model = exp_kw.get("model") or default_model(name)
+    exp_kw["model"] = model
     return Experiment(
         dataset=dataset,
         train=train_settings(name, model, **train_kw),
@@ -134,7 +136,8 @@ def prune_checkpoint(*, progress=None, **flags):
 
 
 def analyze_runs(
-    *, runs_dir, by, ci, ci_method, out=None, top_classes=3, vs="auto", floor=DEFAULT_FLOOR
+    *, runs_dir, by, ci, ci_method, out=None, top_classes=3, vs="auto", floor=DEFAULT_FLOOR,
+    adjust="holm",
 ):  # fmt: skip
     """(Analysis, paths of the stats tables written next to the records or into `out`)."""
     from rdfast import analysis, flips, outdir
@@ -143,7 +146,8 @@ def analyze_runs(
     if other:
         outdir.check(out, "analyze")
     records = analysis.load(runs_dir)
-    a = analysis.analyze(records, by=by, ci=ci, ci_method=ci_method, vs=vs, floor=floor)
+    a = analysis.analyze(records, by=by, ci=ci, ci_method=ci_method, vs=vs, floor=floor,
+                         adjust=adjust)  # fmt: skip
     a.flips = flips.analyze_flips(runs_dir, records, a.by, top=max(top_classes, 1))
     if other:
         Path(out).mkdir(parents=True, exist_ok=True)
@@ -153,7 +157,7 @@ def analyze_runs(
 
 def make_report(
     *, runs_dir, out, by, ci, ci_method, run_id=None, scatter_ts=None, top_classes=3, vs="auto",
-    floor=DEFAULT_FLOOR,
+    floor=DEFAULT_FLOOR, adjust="holm",
 ) -> Path:  # fmt: skip
     """The report folder `out` (index.html, report.md, figures) of the records in runs_dir."""
     from rdfast import analysis, flips, outdir
@@ -161,7 +165,8 @@ def make_report(
 
     outdir.check(out, "report", records=runs_dir)  # before the analysis: nothing to undo
     records = analysis.load(runs_dir)
-    a = analysis.analyze(records, by=by, ci=ci, ci_method=ci_method, vs=vs, floor=floor)
+    a = analysis.analyze(records, by=by, ci=ci, ci_method=ci_method, vs=vs, floor=floor,
+                         adjust=adjust)  # fmt: skip
     a.flips = flips.analyze_flips(runs_dir, records, a.by, top=max(top_classes, 1))
     return build_report(
         a, runs_dir, out, run_id=run_id, scatter_ts=scatter_ts, top_classes=top_classes

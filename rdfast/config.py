@@ -36,6 +36,16 @@ MITIGATIONS = ("plain", "kd", "constrained")
 DEFAULT_FLOOR = 2.0
 
 
+# The model a dataset gets when --model is left out, as OpenLTH's defaults do: a CIFAR
+# ResNet on 32 x 32 colour images, LeNet-300-100 elsewhere.
+DEFAULT_MODELS = {"cifar10": "resnet20", "cifar100": "resnet20", "svhn": "resnet20"}
+
+
+def default_model(dataset: str) -> str:
+    """The default model of a dataset spec (NAME[:options])."""
+    return DEFAULT_MODELS.get(dataset.split(":", 1)[0].strip().lower(), "mlp")
+
+
 def _when(mitigation: str):
     """Key function of a mitigation's own settings: in the key of its runs only (left out of
     the others', whose ids stay as they were before mitigations existed)."""
@@ -263,9 +273,11 @@ class Experiment:
         "digits",
         "Dataset name, optionally with options: NAME[:key=value,...] (see `rdfast datasets`).",
     )
-    model: str = setting(
-        "mlp",
-        "Model: mlp, lenet5, resnet20/32/44/56/110, vgg11, vgg16, timm:NAME, torchvision:NAME.",
+    model: str | None = setting(
+        None,
+        "Model: mlp, lenet5, resnet20/32/44/56/110, vgg11, vgg16, timm:NAME, torchvision:NAME "
+        "[resnet20 on cifar10, cifar100 and svhn; mlp (LeNet-300-100) elsewhere].",
+        kind=str,
     )
     width: float = setting(1.0, "Width multiplier of the model's layers.")
     seeds: tuple[int, ...] = setting(
@@ -303,6 +315,10 @@ class Experiment:
         "dataset",
         NORMALIZE_HELP,
     )
+
+    def __post_init__(self):
+        if self.model is None:
+            self.model = default_model(self.dataset)
 
 
 @dataclass(frozen=True)

@@ -137,7 +137,9 @@ def paying_legend(a: Analysis, top: int) -> str:
     return (
         f"The {top} classes of each group that lose the most recall at its largest t: "
         f"mean recall at t = 1 and at t over seeds, the change with its {a.ci * 100:g} % "
-        f"{_method_name(a)} interval, and the model's accuracy change for comparison"
+        f"{_method_name(a)} interval, and the model's accuracy change for comparison. The "
+        "classes are picked by their drop, after looking at the data: each interval holds for "
+        "its class alone and overstates how surely the picked classes are the ones that pay"
     )
 
 
@@ -158,6 +160,18 @@ def paired_legend(a: Analysis) -> str:
         f"Psi_t({baseline})] over seeds, each "
         f"difference between two runs that pruned the same dense model; mark: < "
         f"{a.ci * 100:g} % CI below 0, > above 0, ? overlaps 0 ({_method_name(a)})"
+        f"{_adjust_words(a)}"
+    )
+
+
+def _adjust_words(a: Analysis) -> str:
+    """How the marks of a table column survive its multiplicity, in a legend's words."""
+    if a.adjust == "none":
+        return "; each cell alone (--adjust none: no multiplicity control)"
+    name = {"holm": "Holm", "bh": "Benjamini-Hochberg"}[a.adjust]
+    return (
+        f"; < and > also need a {name}-adjusted p < {1 - a.ci:.2g} over the column's cells "
+        "(--adjust)"
     )
 
 
@@ -178,5 +192,5 @@ def legend(a: Analysis) -> str:
     method = _method_name(a)
     return (
         f"E[alpha_t] over seeds; mark: < {pct} CI below 1 (de-intensification), "
-        f"> above 1 (intensification), ? overlaps 1; {method} interval"
+        f"> above 1 (intensification), ? overlaps 1; {method} interval{_adjust_words(a)}"
     )
