@@ -51,8 +51,8 @@ def build_experiment(*, image_size: int | None = None, **flags) -> Experiment:
     exp_kw["model"] = model
     return Experiment(
         dataset=dataset,
-        train=train_settings(name, model, **train_kw),
-        prune=prune_settings(name, model, **prune_kw),
+        train=train_settings(name, model, exp_kw.get("preset") or "paper", **train_kw),
+        prune=prune_settings(name, model, exp_kw.get("preset") or "paper", **prune_kw),
         **exp_kw,
     )
 

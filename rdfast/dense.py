@@ -170,7 +170,8 @@ class DenseModels:
             )
         finally:
             bar.close()
-        ev = training.evaluate(model, engine.data, precision=exp.train.precision, forward=forward)
+        ev = training.evaluate(model, engine.data, engine.eval_batch, exp.train.precision,
+                               forward=forward)  # fmt: skip
         cm = ev["confusion"]
         engine.log(
             f"dense seed {seed}: {stats['seconds']:.1f} s, "

@@ -25,7 +25,7 @@ from rdfast.dense import DenseModels
 from rdfast.errors import BadInput
 from rdfast.kernels._backend import cuda_path, interpreting
 from rdfast.mitigations import check_split
-from rdfast.models import build_model, prunable_layers
+from rdfast.models import build_model, model_family, prunable_layers
 from rdfast.pruning import (
     check_ratios,
 )
@@ -59,6 +59,19 @@ def resolve_precision(exp: Experiment, device_type: str) -> Experiment:
 # Functions of the settings alone, so a grid's driver names every run without loading data.
 
 
+# Test images evaluated at a time. Conv nets on the CPU get 256: oneDNN runs ResNet-20 on
+# batches of 4,096 3-5x slower than on 256 (AMD EPYC, one thread: 95-131 against 471-485
+# img/s, 2026-12-07). The batch can move the last bits of the logits, so a batch other than
+# the default is part of the dense key (every earlier key stays as it was).
+EVAL_BATCH = 4096
+EVAL_BATCH_CPU_CONV = 256
+
+
+def eval_batch(model: str, device_type: str) -> int:
+    conv = model_family(model) != "mlp"
+    return EVAL_BATCH_CPU_CONV if device_type == "cpu" and conv else EVAL_BATCH
+
+
 def dense_key(exp: Experiment, seed: int, data_name: str, device_type: str, threads: int) -> dict:
     """What determines the dense model of `seed` (`exp` with its precision resolved;
     `data_name`: the dataset's canonical spec)."""
@@ -77,6 +90,7 @@ def dense_key(exp: Experiment, seed: int, data_name: str, device_type: str, thre
         # Models normalized by the train split's statistics keep the ids they had before
         # the setting existed; any other normalization changes the arithmetic: keyed.
         **({"normalize": exp.normalize} if exp.normalize != "dataset" else {}),
+        **({"eval_batch": b} if (b := eval_batch(exp.model, device_type)) != EVAL_BATCH else {}),
     }
 
 
@@ -174,6 +188,7 @@ class Engine:
         # takes it on the CPU too, to check the CUDA code path without a GPU.
         self.channels_last = (self.device.type == "cuda" or cuda_path()) and self.convolutional
         data.channels_last = self.channels_last
+        self.eval_batch = eval_batch(exp.model, self.device.type)
         self.data = data.to(self.device)
         self.out = store.check_out(exp.out)
 

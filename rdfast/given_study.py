@@ -23,7 +23,7 @@ from rdfast import store, training
 from rdfast.checkpoints import Checkpoint
 from rdfast.config import PruneJob, TrainSettings
 from rdfast.data import load_dataset, normalize
-from rdfast.engine import resolve_device
+from rdfast.engine import EVAL_BATCH, eval_batch, resolve_device
 from rdfast.errors import BadInput, RunFailed
 from rdfast.given_model import load_weights, prune_module, save_pruned
 from rdfast.kernels._backend import cuda_path
@@ -89,6 +89,7 @@ class GivenModelStudy:
                            "with --dataset, leave layers out with --exclude")  # fmt: skip
         self.device = resolve_device(job.device)
         self.precision = "fp32"
+        self.eval_batch = eval_batch(job.model, self.device.type)
         self.ckpt = Checkpoint(job.checkpoint)
         data = load_dataset(job.dataset, job.data_root)
         model = build_model(job.model, data.input_shape, data.num_classes, job.width)
@@ -158,6 +159,7 @@ class GivenModelStudy:
             "device": self.device.type,
             # keyed when not the default, so the ids of earlier runs stay as they were
             **({"normalize": j.normalize} if j.normalize != "dataset" else {}),
+            **({"eval_batch": self.eval_batch} if self.eval_batch != EVAL_BATCH else {}),
         }
 
     def run_id(self, seed: int, strategy: str) -> str:
@@ -271,7 +273,7 @@ class GivenModelStudy:
         if g.evaluation is None:
             g.model.load_state_dict(g.weights)
             start = time.perf_counter()
-            ev = training.evaluate(g.model, self.data, precision=self.precision)
+            ev = training.evaluate(g.model, self.data, self.eval_batch, self.precision)
             g.evaluation = {**ev, "seconds": time.perf_counter() - start}
             self._warn_near_chance(ev)
         ev = g.evaluation
@@ -333,7 +335,7 @@ class GivenModelStudy:
             raise RunFailed(f"pruning to t={t:g} failed: {e}") from None
         if j.finetune_epochs:
             self._finetune(masks, seed, i)
-        ev = training.evaluate(g.model, self.data, precision=self.precision)
+        ev = training.evaluate(g.model, self.data, self.eval_batch, self.precision)
         remaining = sum(int(m.sum()) for m in masks.values())
         if j.save:
             save_pruned(store.pruned_model(self.out, run_id, t), self.ckpt,

@@ -210,9 +210,8 @@ class PruningRun:
             )
             with kernels:
                 stats = self._retrain(model, layers, masks, dense, i, forward)
-                ev = training.evaluate(
-                    model, self.data, precision=exp.train.precision, forward=forward
-                )
+                ev = training.evaluate(model, self.data, self.engine.eval_batch,
+                                       exp.train.precision, forward=forward)  # fmt: skip
             if stats:
                 throughput.append(stats["images_per_second"])
             remaining = sum(int(m.sum()) for m in masks.values())

@@ -41,7 +41,9 @@ def experiment(out, dataset, model, data_root):
     return Experiment(
         dataset=dataset,
         model=model,
-        width=0.25 if model == "resnet20" else 1.0,
+        # Not 0.25: oneDNN's AVX2 1x1-convolution backward (torch 2.14, AMD EPYC without
+        # AVX-512) never returns for ResNet-20 at widths up to 0.3 in channels_last.
+        width=0.5 if model == "resnet20" else 1.0,
         seeds=(0,),
         strategies=("mp", "up", "rp"),
         train=train_settings(dataset.split(":")[0], epochs=1, batch_size=50),
