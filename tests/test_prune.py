@@ -127,7 +127,7 @@ def test_saved_model_reloads_to_the_recorded_evaluation(given, tmp_path):
     (folder,) = (out / "pruned").glob("*/t4")
     # Shaped like the input: the same shard files and index; the tensors keep their dtypes.
     assert sorted(p.name for p in folder.iterdir()) == sorted(
-        [*(p.name for p in given["sharded"].iterdir()), "masks.safetensors"]
+        [*(p.name for p in given["sharded"].iterdir()), "masks.safetensors", "files.json"]
     )
     index = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
     given_index = json.loads((given["sharded"] / "model.safetensors.index.json").read_text())
