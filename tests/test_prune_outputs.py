@@ -403,3 +403,28 @@ def test_stale_temporary_files_of_a_streamed_prune_are_removed(small, tmp_path):
     (out / ".prune.json.k3j4.tmp").write_text("{")
     assert invoke("--checkpoint", small[0], "--ratios", "2", "--out", out).exit_code == 0
     assert not list(out.rglob("*.tmp"))
+
+
+def test_normalize_model_takes_a_timm_models_pretrained_mean_and_std(cifar_given, tmp_path):
+    timm = pytest.importorskip("timm")
+    from tests.official_formats import read_cifar10_test
+
+    root, _ = cifar_given
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", num_classes=10)
+    torch.save(model.state_dict(), tmp_path / "m.pt")
+    out = tmp_path / "out"
+    res = invoke("--model", "timm:test_resnet", "--checkpoint", tmp_path / "m.pt",
+                 "--dataset", "cifar10", "--data-root", root / "data", "--ratios", "2",
+                 "--normalize", "model", "--out", out, "--no-progress")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    (manifest,) = [json.loads(p.read_text()) for p in out.glob("runs/*/manifest.json")]
+    cfg = model.pretrained_cfg
+    assert manifest["normalization"]["mean"] == pytest.approx(list(cfg["mean"]))
+    assert manifest["normalization"]["std"] == pytest.approx(list(cfg["std"]))
+    x, y = read_cifar10_test(root / "data")
+    m, s = (torch.tensor(cfg[k]).view(1, 3, 1, 1) for k in ("mean", "std"))
+    with torch.no_grad():
+        pred = model.eval()((torch.from_numpy(x).float() / 255 - m) / s).argmax(1).numpy()
+    expected = np.bincount(y[pred == y], minlength=10)
+    assert _given_correct(out).tolist() == expected.tolist()
