@@ -91,6 +91,15 @@ def test_shipped_specs_expand():
     assert len(mit.dense) == 40 and len(mit.runs) == 240
     counts = pd.Series([r.exp.prune.mitigation for r in mit.runs.values()]).value_counts()
     assert counts.to_dict() == {"plain": 80, "kd": 80, "constrained": 80}
+    # 2 widths x 5 seeds, five strategies each, under the CPU preset (15 epochs, 1 of
+    # fine-tuning) and the default model of CIFAR-10.
+    cifar = grid_spec.load("cifar10-cpu")
+    assert len(cifar.dense) == 10 and len(cifar.runs) == 50
+    assert {(r.exp.model, r.exp.train.epochs, r.exp.prune.finetune_epochs)
+            for r in cifar.runs.values()} == {("resnet20", 15, 1)}  # fmt: skip
+    # (digits: mlp; mnist, fashion-mnist, cifar10: mlp and lenet5) x 2 widths x 10 seeds.
+    claim4 = grid_spec.load("claim4")
+    assert len(claim4.dense) == 140 and len(claim4.runs) == 420
 
 
 BAD = [
