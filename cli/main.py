@@ -156,8 +156,9 @@ analysis_options = [
         show_default=True,
         type=float,
         help="Show E[alpha_t] and its mark only where the mean accuracy is above FLOOR x "
-        "chance (1 / classes; at most halfway from chance to 1): alpha divides by the "
-        "accuracy (0: everywhere).",
+        "chance (1 / classes; at most halfway from chance to 1) and above halfway from chance "
+        "to the dense model's accuracy (a collapsed model): alpha divides by the accuracy "
+        "(0: everywhere).",
     ),
     click.option(
         "--adjust",

@@ -66,10 +66,18 @@ SETTING_COLUMNS = (
 CI_METHODS = ("t", "bootstrap")
 
 
-def accuracy_floor(floor: float, n_classes):
-    """The accuracy at or below which alpha is not shown: min(floor / C, (1 + 1/C) / 2)."""
+def accuracy_floor(floor: float, n_classes, dense_accuracy=None):
+    """The accuracy at or below which alpha is not shown: floor x chance (at most halfway
+    from chance to 1), and, given the dense model's accuracy A_1, at least halfway from
+    chance to A_1 -- a model that lost more than half of its accuracy above chance has
+    collapsed onto a few classes, and its alpha (which divides by A_t) means nothing:
+    random pruning of the digits model to t = 8 keeps 0.48 of 0.98, alpha -0.70 in a seed
+    spread of -16 to 12. `floor` 0 shows alpha everywhere."""
     chance = 1.0 / np.asarray(n_classes, dtype=float)
-    return np.minimum(floor * chance, (1 + chance) / 2)
+    out = np.minimum(floor * chance, (1 + chance) / 2)
+    if dense_accuracy is not None and floor > 0:
+        out = np.maximum(out, (chance + np.asarray(dense_accuracy, dtype=float)) / 2)
+    return out
 
 
 # Coverage (%) of the intervals as `rdfast analyze` computes them, on normal data, by
@@ -286,7 +294,8 @@ def run_table(classes: pd.DataFrame) -> pd.DataFrame:
     spread = psi.groupby([classes["run_id"], classes["t"]], sort=False).agg(["max", "min"])
     spread.index.names = keys
     meta_cols = [c for c in RUN_COLUMNS if c in classes.columns and c != "run_id"]
-    meta = classes.drop_duplicates(keys).set_index(keys)[[*meta_cols, "step", "accuracy"]]
+    meta = classes.drop_duplicates(keys).set_index(keys)[[*meta_cols, "step", "accuracy", "A1"]]
+    meta = meta.rename(columns={"A1": "dense_accuracy"})
     out = meta.join(
         pd.DataFrame(
             {
@@ -390,7 +399,7 @@ def paired_table(
         diff=pairs["alpha"] - pairs["base_alpha"],
         acc_diff=pairs["accuracy"] - pairs["base_accuracy"],
         psi_diff=pairs["disparity"] - pairs["base_psi"],
-        floor_accuracy=accuracy_floor(floor, pairs["n_classes_used"]),
+        floor_accuracy=accuracy_floor(floor, pairs["n_classes_used"], pairs["dense_accuracy"]),
     )
     g = pairs.groupby([*by, "t"], sort=True, dropna=False)
     diff = _summary(g["diff"], ci, method, n_resamples, seed)
@@ -594,14 +603,17 @@ def group_table(
     alpha = _summary(g["alpha"], ci, method, n_resamples, seed, ref=1.0)
     acc = _summary(g["accuracy"], ci, method, n_resamples, seed)
     # The floor of each run's classes (those the slope was fitted on), averaged per group.
-    floors = pd.Series(accuracy_floor(floor, runs["n_classes_used"]), index=runs.index)
+    floors = pd.Series(
+        accuracy_floor(floor, runs["n_classes_used"], runs["dense_accuracy"]), index=runs.index
+    )
     group_floor = floors.groupby([runs[k] for k in keys], sort=True, dropna=False).mean()
     below = (acc["mean"] <= group_floor) & (alpha.index.get_level_values("t") > 1)
     if notes is not None and below.any():
         notes.append(
             f"{int(below.sum())} (group, t) cells have a mean accuracy at most {floor:g} x "
-            "chance: their E[alpha_t] is not shown and has no mark (alpha divides by the "
-            "accuracy; E[Psi_t] is shown; --floor 0 shows alpha too)"
+            "chance or halfway from chance to the dense accuracy: their E[alpha_t] is not "
+            "shown and has no mark (alpha divides by the accuracy; E[Psi_t] is shown; "
+            "--floor 0 shows alpha too)"
         )
     _note_undercover(method, ci, alpha["n"], notes)
     if notes is not None:

@@ -93,8 +93,9 @@ def disparity_legend(a: Analysis) -> str:
 
 def floor_legend(a: Analysis) -> str:
     return (
-        f"{BELOW_FLOOR}: mean accuracy at most {a.floor:g} x chance (--floor), where alpha "
-        "(which divides by the accuracy) means nothing; see E[Psi_t]"
+        f"{BELOW_FLOOR}: mean accuracy at most {a.floor:g} x chance (--floor) or at most halfway "
+        "from chance to the dense accuracy, where alpha (which divides by the accuracy) means "
+        "nothing; see E[Psi_t]"
     )
 
 

@@ -528,8 +528,8 @@ def test_disparity_group_interval_and_paired_difference_against_scipy():
 
 
 def test_floor_hides_alpha_and_its_mark_near_chance_and_counts_the_cells():
-    # Four classes (chance 0.25, floor 2 x chance = 0.5): a group at accuracy 0.45 and one
-    # at 0.9.
+    # Four classes (chance 0.25, floor 2 x chance = 0.5; halfway from chance to the dense
+    # accuracy 0.9: 0.575): a group at accuracy 0.45 and one at 0.9.
     runs = []
     for seed, noise in enumerate((0.0, 0.1, -0.1)):
         for strategy, at in (("rp", 0.45), ("mp", 0.9)):
@@ -538,7 +538,7 @@ def test_floor_hides_alpha_and_its_mark_near_chance_and_counts_the_cells():
             runs.append(run_with(seed, x, y, a1=0.9, at=at, strategy=strategy))
     a = analysis.analyze(fake_records(runs), by=("strategy",), vs="mp")
     g = a.groups.set_index(["strategy", "t"])
-    assert g.loc[("rp", 4.0), "accuracy_floor"] == pytest.approx(0.5)
+    assert g.loc[("rp", 4.0), "accuracy_floor"] == pytest.approx(0.575)
     assert bool(g.loc[("rp", 4.0), "below_floor"]) and g.loc[("rp", 4.0), "mark"] == ""
     assert not g.loc[("mp", 4.0), "below_floor"] and g.loc[("mp", 4.0), "mark"] == ">"
     # The numbers stay in the table; the printed cell does not show them.
@@ -549,13 +549,23 @@ def test_floor_hides_alpha_and_its_mark_near_chance_and_counts_the_cells():
     assert any("1 (group, t) cells have a mean accuracy at most 2 x chance" in n for n in a.notes)
     p = a.paired.set_index(["strategy", "t"])
     assert bool(p.loc[("rp", 4.0), "below_floor"]) and p.loc[("rp", 4.0), "mark"] == ""
-    # A floor of 1.5 (0.375) lets the 0.45 group through; 0 switches the floor off.
-    for floor in (1.5, 0.0):
-        b = analysis.analyze(fake_records(runs), by=("strategy",), floor=floor)
-        assert not b.groups["below_floor"].any()
-        assert b.groups.set_index(["strategy", "t"]).loc[("rp", 4.0), "mark"] == ">"
+    # A floor of 1.5 (0.375) still hides the collapsed group (0.45 of a dense 0.9: below
+    # halfway, 0.575); 0 switches the floor off.
+    b = analysis.analyze(fake_records(runs), by=("strategy",), floor=1.5)
+    assert b.groups.set_index(["strategy", "t"]).loc[("rp", 4.0), "below_floor"]
+    b = analysis.analyze(fake_records(runs), by=("strategy",), floor=0.0)
+    assert not b.groups["below_floor"].any()
+    assert b.groups.set_index(["strategy", "t"]).loc[("rp", 4.0), "mark"] == ">"
     with pytest.raises(BadInput, match="--floor"):
         analysis.analyze(fake_records(runs), by=("strategy",), floor=-1)
+
+
+def test_accuracy_floor_rises_to_halfway_from_chance_to_the_dense_accuracy():
+    # By hand: 10 classes, dense 0.98 -> (0.1 + 0.98) / 2 = 0.54 above 2 x chance (0.2); a
+    # dense 0.3 leaves 2 x chance (0.2) above (0.1 + 0.3) / 2; floor 0: nothing hidden.
+    got = analysis.accuracy_floor(2.0, np.array([10, 10]), np.array([0.98, 0.3]))
+    np.testing.assert_allclose(got, [0.54, 0.2])
+    assert analysis.accuracy_floor(0.0, np.array([10]), np.array([0.98])).tolist() == [0.0]
 
 
 def test_accuracy_floor_is_a_multiple_of_chance_capped_halfway_to_one():
