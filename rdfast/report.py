@@ -38,6 +38,7 @@ from rdfast.tables import (  # noqa: E402
     paying_classes,
     paying_legend,
     sorted_groups,
+    summary,
 )
 
 COLORS = {
@@ -500,6 +501,7 @@ def report_sections(a: Analysis, runs_dir: Path, figures, top_classes: int) -> l
     if a.groups["below_floor"].any():
         alpha_parts.append(floor_legend(a) + ".")
     sections = [
+        Section("Summary", [summary(a, top=2)]),
         Section("E[alpha_t]", alpha_parts),
         Section("Mean accuracy", [Table(acc_tab)]),
     ]

@@ -195,3 +195,66 @@ def legend(a: Analysis) -> str:
         f"E[alpha_t] over seeds; mark: < {pct} CI below 1 (de-intensification), "
         f"> above 1 (intensification), ? overlaps 1; {method} interval{_adjust_words(a)}"
     )
+
+
+COMPARED = ("strategy", "saliency", "mitigation")  # what a summary line compares
+
+
+def summary(a: Analysis, top: int = 2) -> list[str]:
+    """The answer first, in sentences: per setting (the groups' keys other than strategy,
+    saliency and mitigation), at its largest t, the strategy with the least and the most
+    disparity E[Psi_t] with its accuracy, and the `top` classes that lose the most recall
+    under each of the two; then how many marks survive the multiplicity control."""
+    keys = [b for b in a.by if b not in COMPARED]
+    pruned = a.groups[a.groups["t"] > 1]
+    if pruned.empty:
+        return []
+    cg = at_largest_t(a)
+    lines = []
+    for setting, sub in pruned.groupby(keys, dropna=False, sort=True) if keys else [((), pruned)]:
+        last = sub[sub["t"] == sub["t"].max()].sort_values(["mean_disparity", "mean_accuracy"])
+        where = " ".join(
+            f"{v:g}" if isinstance(v, float) else str(v)
+            for v in (setting if isinstance(setting, tuple) else (setting,))
+        )
+        ends = [last.iloc[0]] if len(last) == 1 else [last.iloc[0], last.iloc[-1]]
+        said = []
+        for row, what in zip(ends, ("least", "most")):
+            psi, acc = row["mean_disparity"], row["mean_accuracy"]
+            paying = _paying(cg, row, a.by, top)
+            label = _compared_label(row, a.by)
+            said.append(f"{what} {label} (E[Psi] {psi:.3f}, accuracy {acc:.3f}{paying})")
+        lines.append(f"{where or 'All groups'}, t = {last['t'].iloc[0]:g}: disparity "
+                     + "; ".join(said) + ".")  # fmt: skip
+    lines.append(_surviving_marks(a))
+    return lines
+
+
+def _compared_label(row, by) -> str:
+    return group_label(row, [b for b in by if b in COMPARED]) or "all"
+
+
+def _paying(cg: pd.DataFrame, row, by, top: int) -> str:
+    mine = cg[np.logical_and.reduce([cg[b] == row[b] for b in by])] if len(cg) else cg
+    mine = mine.sort_values(["mean_recall_change", "class"]).head(top)
+    if mine.empty or top <= 0:
+        return ""
+    named = ", ".join(
+        f"{r['class_name']} ({r['mean_recall_change']:+.3f})" for _, r in mine.iterrows()
+    )
+    return f"; its classes that pay most: {named}"
+
+
+def _surviving_marks(a: Analysis) -> str:
+    how = "each interval alone" if a.adjust == "none" else {
+        "holm": "Holm", "bh": "Benjamini-Hochberg"}[a.adjust] + "-adjusted"  # fmt: skip
+    g = a.groups[(a.groups["t"] > 1) & (a.groups["mark"] != "")]
+    parts = [f"{int(g['mark'].isin(['<', '>']).sum())} of {len(g)} E[alpha_t] cells"]
+    if a.paired is not None:
+        p = a.paired[a.paired["t"] > 1]
+        for prefix, what in (("", "alpha"), ("acc_", "accuracy"), ("disparity_", "Psi")):
+            m = p[f"{prefix}mark"]
+            parts.append(f"{int(m.isin(['<', '>']).sum())} of {int((m != '').sum())} {what} "
+                         f"differences against {a.baseline}")  # fmt: skip
+    return (f"Marked at {a.ci * 100:g} % ({how}): " + ", ".join(parts) + ". What is "
+            "unmarked is not told apart from the seeds' spread at this level.")  # fmt: skip

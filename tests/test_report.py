@@ -268,3 +268,32 @@ def test_report_and_analyze_never_write_into_foreign_folders(digits_runs, tmp_pa
     res = runner.invoke(cli, ["report", str(digits_runs), "-o", str(tab)])
     assert res.exit_code == 2 and "an rdfast analyze folder" in res.stderr
     assert snapshot(digits_runs) == records
+
+
+def test_report_opens_with_the_answer(digits_runs, tmp_path):
+    """The summary first: at the largest t the strategies with the least and most E[Psi_t]
+    (found here from the groups table), the classes that pay under each (the class table),
+    and the marks that survive the multiplicity control (counted here from the tables)."""
+    from rdfast import analysis
+
+    res = CliRunner().invoke(cli, ["report", str(digits_runs), "-o", str(tmp_path / "r")])
+    assert res.exit_code == 0, res.output
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert md.index("## Summary") < md.index("## E[alpha_t]")
+    a = analysis.analyze(analysis.load(digits_runs))
+    last = a.groups[a.groups["t"] == a.groups["t"].max()]
+    least, most = (
+        last.loc[last["mean_disparity"].idxmin()],
+        last.loc[last["mean_disparity"].idxmax()],
+    )
+    cg = a.class_groups[
+        (a.class_groups["t"] == least["t"]) & (a.class_groups["strategy"] == least["strategy"])
+    ]
+    worst = cg.sort_values("mean_recall_change").iloc[0]
+    summary = md.split("## Summary")[1].split("##")[0]
+    assert f"least {least['strategy']}" in summary and f"most {most['strategy']}" in summary
+    assert f"E[Psi] {least['mean_disparity']:.3f}" in summary
+    assert f"{worst['class_name']} ({worst['mean_recall_change']:+.3f})" in summary
+    g = a.groups[(a.groups["t"] > 1) & (a.groups["mark"] != "")]
+    marked = int(g["mark"].isin(["<", ">"]).sum())
+    assert f"Marked at 99 % (Holm-adjusted): {marked} of {len(g)} E[alpha_t] cells" in summary
