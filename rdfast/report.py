@@ -20,7 +20,7 @@ from matplotlib.colors import SymLogNorm  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
 from rdfast import outdir  # noqa: E402
-from rdfast.analysis import Analysis  # noqa: E402
+from rdfast.analysis import Analysis, accuracy_floor  # noqa: E402
 from rdfast.config import STRATEGY_ORDER  # noqa: E402
 from rdfast.errors import BadInput  # noqa: E402
 from rdfast.manifests import settings_table  # noqa: E402
@@ -73,9 +73,17 @@ def _robust_ylim(values: np.ndarray):
     return (lo, hi) if (v.min() < lo or v.max() > hi) else None
 
 
-def alpha_boxplot(runs: pd.DataFrame, path: Path, panel: str | None = None, title: str = ""):
-    """Boxes of alpha_t(m) against t, one colour per strategy; a panel per value of `panel`."""
+def alpha_boxplot(
+    runs: pd.DataFrame, path: Path, panel: str | None = None, title: str = "", floor=None
+):  # fmt: skip
+    """Boxes of alpha_t(m) against t, one colour per strategy; a panel per value of `panel`.
+    Models at or below their accuracy floor (`analysis.accuracy_floor`; `floor` None: every
+    model) are left out: a collapsed model's alpha means nothing and, at -7 to 20 for random
+    pruning, would set the axis that shows 0.8-1.3 for the others."""
     runs = runs[runs["t"] > 1]
+    if floor is not None and "dense_accuracy" in runs:
+        low = accuracy_floor(floor, runs["n_classes_used"], runs["dense_accuracy"])
+        runs = runs[runs["accuracy"] > low]
     panels = sorted(runs[panel].unique()) if panel else [None]
     strategies = sorted(set(runs["strategy"]), key=lambda s: (STRATEGY_ORDER.get(s, 9), s))
     ts = sorted(runs["t"].unique())
@@ -435,8 +443,11 @@ def plan_figures(a: Analysis, scatter_ts, run_id: str) -> list[tuple[Figure, Cal
     """Which figures the report holds, each with the call that draws it into a path."""
     plan = [
         (
-            Figure("alpha_by_strategy.png", "alpha_t(m) of every model against t, per strategy"),
-            lambda p: alpha_boxplot(a.runs, p),
+            Figure(
+                "alpha_by_strategy.png",
+                "alpha_t(m) of every model above its accuracy floor against t, per strategy",
+            ),
+            lambda p: alpha_boxplot(a.runs, p, floor=a.floor),
         )
     ]
     for col in ("dataset", "width", "model"):
@@ -445,7 +456,11 @@ def plan_figures(a: Analysis, scatter_ts, run_id: str) -> list[tuple[Figure, Cal
                 (
                     Figure(f"alpha_by_{col}.png", f"alpha_t(m) split by {col}"),
                     lambda p, c=col: alpha_boxplot(
-                        a.runs, p, panel=c, title=f"alpha_t per strategy, split by {c}"
+                        a.runs,
+                        p,
+                        panel=c,
+                        title=f"alpha_t per strategy, split by {c}",
+                        floor=a.floor,
                     ),
                 )
             )
