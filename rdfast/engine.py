@@ -67,8 +67,14 @@ EVAL_BATCH = 4096
 EVAL_BATCH_CPU_CONV = 256
 
 
+CONV_FAMILIES = ("lenet5", "resnet", "vgg", "timm", "torchvision")
+
+
 def eval_batch(model: str, device_type: str) -> int:
-    conv = model_family(model) != "mlp"
+    """From the model's name alone (a grid computes keys without building models): the
+    built-in conv nets and timm/torchvision models; a model a plugin registers keeps the
+    default."""
+    conv = model_family(model) in CONV_FAMILIES
     return EVAL_BATCH_CPU_CONV if device_type == "cpu" and conv else EVAL_BATCH
 
 
