@@ -323,7 +323,7 @@ def _read_record(folder: Path) -> dict | None:
 
 
 def _intact(folder: Path, record: dict | None) -> str | None:
-    """None if every file `record` lists is in `folder` with its sha256, else what is wrong."""
+    """None if every file `record` lists is in `folder` with its checksum, else what is wrong."""
     if record is None:
         return f"{folder.name}/{RECORD} is missing or unreadable"
     return store.folder_problem(folder, record.get("files"))
@@ -392,8 +392,6 @@ def stream_prune(
                            f"{total / (total - 0.5):.7g}")  # fmt: skip
     out = outdir.check(Path(out), "prune", flag="--out")
     earlier = _earlier(out)
-    for stale in out.glob(".*.tmp"):  # a write of a command killed before it finished
-        stale.unlink()
     # The checkpoint's sha256 names the input in every record. A rerun needs it first, to
     # refuse another input before touching anything; a first run hashes on a thread of its
     # own (hashlib releases the GIL: 4 GB, ~3 s, overlap the passes instead of following them).
@@ -402,6 +400,8 @@ def stream_prune(
     hasher.shutdown(wait=False)
     if earlier:
         _refuse_foreign(out, earlier, digest.result(), names)
+    for stale in out.glob(".*.tmp"):  # a write of a command killed before it finished
+        stale.unlink()
     repaired = {}
     todo = []
     for t in ratios:
