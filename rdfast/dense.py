@@ -79,7 +79,6 @@ class DenseModels:
         path = self.path(seed, key)
         ckpt = self._read(path, key)
         if ckpt is not None:
-            store.clear_temporaries(path.parent)  # a write killed after the model was cached
             return ckpt
         lock = store.lock_path(path.parent)
         with store.locked(lock, wait=False) as held:
