@@ -4,10 +4,10 @@
 
 Draws `reps` samples of n replicates from a normal distribution (and from a skewed one, a
 log-normal, since alpha_t is a ratio and need not be normal), computes each interval with the
-code `rdfast analyze` runs (`rdfast.analysis._t_interval`, `_bootstrap_interval`, 9,999
+code `rdfast analyze` runs (`rdfast.stats.analysis._t_interval`, `_bootstrap_interval`, 9,999
 resamples), and counts how often it holds the true mean. Writes results/ci_coverage.csv and
 prints the table of benchmarks/README.md. The minimum sample sizes in
-`rdfast.analysis.MIN_REPLICATES` come from this table.
+`rdfast.stats.analysis.MIN_REPLICATES` come from this table.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import numpy as np
 import pandas as pd
 
 from benchmarks.conftest import RESULTS, commit
-from rdfast.analysis import _bootstrap_interval, _t_interval
-from rdfast.tables import markdown
+from rdfast.report.tables import markdown
+from rdfast.stats.analysis import _bootstrap_interval, _t_interval
 
 DISTRIBUTIONS = {
     "normal": (lambda rng, size: rng.normal(1.0, 0.2, size), 1.0),

@@ -20,7 +20,7 @@ import triton  # noqa: E402
 
 from benchmarks.aot import compile_in_subprocess, representative_launches  # noqa: E402
 from benchmarks.conftest import RESULTS, commit  # noqa: E402
-from rdfast.tables import markdown  # noqa: E402
+from rdfast.report.tables import markdown  # noqa: E402
 
 
 def summary(table: pd.DataFrame) -> pd.DataFrame:

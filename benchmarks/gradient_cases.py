@@ -22,14 +22,14 @@ MODEL, IMAGE, CLASSES, BATCH, EPS = "vit_large_patch16_224", 64, 10, 4, 5e-4
 
 
 def rdfast_in_place(model, grads):
-    from rdfast.given_model import prune_in_place
+    from rdfast.pruning.given_model import prune_in_place
 
     prune_in_place(model, 2.0, "up", grads=grads, eps=EPS)
     return 0
 
 
 def rdfast_masks(model, grads):
-    from rdfast.given_model import prune_module
+    from rdfast.pruning.given_model import prune_module
 
     masks = prune_module(model, [2.0], "up", grads=grads, eps=EPS, apply=True)[2.0]
     return sum(m.numel() for m in masks.values())
@@ -71,7 +71,7 @@ def main(case: str, batches: int = 2) -> None:
     from torch.nn import functional as F
 
     from rdfast.models import prunable_layers
-    from rdfast.pruning import mean_gradients
+    from rdfast.pruning.strategies import mean_gradients
 
     torch.set_num_threads(2)
     torch.manual_seed(0)

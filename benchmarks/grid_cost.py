@@ -18,9 +18,10 @@ import time
 
 import torch
 
-from rdfast import grid_spec, training
+from rdfast import training
 from rdfast.data import load_dataset
-from rdfast.grid import grid_plan
+from rdfast.grid import spec as grid_spec
+from rdfast.grid.driver import grid_plan
 from rdfast.models import build_model
 
 

@@ -76,7 +76,7 @@ def io_floor(ckpt: Path, out: Path, ratios) -> None:
 
 
 def rdfast(ckpt: Path, out: Path, ratios) -> None:
-    from rdfast.streaming import stream_prune
+    from rdfast.pruning.streaming import stream_prune
 
     stream_prune(ckpt, ratios, out, progress=False)
 
@@ -163,7 +163,7 @@ def main(argv) -> None:
     fn = CASES[case]
     import safetensors.torch  # noqa: F401
 
-    import rdfast.streaming  # noqa: F401  imports outside the timed part, for every case
+    import rdfast.pruning.streaming  # noqa: F401  imports outside the timed part, for every case
 
     start = time.perf_counter()
     fn(ckpt, out, ratios)

@@ -8,7 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from rdfast import analysis, store
+from rdfast.runs import store
+from rdfast.stats import analysis
 
 CLASSES, TS, STRATEGIES, SEEDS, WIDTHS = (
     100,

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from rdfast.commands import run_experiment
-from rdfast.grid import run_grid
+from rdfast.grid.driver import run_grid
 
 SPEC = """
 name = "digits-16"

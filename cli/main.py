@@ -368,7 +368,7 @@ def grid_run(spec, out, executor, workers, address, retries, dry_run, progress):
     OUT. Then `rdfast analyze OUT` and `rdfast report OUT -o DIR`.
     """
     from rdfast.cli.output import print_grid, print_plan
-    from rdfast.grid import grid_plan, run_grid
+    from rdfast.grid.driver import grid_plan, run_grid
 
     if dry_run:
         return print_plan(grid_plan(spec, out), click.echo)
@@ -395,7 +395,7 @@ def grid_status(spec, out, show_all):
     Exit code 1 when a run failed.
     """
     from rdfast.cli.output import print_grid_status
-    from rdfast.grid import grid_status
+    from rdfast.grid.driver import grid_status
 
     return print_grid_status(grid_status(spec, out), click.echo, show_all)
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from rdfast import tables
-from rdfast.store import records_path
+from rdfast.report import tables
+from rdfast.runs.store import records_path
 
 
 def print_run(result, echo) -> int:

@@ -244,7 +244,7 @@ def _find_nan(src: _Source, masks, names):
 
 def _abs_bits(src) -> bool:
     """Whether `src` hands out the int32 bits of fp32 values whose scores are their absolute
-    values (`rdfast.streaming`: magnitudes straight from the file, no copy): the key of |v|
+    values (`rdfast.pruning.streaming`: magnitudes straight from the file, no copy): the key of |v|
     is then the bits with the sign cleared, one op where the float key takes five."""
     return getattr(src, "abs_bits", False)
 
@@ -910,7 +910,7 @@ for _f in (kth_smallest, prune_lowest, prune_lowest_fused):
 def select_thresholds(source, ks: Sequence[int], names: Sequence[str], *, group=None):
     """[(T, r)] for each k of `ks` over the scores `source.pieces(None)` yields, from the same
     two reads: T the signed key of the k-th smallest score, r how many of the k smallest
-    equal T. For scores read from disk (`rdfast.streaming`): torch path only."""
+    equal T. For scores read from disk (`rdfast.pruning.streaming`): torch path only."""
     return _torch_select(source, None, [int(k) for k in ks], list(names), group)
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rdfast import manifests, store
 from rdfast.config import (
     DEFAULT_FLOOR,
     Experiment,
@@ -19,8 +18,9 @@ from rdfast.config import (
     train_settings,
 )
 from rdfast.data import DATASETS, parse_spec
-from rdfast.engine import Engine
 from rdfast.errors import BadInput
+from rdfast.runs import manifests, store
+from rdfast.runs.engine import Engine
 from rdfast.settings import parse_flags
 
 
@@ -84,7 +84,7 @@ def run_experiment(*, progress=None, **flags) -> RunResult:
 def summarize_runs(out: Path, outcomes) -> RunResult:
     """The RunResult of a command's runs: what failed or another process writes, and the
     analysis of its own runs' records."""
-    from rdfast import analysis
+    from rdfast.stats import analysis
 
     # Runs left to another process may have been finished by it in the meantime; checked
     # before the records are read, so a run counted finished has all its steps in them.
@@ -115,12 +115,12 @@ def prune_checkpoint(*, progress=None, **flags):
     streamed magnitude pruning of a safetensors checkpoint (its summary, a dict)."""
     job = prune_job(**flags)
     if job.dataset is not None:
-        from rdfast.given_study import GivenModelStudy
+        from rdfast.runs.given_study import GivenModelStudy
 
         study = GivenModelStudy(job, progress=progress)
         study.prepare()  # raises BadInput before anything is written
         return summarize_runs(study.out, study.execute())
-    from rdfast.streaming import stream_prune
+    from rdfast.pruning.streaming import stream_prune
 
     job.validate()
     if set(job.strategies) != {"mp"}:
@@ -140,7 +140,8 @@ def analyze_runs(
     adjust="holm",
 ):  # fmt: skip
     """(Analysis, paths of the stats tables written next to the records or into `out`)."""
-    from rdfast import analysis, flips, outdir
+    from rdfast import outdir
+    from rdfast.stats import analysis, flips
 
     other = out is not None and Path(out).resolve() != Path(runs_dir).resolve()
     if other:
@@ -160,8 +161,9 @@ def make_report(
     floor=DEFAULT_FLOOR, adjust="holm",
 ) -> Path:  # fmt: skip
     """The report folder `out` (index.html, report.md, figures) of the records in runs_dir."""
-    from rdfast import analysis, flips, outdir
-    from rdfast.report import build_report
+    from rdfast import outdir
+    from rdfast.report.page import build_report
+    from rdfast.stats import analysis, flips
 
     outdir.check(out, "report", records=runs_dir)  # before the analysis: nothing to undo
     records = analysis.load(runs_dir)

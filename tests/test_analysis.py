@@ -5,8 +5,10 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from rdfast import analysis, store, tables
 from rdfast.errors import BadInput
+from rdfast.report import tables
+from rdfast.runs import store
+from rdfast.stats import analysis
 
 
 def fake_records(runs):
@@ -129,7 +131,7 @@ def test_class_recall_change_against_hand_values_and_scipy():
 
 
 # The toy models of these tests sit at accuracy 0.5 on three or four classes, at or below
-# the default accuracy floor (2 x chance; rdfast.analysis.accuracy_floor), where alpha gets no
+# the default accuracy floor (2 x chance; rdfast.stats.analysis.accuracy_floor), where alpha gets no
 # mark: the tests of the intervals and marks switch the floor off (NO_FLOOR).
 NO_FLOOR = {"floor": 0.0}
 

@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from rdfast import store
 from rdfast.cli.main import cli
+from rdfast.runs import store
 from tests.conftest import TINY, process_args, run_args
 
 RECORD_COLUMNS = {

@@ -13,10 +13,10 @@ import pytest
 from click.testing import CliRunner
 
 import rdfast.training as training_mod
-from rdfast import store
 from rdfast.cli.main import cli
-from rdfast.engine import Engine
-from rdfast.manifests import status_table
+from rdfast.runs import store
+from rdfast.runs.engine import Engine
+from rdfast.runs.manifests import status_table
 from tests.conftest import process_args, run_args
 from tests.test_engine import VOLATILE, experiment, table
 

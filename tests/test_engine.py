@@ -7,13 +7,13 @@ import torch
 from sklearn.metrics import recall_score
 
 import rdfast.training as training_mod
-from rdfast import store
 from rdfast.config import PruneSettings, train_settings
 from rdfast.data import load_dataset
-from rdfast.engine import Engine, Experiment
 from rdfast.errors import RunFailed
 from rdfast.models import build_model, prunable_layers
-from rdfast.pruning import target_remaining
+from rdfast.pruning.strategies import target_remaining
+from rdfast.runs import store
+from rdfast.runs.engine import Engine, Experiment
 
 VOLATILE = ["seconds"]  # wall-clock time: the one column that may differ between runs
 

@@ -6,8 +6,8 @@ import torch
 from sklearn.metrics import accuracy_score, recall_score
 from sklearn.metrics import confusion_matrix as sk_confusion
 
-from rdfast.engine import step_records
 from rdfast.kernels import accuracy, confusion_matrix, per_class_recall
+from rdfast.runs.engine import step_records
 
 
 def test_confusion_recall_accuracy_match_sklearn():

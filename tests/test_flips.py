@@ -11,9 +11,9 @@ import pytest
 import scipy.stats
 from click.testing import CliRunner
 
-from rdfast import store
 from rdfast.cli.main import cli
-from rdfast.flips import analyze_flips, flip_rates, modal
+from rdfast.runs import store
+from rdfast.stats.flips import analyze_flips, flip_rates, modal
 from tests.conftest import run_args
 
 

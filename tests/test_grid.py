@@ -17,8 +17,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from rdfast import store
 from rdfast.cli.main import cli
+from rdfast.runs import store
 
 ray = pytest.importorskip("ray")
 

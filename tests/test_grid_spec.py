@@ -7,9 +7,9 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from rdfast import grid_spec
 from rdfast.cli.main import cli
 from rdfast.errors import BadInput
+from rdfast.grid import spec as grid_spec
 
 
 def expand(text: str):

@@ -9,9 +9,11 @@ from click.testing import CliRunner
 from scipy import special, stats
 
 import rdfast.training as training_mod
-from rdfast import analysis, mitigations, store
+from rdfast import mitigations
 from rdfast.cli.main import cli
-from rdfast.engine import Engine
+from rdfast.runs import store
+from rdfast.runs.engine import Engine
+from rdfast.stats import analysis
 from tests.test_engine import VOLATILE, Interrupt, experiment
 
 RECORD = ["step", "class", "support", "correct", "recall", "accuracy", "loss", "remaining"]

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from statsmodels.stats.multitest import multipletests
 
-from rdfast import analysis
+from rdfast.stats import analysis
 from tests.test_analysis import NO_FLOOR, fake_records, run_with
 
 

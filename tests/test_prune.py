@@ -19,8 +19,8 @@ from sklearn.metrics import recall_score
 
 from rdfast.cli.main import cli
 from rdfast.data import load_dataset
-from rdfast.given_model import load_masks, prune_module
 from rdfast.models import build_model, prunable_layers
+from rdfast.pruning.given_model import load_masks, prune_module
 
 
 def invoke(*args):
@@ -104,7 +104,7 @@ def test_prune_records_match_sklearn_and_numpy_masks(given, tmp_path):
             np.testing.assert_allclose(got.sort_values("class")["recall"], expected, rtol=0)
             assert (got["remaining"] == round(total / t)).all()
     # The same columns as `rdfast run` records.
-    from rdfast.pruning_run import step_records
+    from rdfast.runs.pruning_run import step_records
 
     base = step_records({}, np.eye(2, dtype=np.int64), ["a", "b"]).columns
     assert set(base) <= set(rec.columns)
@@ -403,7 +403,7 @@ def test_streamed_bad_input(checkpoint, tmp_path, args, message):
 
 
 def test_streamed_disk_full_exit_1_no_partial_shard(checkpoint, tmp_path, monkeypatch):
-    from rdfast import streaming
+    from rdfast.pruning import streaming
 
     calls = []
     real = streaming._write_shard
@@ -433,7 +433,7 @@ def test_pickle_and_unreadable_checkpoints(tmp_path):
 def test_prune_in_place_zeroes_the_weights_prune_module_removes():
     import copy
 
-    from rdfast.given_model import prune_in_place
+    from rdfast.pruning.given_model import prune_in_place
 
     torch.manual_seed(2)
     a = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Flatten(), torch.nn.Linear(128, 5))
@@ -530,7 +530,7 @@ def _whole_model():
 
 
 def _in_place(model, group):
-    from rdfast.given_model import prune_in_place
+    from rdfast.pruning.given_model import prune_in_place
 
     return prune_in_place(model, 4, "mp", group=group)
 

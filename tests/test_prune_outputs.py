@@ -153,7 +153,7 @@ def test_saved_torch_state_dict_loads_into_the_torchvision_model(tmp_path):
     name that the torchvision model loads, its weights those of the saved masks."""
     import torchvision
 
-    from rdfast.given_model import load_masks
+    from rdfast.pruning.given_model import load_masks
     from tests.official_formats import write_cifar10
 
     write_cifar10(tmp_path / "data")

@@ -27,8 +27,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from rdfast import analysis
 from rdfast.cli.main import cli
+from rdfast.stats import analysis
 
 DATA = Path(__file__).parent / "data" / "records"
 IDENTITY = ["run_id", "dense_id", "strategy", "saliency", "step", "t_target", "class"]

@@ -15,8 +15,8 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from rdfast import manifests, store
 from rdfast.cli.main import cli
+from rdfast.runs import manifests, store
 from tests.conftest import run_args
 
 ARGS = dict(seeds="0", ratios="2,4", epochs="2", extra=("--strategy", "mp,rp"))

@@ -158,8 +158,8 @@ def test_any_header_is_used_or_refused_in_one_line(tmp_path, header, data):
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from rdfast.checkpoints import Checkpoint
     from rdfast.errors import BadInput
+    from rdfast.pruning.checkpoints import Checkpoint
 
     ckpt = tmp_path / "h.safetensors"
     raw_safetensors(ckpt, {"t": header} if not isinstance(header, dict) else header, data)

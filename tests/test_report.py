@@ -8,8 +8,9 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from rdfast import analysis, store
 from rdfast.cli.main import cli
+from rdfast.runs import store
+from rdfast.stats import analysis
 from tests.conftest import run_args
 
 
@@ -274,7 +275,7 @@ def test_report_opens_with_the_answer(digits_runs, tmp_path):
     """The summary first: at the largest t the strategies with the least and most E[Psi_t]
     (found here from the groups table), the classes that pay under each (the class table),
     and the marks that survive the multiplicity control (counted here from the tables)."""
-    from rdfast import analysis
+    from rdfast.stats import analysis
 
     res = CliRunner().invoke(cli, ["report", str(digits_runs), "-o", str(tmp_path / "r")])
     assert res.exit_code == 0, res.output

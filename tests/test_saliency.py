@@ -9,7 +9,7 @@ from torch import nn
 
 from rdfast.data import TensorData
 from rdfast.kernels import saliency
-from rdfast.pruning import data_gradients, prune_to, random_scores
+from rdfast.pruning.strategies import data_gradients, prune_to, random_scores
 
 W = [[1.0, -2.0], [0.5, 0.0]]
 X = [1.0, 2.0]

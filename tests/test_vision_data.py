@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-import rdfast.datasets as datasets_mod
+import rdfast.data.builtin as datasets_mod
 from rdfast.data import augment_batch, load_dataset
 from rdfast.errors import BadInput, DataWarning
 from tests.official_formats import write_cifar10, write_cifar100, write_image_tree, write_svhn

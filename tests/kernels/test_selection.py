@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rdfast.kernels import kth_smallest, prune_lowest, prune_lowest_fused
-from rdfast.pruning import prune_to, target_remaining
+from rdfast.pruning.strategies import prune_to, target_remaining
 from tests.kernels.conftest import BACKENDS, DEVICE
 
 

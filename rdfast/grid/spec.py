@@ -39,10 +39,10 @@ import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from rdfast import engine as keys
-from rdfast import store
 from rdfast.config import Experiment, PruneSettings, TrainSettings, check_strategies
 from rdfast.errors import BadInput, DataMissing
+from rdfast.runs import engine as keys
+from rdfast.runs import store
 from rdfast.settings import default_of, flag_name, flags
 
 if sys.version_info >= (3, 11):
@@ -137,7 +137,7 @@ def check_data(grid: Grid) -> None:
     any task starts: a bad point is refused in one line naming it, nothing written. Data
     this machine lacks is left to the workers, which may hold it (and record the run failed
     if they do not)."""
-    from rdfast.engine import check_with_data
+    from rdfast.runs.engine import check_with_data
 
     seen = set()
     for run in grid.runs.values():

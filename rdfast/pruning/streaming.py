@@ -36,8 +36,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from rdfast import __version__, outdir, store
-from rdfast.checkpoints import Checkpoint, Shard
+from rdfast import __version__, outdir
 from rdfast.errors import BadInput
 from rdfast.kernels.selection import (
     NaNScoreError,
@@ -46,7 +45,9 @@ from rdfast.kernels.selection import (
     keep_chunk,
     select_thresholds,
 )
-from rdfast.pruning import target_remaining
+from rdfast.pruning.checkpoints import Checkpoint, Shard
+from rdfast.pruning.strategies import target_remaining
+from rdfast.runs import store
 
 # 2^20 elements (4 MiB of fp32) a chunk: 1e9 weights are ~950 chunks a pass, so the per-chunk
 # Python cost stays under a second, and a chunk's scores and keys stay a few MiB.

@@ -1,6 +1,6 @@
 """Text from an `Analysis`: the paper's group x t tables with their marks, the classes that
 pay, the paired comparison, legends and Markdown. Formatting only; the statistics live in
-`rdfast.analysis`.
+`rdfast.stats.analysis`.
 """
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from rdfast.analysis import Analysis
 from rdfast.config import STRATEGY_ORDER
+from rdfast.stats.analysis import Analysis
 
 
 def group_label(row, by) -> str:

@@ -21,15 +21,15 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from rdfast import store
 from rdfast.errors import BadInput, RunFailed
+from rdfast.runs import store
 
 PREFIX = "rdfast-task-"
 
 
 def train_dense(job, imports: tuple[str, ...]) -> dict:
     """The dense model of `job` (a grid_spec.DenseJob), as the files of its OUT folder."""
-    from rdfast.engine import Engine
+    from rdfast.runs.engine import Engine
 
     log: list[str] = []
     with _workspace(job.threads, imports) as tmp:
@@ -53,7 +53,7 @@ def train_dense(job, imports: tuple[str, ...]) -> dict:
 def prune_run(job, dense: dict, imports: tuple[str, ...]) -> dict:
     """The run of `job` (a grid_spec.RunJob) from its dense model's files, as the files of
     its OUT folder: manifest, records, confusion matrices and latest state."""
-    from rdfast.engine import Engine
+    from rdfast.runs.engine import Engine
 
     log: list[str] = []
     if dense.get("error"):
@@ -98,7 +98,7 @@ def _files(root: Path, paths) -> dict[str, bytes]:
 @contextlib.contextmanager
 def _workspace(threads: int, imports):
     """A fresh folder for one task, with the task's torch threads and the spec's imports."""
-    from rdfast.grid_spec import import_modules
+    from rdfast.grid.spec import import_modules
 
     torch.set_num_threads(threads)
     import_modules(imports, "grid task")

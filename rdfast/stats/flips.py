@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from rdfast import store
+from rdfast.runs import store
 
 
 @dataclass

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from rdfast import store
+from rdfast.runs import store
 from rdfast.config import STRATEGY_ORDER, PruneSettings, TrainSettings
 
 

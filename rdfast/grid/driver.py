@@ -20,10 +20,12 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from rdfast import grid_spec, grid_tasks, manifests, store
 from rdfast.errors import BadInput, DamagedFile
-from rdfast.grid_executors import Task, TaskLost, default_workers, make_executor
-from rdfast.pruning_run import _now, new_manifest
+from rdfast.grid import spec as grid_spec
+from rdfast.grid import tasks as grid_tasks
+from rdfast.grid.executors import Task, TaskLost, default_workers, make_executor
+from rdfast.runs import manifests, store
+from rdfast.runs.pruning_run import _now, new_manifest
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """The dataset registry: what an entry returns (`Raw`) and how entries are named.
 
 Kept apart from `rdfast.data` (loading, subsets, normalisation, batching) so that the
-entries in `rdfast.datasets` can import it without importing `rdfast.data` back.
+entries in `rdfast.data.builtin` can import it without importing `rdfast.data` back.
 """
 
 from __future__ import annotations

@@ -20,11 +20,9 @@ from matplotlib.colors import SymLogNorm  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
 from rdfast import outdir  # noqa: E402
-from rdfast.analysis import Analysis, accuracy_floor  # noqa: E402
 from rdfast.config import STRATEGY_ORDER  # noqa: E402
 from rdfast.errors import BadInput  # noqa: E402
-from rdfast.manifests import settings_table  # noqa: E402
-from rdfast.tables import (  # noqa: E402
+from rdfast.report.tables import (  # noqa: E402
     at_largest_t,
     disparity_legend,
     disparity_table,
@@ -40,6 +38,8 @@ from rdfast.tables import (  # noqa: E402
     sorted_groups,
     summary,
 )
+from rdfast.runs.manifests import settings_table  # noqa: E402
+from rdfast.stats.analysis import Analysis, accuracy_floor  # noqa: E402
 
 COLORS = {
     "mp": "tab:blue",

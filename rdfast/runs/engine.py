@@ -14,22 +14,22 @@ from dataclasses import asdict, dataclass, replace
 import torch
 from tqdm.auto import tqdm
 
-from rdfast import store
+from rdfast.runs import store
 from rdfast.config import (
     PRECISIONS,
     Experiment,
     check_strategies,
 )
 from rdfast.data import TensorData, load_dataset, normalize
-from rdfast.dense import DenseModels
+from rdfast.runs.dense import DenseModels
 from rdfast.errors import BadInput
 from rdfast.kernels._backend import cuda_path, interpreting
 from rdfast.mitigations import check_split
 from rdfast.models import build_model, model_family, prunable_layers
-from rdfast.pruning import (
+from rdfast.pruning.strategies import (
     check_ratios,
 )
-from rdfast.pruning_run import PruningRun, RunOutcome, environment, step_records  # noqa: F401
+from rdfast.runs.pruning_run import PruningRun, RunOutcome, environment, step_records  # noqa: F401
 from rdfast.seeding import derive_seed
 from rdfast.settings import run_key
 

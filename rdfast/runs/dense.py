@@ -14,7 +14,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from rdfast import store, training
+from rdfast import training
+
+from rdfast.runs import store
 from rdfast.errors import RunFailed
 
 

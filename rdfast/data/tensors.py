@@ -1,11 +1,5 @@
-"""Datasets as device-resident tensors, named by specs.
-
-Add a dataset in one place (`rdfast/datasets.py`): a function decorated with
-`@register_dataset` (from `rdfast.dataset_registry`) that returns a `Raw` (CPU tensors, uint8
-images or float features). The registry imports nothing of this module, and this module
-imports the built-in entries once, so there is no import circle.
-Everything else -- subsets, normalisation, augmentation, moving to the device, batching -- is
-shared and lives here.
+"""Datasets as device-resident tensors, named by specs: subsets, normalisation,
+augmentation, moving to the device and batching, shared by every dataset.
 
 A dataset is named on the command line by a spec, `NAME` or `NAME:key=value,...`, e.g.
 `synthetic:classes=20,sep=2`, `mnist:train=5000,test=1000`, `imagefolder:/data/pets,size=64`.
@@ -23,15 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rdfast.dataset_registry import (  # noqa: F401  (re-exported: the public names)
-    AUGMENTATIONS,
-    COMMON_OPTIONS,
-    DATASETS,
-    DatasetEntry,
-    Option,
-    Raw,
-    register_dataset,
-)
+from rdfast.data.registry import COMMON_OPTIONS, DATASETS, Raw
 from rdfast.errors import BadInput
 
 DEFAULT_DATA_ROOT = Path(os.environ.get("RDFAST_DATA", "~/.cache/rdfast/data")).expanduser()
@@ -278,6 +264,3 @@ def _check_labels(name: str, raw: Raw) -> None:
         if len(y) and (int(y.min()) < 0 or int(y.max()) >= c):
             bad = int(y.min()) if int(y.min()) < 0 else int(y.max())
             raise BadInput(f"{name}: {split} label {bad} outside the {c} classes 0..{c - 1}")
-
-
-import rdfast.datasets  # noqa: E402, F401  (the built-in entries register themselves)

@@ -19,18 +19,20 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from rdfast import store, training
-from rdfast.checkpoints import Checkpoint
+from rdfast import training
+
+from rdfast.runs import store
+from rdfast.pruning.checkpoints import Checkpoint
 from rdfast.config import PruneJob, TrainSettings
 from rdfast.data import load_dataset, normalize
-from rdfast.engine import EVAL_BATCH, eval_batch, resolve_device
+from rdfast.runs.engine import EVAL_BATCH, eval_batch, resolve_device
 from rdfast.errors import BadInput, RunFailed
-from rdfast.given_model import load_weights, prune_module, save_pruned
+from rdfast.pruning.given_model import load_weights, prune_module, save_pruned
 from rdfast.kernels._backend import cuda_path
 from rdfast.kernels.selection import NaNScoreError
 from rdfast.models import build_model, prunable_layers
-from rdfast.pruning import check_ratios, data_gradients
-from rdfast.pruning_run import (
+from rdfast.pruning.strategies import check_ratios, data_gradients
+from rdfast.runs.pruning_run import (
     RunOutcome,
     _now,
     environment,

@@ -27,9 +27,9 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from rdfast import store
 from rdfast.config import DEFAULT_FLOOR, MITIGATIONS, STRATEGY_ORDER
 from rdfast.errors import BadInput, DamagedFile
+from rdfast.runs import store
 
 DEFAULT_BY = ("strategy", "saliency", "dataset", "model", "width")
 RUN_COLUMNS = (

@@ -18,13 +18,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from rdfast import store
-from rdfast.checkpoints import Checkpoint
 from rdfast.config import STRATEGIES
 from rdfast.errors import BadInput
 from rdfast.kernels.selection import zero_lowest_fused
 from rdfast.models import prunable_layers
-from rdfast.pruning import (
+from rdfast.pruning.checkpoints import Checkpoint
+from rdfast.pruning.strategies import (
     apply_masks,
     check_ratios,
     global_counts,
@@ -32,6 +31,7 @@ from rdfast.pruning import (
     select_masks,
     target_remaining,
 )
+from rdfast.runs import store
 
 MASKS_FILE = "masks.safetensors"
 
@@ -270,7 +270,7 @@ def _as_stored(ckpt: Checkpoint, name: str, t: torch.Tensor) -> torch.Tensor:
     """`t` in the dtype the input stored it in, contiguous, on the CPU."""
     t = t.detach().cpu()
     if ckpt.is_safetensors and name in ckpt.entries:
-        from rdfast.checkpoints import DTYPES
+        from rdfast.pruning.checkpoints import DTYPES
 
         t = t.to(DTYPES[ckpt.entries[name].dtype])
     return t.contiguous()

@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rdfast import store
-from rdfast.dataset_registry import AUGMENTATIONS, Option, Raw, register_dataset
+from rdfast.data.registry import AUGMENTATIONS, Option, Raw, register_dataset
 from rdfast.errors import BadInput, DataMissing, DataWarning
+from rdfast.runs import store
 
 
 def offline() -> bool:

@@ -22,11 +22,12 @@ import pandas as pd
 import torch
 
 import rdfast
-from rdfast import mitigations, store, training
+from rdfast import mitigations, training
+from rdfast.runs import store
 from rdfast.errors import RunFailed
 from rdfast.kernels.selection import NaNScoreError
 from rdfast.models import prunable_layers
-from rdfast.pruning import apply_masks, data_gradients, prune_to
+from rdfast.pruning.strategies import apply_masks, data_gradients, prune_to
 from rdfast.seeding import derive_seed
 from rdfast.training import masked_linear_layers
 

@@ -1,0 +1,1 @@
+"""The statistics as text (`tables`) and as a report with figures (`page`)."""
