@@ -4,10 +4,10 @@
 
 Draws `reps` samples of n replicates from a normal distribution (and from a skewed one, a
 log-normal, since alpha_t is a ratio and need not be normal), computes each interval with the
-code `rdfast analyze` runs (`rdfast.stats.analysis._t_interval`, `_bootstrap_interval`, 9,999
+code `rdfast analyze` runs (`rdfast.stats.t_interval`, `bootstrap_interval`, 9,999
 resamples), and counts how often it holds the true mean. Writes results/ci_coverage.csv and
 prints the table of benchmarks/README.md. The minimum sample sizes in
-`rdfast.stats.analysis.MIN_REPLICATES` come from this table.
+`rdfast.stats.COVERAGE` come from this table.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import pandas as pd
 
 from benchmarks.conftest import RESULTS, commit
 from rdfast.report.tables import markdown
-from rdfast.stats.analysis import _bootstrap_interval, _t_interval
+from rdfast.stats import bootstrap_interval, t_interval
 
 DISTRIBUTIONS = {
     "normal": (lambda rng, size: rng.normal(1.0, 0.2, size), 1.0),
@@ -35,14 +35,14 @@ def coverage(method: str, n: int, ci: float, dist: str, reps: int, seed: int = 0
     samples = draw(rng, (reps, n))
     if method == "t":
         s = pd.DataFrame(samples)
-        low, high = _t_interval(s.mean(axis=1), s.std(axis=1), pd.Series(np.full(reps, n)), ci)
+        low, high = t_interval(s.mean(axis=1), s.std(axis=1), pd.Series(np.full(reps, n)), ci)
     else:
         arrays = pd.Series(list(samples))
         # One seed per replicate, as each `rdfast analyze` draws its own resampling indices:
         # batches of 200 share a seed inside `_bootstrap_interval`.
         lows, highs = [], []
         for start in range(0, reps, 200):
-            lo, hi = _bootstrap_interval(arrays.iloc[start : start + 200], ci, 9999, seed + start)
+            lo, hi = bootstrap_interval(arrays.iloc[start : start + 200], ci, 9999, seed + start)
             lows.append(lo.to_numpy())
             highs.append(hi.to_numpy())
         low, high = np.concatenate(lows), np.concatenate(highs)

@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from rdfast import stats
 from rdfast.runs import store
-from rdfast.stats import analysis
 
 CLASSES, TS, STRATEGIES, SEEDS, WIDTHS = (
     100,
@@ -66,7 +66,7 @@ def records_dir(tmp_path_factory):
 @pytest.mark.benchmark(group="analyze-1M")
 def test_analyze_one_million_rows(benchmark, records_dir):
     result = benchmark.pedantic(
-        lambda: analysis.analyze(analysis.load(records_dir)), rounds=3, warmup_rounds=1
+        lambda: stats.analyze(stats.load(records_dir)), rounds=3, warmup_rounds=1
     )
     assert len(result.runs) == 1_440 * 7
     benchmark.extra_info["rows"] = 1_008_000

@@ -84,7 +84,7 @@ def run_experiment(*, progress=None, **flags) -> RunResult:
 def summarize_runs(out: Path, outcomes) -> RunResult:
     """The RunResult of a command's runs: what failed or another process writes, and the
     analysis of its own runs' records."""
-    from rdfast.stats import analysis
+    from rdfast import stats
 
     # Runs left to another process may have been finished by it in the meantime; checked
     # before the records are read, so a run counted finished has all its steps in them.
@@ -95,7 +95,7 @@ def summarize_runs(out: Path, outcomes) -> RunResult:
     mine = records[records["run_id"].isin(ids)] if not records.empty else records
     if not mine.empty:
         try:
-            result.analysis = analysis.analyze(mine)
+            result.analysis = stats.analyze(mine)
         except BadInput as e:  # the records are written; only the summary cannot be made
             result.no_summary = str(e)
     return result
@@ -140,20 +140,20 @@ def analyze_runs(
     adjust="holm",
 ):  # fmt: skip
     """(Analysis, paths of the stats tables written next to the records or into `out`)."""
-    from rdfast import outdir
-    from rdfast.stats import analysis, flips
+    from rdfast import outdir, stats
+    from rdfast.stats import flips
 
     other = out is not None and Path(out).resolve() != Path(runs_dir).resolve()
     if other:
         outdir.check(out, "analyze")
-    records = analysis.load(runs_dir)
-    a = analysis.analyze(records, by=by, ci=ci, ci_method=ci_method, vs=vs, floor=floor,
+    records = stats.load(runs_dir)
+    a = stats.analyze(records, by=by, ci=ci, ci_method=ci_method, vs=vs, floor=floor,
                          adjust=adjust)  # fmt: skip
     a.flips = flips.analyze_flips(runs_dir, records, a.by, top=max(top_classes, 1))
     if other:
         Path(out).mkdir(parents=True, exist_ok=True)
         outdir.mark(out, "analyze")
-    return a, analysis.write_tables(a, out or runs_dir)
+    return a, stats.write_tables(a, out or runs_dir)
 
 
 def make_report(
@@ -161,13 +161,13 @@ def make_report(
     floor=DEFAULT_FLOOR, adjust="holm",
 ) -> Path:  # fmt: skip
     """The report folder `out` (index.html, report.md, figures) of the records in runs_dir."""
-    from rdfast import outdir
+    from rdfast import outdir, stats
     from rdfast.report.page import build_report
-    from rdfast.stats import analysis, flips
+    from rdfast.stats import flips
 
     outdir.check(out, "report", records=runs_dir)  # before the analysis: nothing to undo
-    records = analysis.load(runs_dir)
-    a = analysis.analyze(records, by=by, ci=ci, ci_method=ci_method, vs=vs, floor=floor,
+    records = stats.load(runs_dir)
+    a = stats.analyze(records, by=by, ci=ci, ci_method=ci_method, vs=vs, floor=floor,
                          adjust=adjust)  # fmt: skip
     a.flips = flips.analyze_flips(runs_dir, records, a.by, top=max(top_classes, 1))
     return build_report(

@@ -3,12 +3,12 @@
 import numpy as np
 import pandas as pd
 import pytest
-from scipy import stats
+from scipy import stats as scipy_stats
 
+from rdfast import stats
 from rdfast.errors import BadInput
 from rdfast.report import tables
 from rdfast.runs import store
-from rdfast.stats import analysis
 
 
 def fake_records(runs):
@@ -59,7 +59,7 @@ def run_with(seed, x, y, a1=0.5, at=0.5, strategy="mp", t=4.0, **kw):
 def test_alpha_is_lstsq_through_origin_and_hand_case():
     x = [0.2, -0.1, -0.1, 0.0]
     y = [0.5, -0.2, -0.4, 0.1]
-    a = analysis.analyze(fake_records([run_with(0, x, y)]), by=("strategy",))
+    a = stats.analyze(fake_records([run_with(0, x, y)]), by=("strategy",))
     row = a.runs[a.runs["t"] == 4.0].iloc[0]
     # Hand: sum xy = 0.1 + 0.02 + 0.04 + 0 = 0.16; sum x^2 = 0.04 + 0.01 + 0.01 = 0.06.
     assert row["alpha"] == pytest.approx(0.16 / 0.06)
@@ -77,7 +77,7 @@ def test_alpha_is_lstsq_through_origin_and_hand_case():
 
 
 def test_class_quantities_and_intensification_ratio():
-    a = analysis.analyze(
+    a = stats.analyze(
         fake_records([run_with(0, [0.2, -0.2, 0.0], [0.4, -0.1, 0.3])]), by=("strategy",)
     )
     c = a.classes[a.classes["t"] == 4.0].sort_values("class")
@@ -100,13 +100,13 @@ def test_class_recall_change_against_hand_values_and_scipy():
         {"seed": s, "strategy": "mp", "acc": {1.0: accs[s][0], 4.0: accs[s][1]}, "recall": r}
         for s, r in recalls.items()
     ]
-    a = analysis.analyze(fake_records(runs), by=("strategy",), ci=0.95)
+    a = stats.analyze(fake_records(runs), by=("strategy",), ci=0.95)
     cg = a.class_groups[a.class_groups["t"] == 4.0].set_index("class")
     assert list(cg.index) == [0, 1, 2] and (cg["n"] == 3).all()
     acc_change = np.mean([at - a1 for a1, at in accs.values()])
     for c in range(3):
         change = [recalls[s][4.0][c] - recalls[s][1.0][c] for s in recalls]
-        lo, hi = stats.t.interval(0.95, 2, loc=np.mean(change), scale=stats.sem(change))
+        lo, hi = scipy_stats.t.interval(0.95, 2, loc=np.mean(change), scale=scipy_stats.sem(change))
         row = cg.loc[c]
         assert row["mean_dense_recall"] == pytest.approx(
             np.mean([recalls[s][1.0][c] for s in recalls])
@@ -131,7 +131,7 @@ def test_class_recall_change_against_hand_values_and_scipy():
 
 
 # The toy models of these tests sit at accuracy 0.5 on three or four classes, at or below
-# the default accuracy floor (2 x chance; rdfast.stats.analysis.accuracy_floor), where alpha gets no
+# the default accuracy floor (2 x chance; rdfast.stats.accuracy_floor), where alpha gets no
 # mark: the tests of the intervals and marks switch the floor off (NO_FLOOR).
 NO_FLOOR = {"floor": 0.0}
 
@@ -143,13 +143,15 @@ def crafted_group(alphas, strategy="mp"):
 
 def test_ci_equals_scipy_t_interval_and_ttest():
     alphas = [1.2, 1.5, 0.9, 1.1, 1.3]
-    a = analysis.analyze(fake_records(crafted_group(alphas)), by=("strategy",), ci=0.99, **NO_FLOOR)
+    a = stats.analyze(fake_records(crafted_group(alphas)), by=("strategy",), ci=0.99, **NO_FLOOR)
     g = a.groups[a.groups["t"] == 4.0].iloc[0]
-    lo, hi = stats.t.interval(0.99, len(alphas) - 1, loc=np.mean(alphas), scale=stats.sem(alphas))
+    lo, hi = scipy_stats.t.interval(
+        0.99, len(alphas) - 1, loc=np.mean(alphas), scale=scipy_stats.sem(alphas)
+    )
     assert g["n"] == 5
     assert g["mean_alpha"] == pytest.approx(np.mean(alphas))
     assert (g["ci_low"], g["ci_high"]) == (pytest.approx(lo), pytest.approx(hi))
-    assert g["p_value"] == pytest.approx(stats.ttest_1samp(alphas, 1.0).pvalue)
+    assert g["p_value"] == pytest.approx(scipy_stats.ttest_1samp(alphas, 1.0).pvalue)
     assert g["mark"] == "?"
 
 
@@ -165,36 +167,36 @@ def test_paired_differences_equal_scipy_ttest_rel():
         )
         for s, (al, acc) in enumerate(zip(alphas, accs))
     ]
-    a = analysis.analyze(fake_records(runs), by=("strategy",), ci=0.95, **NO_FLOOR)
+    a = stats.analyze(fake_records(runs), by=("strategy",), ci=0.95, **NO_FLOOR)
     row = a.paired[(a.paired["t"] == 4.0)].set_index("strategy").loc["up"]
     diff = np.subtract(up_alpha, mp_alpha)  # -0.1, -0.08, -0.12, -0.1
     assert row["n"] == 4 and row["baseline"] == "mp"
     assert row["mean_diff"] == pytest.approx(-0.1)
-    lo, hi = stats.t.interval(0.95, 3, loc=diff.mean(), scale=stats.sem(diff))
+    lo, hi = scipy_stats.t.interval(0.95, 3, loc=diff.mean(), scale=scipy_stats.sem(diff))
     assert (row["ci_low"], row["ci_high"]) == (pytest.approx(lo), pytest.approx(hi))
-    assert row["p_value"] == pytest.approx(stats.ttest_rel(up_alpha, mp_alpha).pvalue)
+    assert row["p_value"] == pytest.approx(scipy_stats.ttest_rel(up_alpha, mp_alpha).pvalue)
     assert row["mark"] == "<"
     assert row["mean_acc_diff"] == pytest.approx(np.mean(np.subtract(up_acc, mp_acc)))
-    assert row["acc_p_value"] == pytest.approx(stats.ttest_rel(up_acc, mp_acc).pvalue)
+    assert row["acc_p_value"] == pytest.approx(scipy_stats.ttest_rel(up_acc, mp_acc).pvalue)
     # The unpaired intervals of the two groups overlap; the paired one lies below 0.
     g = a.groups[a.groups["t"] == 4.0].set_index("strategy")
     assert g.loc["up", "ci_high"] > g.loc["mp", "ci_low"] and hi < 0
     alpha_tab, acc_tab, _ = tables.paired_tables(a)
     assert list(alpha_tab.index) == ["up"] and alpha_tab.loc["up", "t=4"] == "-0.10<"
     # No comparison without the baseline, on request, or when strategy is not a group column.
-    assert analysis.analyze(fake_records(runs), by=("strategy",), vs=None).paired is None
+    assert stats.analyze(fake_records(runs), by=("strategy",), vs=None).paired is None
     only_up = fake_records([r for r in runs if r["strategy"] == "up"])
-    assert analysis.analyze(only_up, by=("strategy",)).paired is None
+    assert stats.analyze(only_up, by=("strategy",)).paired is None
     with pytest.raises(BadInput, match="no rp runs"):
-        analysis.analyze(fake_records(runs), by=("strategy",), vs="rp")
+        stats.analyze(fake_records(runs), by=("strategy",), vs="rp")
     # eps differs between mp (NaN) and up by definition: grouping by it still pairs them.
-    with_eps = analysis.analyze(fake_records(runs), by=("strategy", "eps"), ci=0.95)
+    with_eps = stats.analyze(fake_records(runs), by=("strategy", "eps"), ci=0.95)
     assert with_eps.paired.loc[with_eps.paired["t"] == 4.0, "mean_diff"].item() == pytest.approx(
         -0.1
     )
     # Runs of another dense model (here: another seed) are not paired.
     other_seed = [r if r["strategy"] == "mp" else dict(r, seed=9) for r in runs[:5]]
-    lone = analysis.analyze(fake_records(other_seed), by=("strategy",))
+    lone = stats.analyze(fake_records(other_seed), by=("strategy",))
     assert lone.paired is None and any("no comparison with mp" in n for n in lone.notes)
     # A baseline in two score forms: each form is paired with its own.
     forms = []
@@ -210,11 +212,11 @@ def test_paired_differences_equal_scipy_ttest_rel():
                     )
                 )
                 forms.append(dict(r, saliency=form, tag=form))
-    by_form = analysis.analyze(fake_records(forms), by=("strategy", "saliency"), vs="gp")
+    by_form = stats.analyze(fake_records(forms), by=("strategy", "saliency"), vs="gp")
     p = by_form.paired[by_form.paired["t"] == 4.0].set_index("saliency")["mean_diff"]
     assert p.to_dict() == {"sum": pytest.approx(-0.3), "taylor": pytest.approx(0.0)}
     with pytest.raises(BadInput, match="must include strategy"):
-        analysis.paired_table(a.runs, ("dataset",), "mp", 0.99)
+        stats.paired_table(a.runs, ("dataset",), "mp", 0.99)
 
 
 @pytest.mark.parametrize(
@@ -226,7 +228,7 @@ def test_paired_differences_equal_scipy_ttest_rel():
     ],
 )
 def test_marks_on_crafted_groups(alphas, expected):
-    a = analysis.analyze(fake_records(crafted_group(alphas)), by=("strategy",), **NO_FLOOR)
+    a = stats.analyze(fake_records(crafted_group(alphas)), by=("strategy",), **NO_FLOOR)
     assert a.groups.loc[a.groups["t"] == 4.0, "mark"].item() == expected
     alpha_tab, _ = tables.paper_tables(a)
     assert alpha_tab.loc["mp", "t=4"] == f"{np.mean(alphas):.2f}{expected}"
@@ -234,7 +236,7 @@ def test_marks_on_crafted_groups(alphas, expected):
 
 def scipy_bootstrap(values, n_resamples, seed, ci=0.99):
     """The reference: one scipy.stats.bootstrap call (percentile) on one group's values."""
-    res = stats.bootstrap(
+    res = scipy_stats.bootstrap(
         (np.asarray(values),),
         np.mean,
         confidence_level=ci,
@@ -247,7 +249,7 @@ def scipy_bootstrap(values, n_resamples, seed, ci=0.99):
 
 def test_bootstrap_matches_scipy_and_contains_mean():
     alphas = [1.2, 1.5, 0.9, 1.1, 1.3, 1.25]
-    a = analysis.analyze(
+    a = stats.analyze(
         fake_records(crafted_group(alphas)),
         by=("strategy",),
         ci_method="bootstrap",
@@ -273,7 +275,7 @@ def test_bootstrap_of_classes_and_pairs_equals_one_scipy_call_per_group():
         run_with(s, x, [al * v for v in x], strategy="up", at=0.62)
         for s, al in enumerate([1.0, 1.3, 0.8])
     ]
-    a = analysis.analyze(
+    a = stats.analyze(
         fake_records(runs), by=("strategy",), ci_method="bootstrap", n_resamples=500, seed=3
     )
 
@@ -308,7 +310,7 @@ def test_bootstrap_of_classes_and_pairs_equals_one_scipy_call_per_group():
 def test_pooled_alpha_over_all_classes_of_all_replicates():
     x1, y1 = [0.2, -0.2], [0.4, -0.4]  # slope 2
     x2, y2 = [0.1, -0.1], [0.1, -0.1]  # slope 1
-    a = analysis.analyze(fake_records([run_with(0, x1, y1), run_with(1, x2, y2)]), by=("strategy",))
+    a = stats.analyze(fake_records([run_with(0, x1, y1), run_with(1, x2, y2)]), by=("strategy",))
     g = a.groups[a.groups["t"] == 4.0].iloc[0]
     x, y = np.array(x1 + x2), np.array(y1 + y2)
     assert g["pooled_alpha"] == pytest.approx(np.sum(x * y) / np.sum(x * x))
@@ -316,7 +318,7 @@ def test_pooled_alpha_over_all_classes_of_all_replicates():
 
 
 def test_single_replicate_has_no_ci_and_no_mark():
-    a = analysis.analyze(fake_records(crafted_group([1.4])), by=("strategy",), **NO_FLOOR)
+    a = stats.analyze(fake_records(crafted_group([1.4])), by=("strategy",), **NO_FLOOR)
     g = a.groups[a.groups["t"] == 4.0].iloc[0]
     assert g["n"] == 1 and np.isnan(g["ci_low"]) and g["mark"] == ""
     assert tables.paper_tables(a)[0].loc["mp", "t=4"] == "1.40 (n=1)"
@@ -325,7 +327,7 @@ def test_single_replicate_has_no_ci_and_no_mark():
 def test_zero_support_classes_left_out_and_reported():
     r = run_with(0, [0.2, -0.1, 0.0], [0.3, -0.2, 0.0], support=[10, 10, 0])
     r["recall"] = {t: [*v[:2], np.nan] for t, v in r["recall"].items()}
-    a = analysis.analyze(fake_records([r]), by=("strategy",))
+    a = stats.analyze(fake_records([r]), by=("strategy",))
     assert a.runs["n_classes_used"].eq(2).all()
     assert any("no test examples" in n and "classes 2" in n for n in a.notes)
 
@@ -333,7 +335,7 @@ def test_zero_support_classes_left_out_and_reported():
 def test_zero_accuracy_left_out_and_reported():
     r = run_with(0, [0.2, -0.2], [0.1, -0.1], at=0.0)
     r["recall"][4.0] = [0.0, 0.0]
-    a = analysis.analyze(fake_records([r]), by=("strategy",))
+    a = stats.analyze(fake_records([r]), by=("strategy",))
     assert 4.0 not in set(a.runs["t"])
     assert any("accuracy 0" in n for n in a.notes)
 
@@ -343,7 +345,7 @@ def test_run_with_dense_accuracy_zero_is_left_out_and_counted():
     r0 = run_with(0, [0.2, -0.2], [0.3, -0.3])
     r1 = run_with(1, [0.2, -0.2], [0.3, -0.3], a1=0.0)
     r1["recall"][1.0] = [0.0, 0.0]
-    a = analysis.analyze(fake_records([r0, r1]), by=("strategy",))
+    a = stats.analyze(fake_records([r0, r1]), by=("strategy",))
     assert set(a.runs["seed"]) == {0}
     assert any("left out 1 runs without a usable dense" in n for n in a.notes)
 
@@ -351,7 +353,7 @@ def test_run_with_dense_accuracy_zero_is_left_out_and_counted():
 def test_runs_with_different_t_are_noted():
     r1 = run_with(0, [0.2, -0.2], [0.3, -0.3], t=4.0)
     r2 = run_with(1, [0.2, -0.2], [0.3, -0.3], t=8.0)
-    a = analysis.analyze(fake_records([r1, r2]), by=("strategy",))
+    a = stats.analyze(fake_records([r1, r2]), by=("strategy",))
     assert set(a.groups["t"]) == {1.0, 4.0, 8.0}
     assert a.groups.set_index("t")["n"].to_dict() == {1.0: 2, 4.0: 1, 8.0: 1}
     assert any("different t values" in n for n in a.notes)
@@ -361,8 +363,8 @@ def test_mixed_settings_in_a_group_are_refused():
     r1 = run_with(0, [0.2, -0.2], [0.3, -0.3], tag="a")
     r2 = run_with(0, [0.2, -0.2], [0.3, -0.3], tag="b", retrain="rewind")
     with pytest.raises(BadInput, match="differ in retrain"):
-        analysis.analyze(fake_records([r1, r2]), by=("strategy",))
-    a = analysis.analyze(fake_records([r1, r2]), by=("strategy", "retrain"))
+        stats.analyze(fake_records([r1, r2]), by=("strategy",))
+    a = stats.analyze(fake_records([r1, r2]), by=("strategy", "retrain"))
     assert len(a.groups) == 4
 
 
@@ -370,15 +372,15 @@ def test_other_records_version_refused():
     df = fake_records(crafted_group([1.0, 1.1]))
     df["records_version"] = 99
     with pytest.raises(BadInput, match="records of version"):
-        analysis.analyze(df)
+        stats.analyze(df)
 
 
 def test_bad_arguments():
     df = fake_records(crafted_group([1.0, 1.1]))
     with pytest.raises(BadInput, match="cannot group by colour"):
-        analysis.analyze(df, by=("colour",))
+        stats.analyze(df, by=("colour",))
     with pytest.raises(BadInput, match="--ci must lie"):
-        analysis.analyze(df, ci=1.5)
+        stats.analyze(df, ci=1.5)
 
 
 def test_pairs_only_runs_of_the_same_dense_model():
@@ -393,7 +395,7 @@ def test_pairs_only_runs_of_the_same_dense_model():
     records = fake_records(runs + ups)
     other = (records["strategy"] == "up") & (records["seed"] > 0)
     records.loc[other, "dense_id"] = records.loc[other, "dense_id"] + "-10-epochs"
-    a = analysis.analyze(records, by=("strategy",))
+    a = stats.analyze(records, by=("strategy",))
     p = a.paired[a.paired["t"] == 4.0].iloc[0]
     assert p["n"] == 1 and p["mark"] == ""  # one pair: no interval
     assert any(
@@ -409,7 +411,7 @@ def test_pairs_only_runs_of_the_same_dense_model():
     ]
     records = fake_records(runs + ups + gps).assign(protocol="p")
     records.loc[records["strategy"] == "up", "protocol"] = "q"
-    a = analysis.analyze(records, by=("strategy",))
+    a = stats.analyze(records, by=("strategy",))
     n = a.paired[a.paired["t"] == 4.0].set_index("strategy")["n"]
     assert n.to_dict() == {"gp": 3}
     assert any("3 share the dense model with a mp run but not its ratios" in n for n in a.notes)
@@ -419,7 +421,7 @@ def test_all_zero_dense_balance_is_counted_not_dropped_silently():
     x = [0.2, -0.1, -0.1]
     runs = [run_with(s, x, [a * v for v in x]) for s, a in enumerate([1.2, 1.5])]
     runs.append(run_with(2, [0.0, 0.0, 0.0], [0.1, -0.1, 0.0]))  # every R_1 = A_1
-    a = analysis.analyze(fake_records(runs), by=("strategy",))
+    a = stats.analyze(fake_records(runs), by=("strategy",))
     g = a.groups[a.groups["t"] == 4.0].iloc[0]
     assert g["n"] == 2
     assert any("alpha undefined for 1 runs" in n for n in a.notes), a.notes
@@ -429,7 +431,7 @@ def test_all_zero_dense_balance_is_counted_not_dropped_silently():
 def test_identical_replicates_give_no_interval_and_no_mark(method):
     x = [0.2, -0.1, -0.1]
     runs = [run_with(s, x, [1.5 * v for v in x]) for s in range(3)]
-    a = analysis.analyze(fake_records(runs), by=("strategy",), ci_method=method, n_resamples=200)
+    a = stats.analyze(fake_records(runs), by=("strategy",), ci_method=method, n_resamples=200)
     g = a.groups[a.groups["t"] == 4.0].iloc[0]
     assert g["mean_alpha"] == pytest.approx(1.5) and g["n"] == 3
     assert np.isnan(g["ci_low"]) and np.isnan(g["ci_high"]) and g["mark"] == ""
@@ -442,7 +444,7 @@ def test_replicates_with_different_settings_are_refused_by_name():
     records = fake_records(runs)
     records.loc[records["seed"] == 0, "weight_decay"] = 1e-3
     with pytest.raises(BadInput, match=r"differ in weight_decay \(0.001 vs 0.0005\)"):
-        analysis.analyze(records, by=("strategy",))
+        stats.analyze(records, by=("strategy",))
     # Settings only the manifests hold (fine-tuning epochs): named from them.
     records = fake_records(runs).assign(protocol="a")
     records.loc[records["seed"] == 0, "protocol"] = "b"
@@ -451,7 +453,7 @@ def test_replicates_with_different_settings_are_refused_by_name():
         ids[s]: {"finetune_epochs": 1 if s == 0 else 5, "ratios": [2, 4]} for s in range(3)
     }
     with pytest.raises(BadInput, match=r"differ in finetune_epochs \(1 vs 5\)"):
-        analysis.analyze(records, by=("strategy",))
+        stats.analyze(records, by=("strategy",))
 
 
 def test_bootstrap_marks_only_where_its_coverage_is_known_to_hold():
@@ -462,7 +464,7 @@ def test_bootstrap_marks_only_where_its_coverage_is_known_to_hold():
     def analyzed(n, method):
         gen = np.random.default_rng(n)
         runs = [run_with(s, x, [a * v for v in x]) for s, a in enumerate(2 + gen.random(n))]
-        return analysis.analyze(
+        return stats.analyze(
             fake_records(runs), by=("strategy",), ci_method=method, n_resamples=500, **NO_FLOOR
         )
 
@@ -479,7 +481,7 @@ def test_coverage_table_matches_a_fresh_simulation():
     points at 89 %, 0.4 at 99 %): the constants are measured, not typed in."""
     from benchmarks.ci_coverage import coverage
 
-    for (method, ci), table in analysis.COVERAGE.items():
+    for (method, ci), table in stats.COVERAGE.items():
         for n in (5, 20):
             got = 100 * coverage(method, n, ci, "normal", reps=600, seed=11)
             assert abs(got - table[n]) < 4.5, (method, ci, n, got, table[n])
@@ -491,7 +493,7 @@ def test_disparity_is_the_range_of_excess_recall_drops_hand_computed():
     # 0 - 0.1333 = -0.1333, 0.3 - 0.1333 = 0.1667: range 0.3, largest 0.1667.
     run = {"seed": 0, "strategy": "mp", "acc": {1.0: 0.7, 8.0: 1.7 / 3},
            "recall": {1.0: [0.9, 0.7, 0.5], 8.0: [0.8, 0.7, 0.2]}}  # fmt: skip
-    a = analysis.analyze(fake_records([run]), by=("strategy",))
+    a = stats.analyze(fake_records([run]), by=("strategy",))
     row = a.runs[a.runs["t"] == 8.0].iloc[0]
     assert row["disparity"] == pytest.approx(0.3, abs=1e-12)
     assert row["max_excess_drop"] == pytest.approx(0.3 - 0.4 / 3, abs=1e-12)
@@ -508,12 +510,12 @@ def test_disparity_group_interval_and_paired_difference_against_scipy():
             rt = [r - rng.uniform(0, spread) for r in r1]
             runs.append({"seed": seed, "strategy": strategy, "acc": {1.0: np.mean(r1),
                          4.0: np.mean(rt)}, "recall": {1.0: r1, 4.0: rt}})  # fmt: skip
-    a = analysis.analyze(fake_records(runs), by=("strategy",), ci=0.99)
+    a = stats.analyze(fake_records(runs), by=("strategy",), ci=0.99)
     pruned = a.runs[a.runs["t"] == 4.0]
     for strategy in ("mp", "up"):
         v = pruned.loc[pruned["strategy"] == strategy, "disparity"].to_numpy()
         g = a.groups[(a.groups["strategy"] == strategy) & (a.groups["t"] == 4.0)].iloc[0]
-        lo, hi = stats.t.interval(0.99, len(v) - 1, loc=v.mean(), scale=stats.sem(v))
+        lo, hi = scipy_stats.t.interval(0.99, len(v) - 1, loc=v.mean(), scale=scipy_stats.sem(v))
         assert g["mean_disparity"] == pytest.approx(v.mean(), rel=1e-12)
         assert (g["disparity_ci_low"], g["disparity_ci_high"]) == (
             pytest.approx(lo, rel=1e-9), pytest.approx(hi, rel=1e-9))  # fmt: skip
@@ -526,7 +528,7 @@ def test_disparity_group_interval_and_paired_difference_against_scipy():
     up = pruned[pruned["strategy"] == "up"].sort_values("seed")["disparity"].to_numpy()
     mp = pruned[pruned["strategy"] == "mp"].sort_values("seed")["disparity"].to_numpy()
     assert p["mean_disparity_diff"] == pytest.approx((up - mp).mean(), rel=1e-12)
-    assert p["disparity_p_value"] == pytest.approx(stats.ttest_rel(up, mp).pvalue, rel=1e-9)
+    assert p["disparity_p_value"] == pytest.approx(scipy_stats.ttest_rel(up, mp).pvalue, rel=1e-9)
 
 
 def test_floor_hides_alpha_and_its_mark_near_chance_and_counts_the_cells():
@@ -538,7 +540,7 @@ def test_floor_hides_alpha_and_its_mark_near_chance_and_counts_the_cells():
             x = [0.1, -0.1, 0.05, -0.05]
             y = [(3 + noise) * v for v in x]
             runs.append(run_with(seed, x, y, a1=0.9, at=at, strategy=strategy))
-    a = analysis.analyze(fake_records(runs), by=("strategy",), vs="mp")
+    a = stats.analyze(fake_records(runs), by=("strategy",), vs="mp")
     g = a.groups.set_index(["strategy", "t"])
     assert g.loc[("rp", 4.0), "accuracy_floor"] == pytest.approx(0.575)
     assert bool(g.loc[("rp", 4.0), "below_floor"]) and g.loc[("rp", 4.0), "mark"] == ""
@@ -553,24 +555,24 @@ def test_floor_hides_alpha_and_its_mark_near_chance_and_counts_the_cells():
     assert bool(p.loc[("rp", 4.0), "below_floor"]) and p.loc[("rp", 4.0), "mark"] == ""
     # A floor of 1.5 (0.375) still hides the collapsed group (0.45 of a dense 0.9: below
     # halfway, 0.575); 0 switches the floor off.
-    b = analysis.analyze(fake_records(runs), by=("strategy",), floor=1.5)
+    b = stats.analyze(fake_records(runs), by=("strategy",), floor=1.5)
     assert b.groups.set_index(["strategy", "t"]).loc[("rp", 4.0), "below_floor"]
-    b = analysis.analyze(fake_records(runs), by=("strategy",), floor=0.0)
+    b = stats.analyze(fake_records(runs), by=("strategy",), floor=0.0)
     assert not b.groups["below_floor"].any()
     assert b.groups.set_index(["strategy", "t"]).loc[("rp", 4.0), "mark"] == ">"
     with pytest.raises(BadInput, match="--floor"):
-        analysis.analyze(fake_records(runs), by=("strategy",), floor=-1)
+        stats.analyze(fake_records(runs), by=("strategy",), floor=-1)
 
 
 def test_accuracy_floor_rises_to_halfway_from_chance_to_the_dense_accuracy():
     # By hand: 10 classes, dense 0.98 -> (0.1 + 0.98) / 2 = 0.54 above 2 x chance (0.2); a
     # dense 0.3 leaves 2 x chance (0.2) above (0.1 + 0.3) / 2; floor 0: nothing hidden.
-    got = analysis.accuracy_floor(2.0, np.array([10, 10]), np.array([0.98, 0.3]))
+    got = stats.accuracy_floor(2.0, np.array([10, 10]), np.array([0.98, 0.3]))
     np.testing.assert_allclose(got, [0.54, 0.2])
-    assert analysis.accuracy_floor(0.0, np.array([10]), np.array([0.98])).tolist() == [0.0]
+    assert stats.accuracy_floor(0.0, np.array([10]), np.array([0.98])).tolist() == [0.0]
 
 
 def test_accuracy_floor_is_a_multiple_of_chance_capped_halfway_to_one():
     # floor / C, but never above (1 + 1/C) / 2: by hand for 10, 100, 3 and 2 classes.
-    got = analysis.accuracy_floor(2.0, np.array([10, 100, 3, 2]))
+    got = stats.accuracy_floor(2.0, np.array([10, 100, 3, 2]))
     np.testing.assert_allclose(got, [0.2, 0.02, 2 / 3, 0.75])

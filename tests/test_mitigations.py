@@ -13,7 +13,7 @@ from rdfast import mitigations
 from rdfast.cli.main import cli
 from rdfast.runs import store
 from rdfast.runs.engine import Engine
-from rdfast.stats import analysis
+from rdfast.stats import analyze, load
 from tests.test_engine import VOLATILE, Interrupt, experiment
 
 RECORD = ["step", "class", "support", "correct", "recall", "accuracy", "loss", "remaining"]
@@ -198,7 +198,7 @@ def test_analyze_pairs_each_mitigation_with_plain_on_the_same_dense_models(tmp_p
     for m in ("plain", "kd"):
         Engine(experiment(tmp_path, strategies=("mp", "up"), seeds=(0, 1, 2), mitigation=m),
                progress=False).execute()  # fmt: skip
-    a = analysis.analyze(analysis.load(tmp_path), ci=0.9)
+    a = analyze(load(tmp_path), ci=0.9)
     assert a.baseline == "plain" and a.paired_by == "mitigation" and "mitigation" in a.by
     # Independently: alpha per run from the records, kd minus plain by (strategy, seed, t).
     runs = a.runs.pivot_table(index=["strategy", "seed", "t"], columns="mitigation",
@@ -212,7 +212,7 @@ def test_analyze_pairs_each_mitigation_with_plain_on_the_same_dense_models(tmp_p
             res = stats.ttest_1samp(d.to_numpy(), 0.0)
             assert p.loc[(strategy, t), "p_value"] == pytest.approx(res.pvalue, rel=1e-9)
     # Strategy comparison still possible on the same records, within each mitigation.
-    b = analysis.analyze(analysis.load(tmp_path), vs="mp")
+    b = analyze(load(tmp_path), vs="mp")
     assert set(b.paired["strategy"]) == {"up"} and set(b.paired["mitigation"]) == {"plain", "kd"}
 
 

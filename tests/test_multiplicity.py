@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from statsmodels.stats.multitest import multipletests
 
-from rdfast.stats import analysis
+from rdfast import stats
 from tests.test_analysis import NO_FLOOR, fake_records, run_with
 
 
@@ -20,7 +20,7 @@ def test_adjusted_p_values_equal_statsmodels(method, sm, seed):
     p = pd.Series(rng.uniform(0, 0.05, 40) ** rng.uniform(0.5, 3, 40), index=range(100, 140))
     p.iloc[rng.choice(40, 7, replace=False)] = np.nan  # cells outside the family
     p.iloc[3] = p.iloc[5] = p.dropna().iloc[0]  # ties
-    got = analysis.adjust_p(p, method)
+    got = stats.adjust_p(p, method)
     family = p.dropna()
     want = multipletests(family.to_numpy(), method=sm)[1]
     np.testing.assert_allclose(got[family.index].to_numpy(), want, rtol=1e-12)
@@ -31,10 +31,10 @@ def test_hand_computed_holm_and_bh():
     p = pd.Series([0.01, 0.04, 0.03, 0.005])
     # Holm: sorted 0.005, 0.01, 0.03, 0.04 -> x4, x3, x2, x1 = 0.02, 0.03, 0.06, 0.04 -> running
     # max 0.02, 0.03, 0.06, 0.06.
-    assert analysis.adjust_p(p, "holm").tolist() == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert stats.adjust_p(p, "holm").tolist() == pytest.approx([0.03, 0.06, 0.06, 0.02])
     # BH: x4/1, x4/2, x4/3, x4/4 = 0.02, 0.02, 0.04, 0.04 -> running min from the top.
-    assert analysis.adjust_p(p, "bh").tolist() == pytest.approx([0.02, 0.04, 0.04, 0.02])
-    assert analysis.adjust_p(p, "none").tolist() == p.tolist()
+    assert stats.adjust_p(p, "bh").tolist() == pytest.approx([0.02, 0.04, 0.04, 0.02])
+    assert stats.adjust_p(p, "none").tolist() == p.tolist()
 
 
 def many_groups(k: int, shift: float, names=None):
@@ -54,8 +54,8 @@ def many_groups(k: int, shift: float, names=None):
 @pytest.mark.parametrize("adjust", ["holm", "bh"])
 def test_marks_keep_only_what_the_family_supports(adjust):
     records = many_groups(12, 0.12)
-    raw = analysis.analyze(records, by=("strategy",), adjust="none", **NO_FLOOR).groups
-    adj = analysis.analyze(records, by=("strategy",), adjust=adjust, **NO_FLOOR).groups
+    raw = stats.analyze(records, by=("strategy",), adjust="none", **NO_FLOOR).groups
+    adj = stats.analyze(records, by=("strategy",), adjust=adjust, **NO_FLOOR).groups
     raw, adj = raw[raw["t"] > 1].set_index("strategy"), adj[adj["t"] > 1].set_index("strategy")
     # The raw marks are the intervals' (t method: the CI excludes 1 <=> p < 0.01).
     assert ((raw["mark"] != "?") == (raw["p_value"] < 0.01)).all()
@@ -75,7 +75,7 @@ def test_marks_keep_only_what_the_family_supports(adjust):
 
 def test_the_family_is_named_and_the_paired_columns_adjusted():
     records = many_groups(5, 0.3, names=["mp", "gp", "up", "rp", "rp-layer"])
-    a = analysis.analyze(records, by=("strategy",), vs="mp", **NO_FLOOR)
+    a = stats.analyze(records, by=("strategy",), vs="mp", **NO_FLOOR)
     assert any("Holm (family-wise) adjusted p < 0.01 over its family of 5 cells" in n
                for n in a.notes), a.notes  # fmt: skip
     p = a.paired[a.paired["t"] > 1]

@@ -27,8 +27,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from rdfast import stats
 from rdfast.cli.main import cli
-from rdfast.stats import analysis
 
 DATA = Path(__file__).parent / "data" / "records"
 IDENTITY = ["run_id", "dense_id", "strategy", "saliency", "step", "t_target", "class"]
@@ -58,7 +58,7 @@ def grid(out: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     records = records.sort_values(["run_id", "step", "class"]).reset_index(drop=True)
     # The stored marks are each interval's alone (--adjust none); the default marks, which
     # also need a multiplicity-adjusted p-value, can only be fewer (checked below).
-    groups = analysis.analyze(analysis.load(out), adjust="none").groups[GROUP_COLUMNS]
+    groups = stats.analyze(stats.load(out), adjust="none").groups[GROUP_COLUMNS]
     return records, groups.reset_index(drop=True)
 
 
@@ -99,7 +99,7 @@ def test_records_and_statistics_are_unchanged(tmp_path):
     expected_groups["mark"] = expected_groups["mark"].fillna("").astype(object)
     groups = groups.assign(mark=groups["mark"].astype(object))
     pd.testing.assert_frame_equal(groups, expected_groups, check_exact=True, check_dtype=False)
-    adjusted = analysis.analyze(analysis.load(tmp_path)).groups
+    adjusted = stats.analyze(stats.load(tmp_path)).groups
     demoted = adjusted["mark"] != groups["mark"]
     assert (adjusted.loc[demoted, "mark"] == "?").all()
     assert (groups.loc[demoted, "mark"].isin(["<", ">"])).all()

@@ -8,9 +8,9 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
+from rdfast import stats
 from rdfast.cli.main import cli
 from rdfast.runs import store
-from rdfast.stats import analysis
 from tests.conftest import run_args
 
 
@@ -225,7 +225,7 @@ def test_consolidated_file_used_only_when_current(digits_runs):
     a = store.load_records(digits_runs, prefer_consolidated=True)
     b = store.load_records(digits_runs)
     pd.testing.assert_frame_equal(a, b)
-    assert analysis.analyze(a).groups.shape[0] == 16
+    assert stats.analyze(a).groups.shape[0] == 16
 
 
 def snapshot(folder):
@@ -275,13 +275,13 @@ def test_report_opens_with_the_answer(digits_runs, tmp_path):
     """The summary first: at the largest t the strategies with the least and most E[Psi_t]
     (found here from the groups table), the classes that pay under each (the class table),
     and the marks that survive the multiplicity control (counted here from the tables)."""
-    from rdfast.stats import analysis
+    from rdfast import stats
 
     res = CliRunner().invoke(cli, ["report", str(digits_runs), "-o", str(tmp_path / "r")])
     assert res.exit_code == 0, res.output
     md = (tmp_path / "r" / "report.md").read_text()
     assert md.index("## Summary") < md.index("## E[alpha_t]")
-    a = analysis.analyze(analysis.load(digits_runs))
+    a = stats.analyze(stats.load(digits_runs))
     last = a.groups[a.groups["t"] == a.groups["t"].max()]
     least, most = (
         last.loc[last["mean_disparity"].idxmin()],

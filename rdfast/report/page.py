@@ -39,7 +39,7 @@ from rdfast.report.tables import (  # noqa: E402
     summary,
 )
 from rdfast.runs.manifests import settings_table  # noqa: E402
-from rdfast.stats.analysis import Analysis, accuracy_floor  # noqa: E402
+from rdfast.stats import Analysis, accuracy_floor  # noqa: E402
 
 COLORS = {
     "mp": "tab:blue",
@@ -77,7 +77,7 @@ def alpha_boxplot(
     runs: pd.DataFrame, path: Path, panel: str | None = None, title: str = "", floor=None
 ):  # fmt: skip
     """Boxes of alpha_t(m) against t, one colour per strategy; a panel per value of `panel`.
-    Models at or below their accuracy floor (`analysis.accuracy_floor`; `floor` None: every
+    Models at or below their accuracy floor (`stats.accuracy_floor`; `floor` None: every
     model) are left out: a collapsed model's alpha means nothing and, at -7 to 20 for random
     pruning, would set the axis that shows 0.8-1.3 for the others."""
     runs = runs[runs["t"] > 1]

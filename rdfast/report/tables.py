@@ -1,6 +1,6 @@
 """Text from an `Analysis`: the paper's group x t tables with their marks, the classes that
 pay, the paired comparison, legends and Markdown. Formatting only; the statistics live in
-`rdfast.stats.analysis`.
+`rdfast.stats`.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from rdfast.config import STRATEGY_ORDER
-from rdfast.stats.analysis import Analysis
+from rdfast.stats import Analysis
 
 
 def group_label(row, by) -> str:
