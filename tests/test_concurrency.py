@@ -39,7 +39,7 @@ def test_lock_of_a_killed_process_is_released(tmp_path):
     lock = tmp_path / ".lock"
     code = (
         "import sys, time\n"
-        "from rdfast import store\n"
+        "from rdfast.runs import store\n"
         f"with store.locked({str(lock)!r}, wait=True):\n"
         "    print('held', flush=True)\n"
         "    time.sleep(60)\n"

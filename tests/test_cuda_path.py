@@ -22,13 +22,13 @@ import torch
 
 import rdfast.kernels.confusion as confusion_mod
 import rdfast.kernels.selection as selection_mod
-from rdfast.config import PruneSettings, train_settings
+from rdfast.config import Experiment, PruneSettings, train_settings
 from rdfast.kernels import confusion_matrix
 from rdfast.kernels._backend import interpreting
 from rdfast.models import build_model, prunable_layers
 from rdfast.pruning.strategies import prune_to
 from rdfast.runs import store
-from rdfast.runs.engine import Engine, Experiment
+from rdfast.runs.engine import Engine
 from tests.official_formats import write_cifar10
 
 pytestmark = pytest.mark.slow

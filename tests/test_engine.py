@@ -7,13 +7,13 @@ import torch
 from sklearn.metrics import recall_score
 
 import rdfast.training as training_mod
-from rdfast.config import PruneSettings, train_settings
+from rdfast.config import Experiment, PruneSettings, train_settings
 from rdfast.data import load_dataset
 from rdfast.errors import RunFailed
 from rdfast.models import build_model, prunable_layers
 from rdfast.pruning.strategies import target_remaining
 from rdfast.runs import store
-from rdfast.runs.engine import Engine, Experiment
+from rdfast.runs.engine import Engine
 
 VOLATILE = ["seconds"]  # wall-clock time: the one column that may differ between runs
 
@@ -218,12 +218,12 @@ def test_interrupted_dense_training_resumes_bit_for_bit(tmp_path, monkeypatch, r
 
     monkeypatch.setattr(training_mod, "train", dying)
     eng = Engine(experiment(tmp_path / "b", strategies=("mp",), retrain=retrain), progress=False)
-    eng.dense_models.save_every = 0  # save after every epoch
+    eng.save_every = 0  # save after every epoch
     with pytest.raises(Interrupt):
         eng.execute()
     assert list((tmp_path / "b" / "dense").glob("*/partial.pt"))
     eng = Engine(experiment(tmp_path / "b", strategies=("mp",), retrain=retrain), progress=False)
-    eng.dense_models.save_every = 0
+    eng.save_every = 0
     eng.execute()
     assert resumed_at == [2]
     assert not list((tmp_path / "b" / "dense").glob("*/partial.pt"))

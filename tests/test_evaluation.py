@@ -7,7 +7,7 @@ from sklearn.metrics import accuracy_score, recall_score
 from sklearn.metrics import confusion_matrix as sk_confusion
 
 from rdfast.kernels import accuracy, confusion_matrix, per_class_recall
-from rdfast.runs.engine import step_records
+from rdfast.runs.steps import step_records
 
 
 def test_confusion_recall_accuracy_match_sklearn():

@@ -104,7 +104,7 @@ def test_prune_records_match_sklearn_and_numpy_masks(given, tmp_path):
             np.testing.assert_allclose(got.sort_values("class")["recall"], expected, rtol=0)
             assert (got["remaining"] == round(total / t)).all()
     # The same columns as `rdfast run` records.
-    from rdfast.runs.pruning_run import step_records
+    from rdfast.runs.steps import step_records
 
     base = step_records({}, np.eye(2, dtype=np.int64), ["a", "b"]).columns
     assert set(base) <= set(rec.columns)

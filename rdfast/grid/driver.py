@@ -25,7 +25,7 @@ from rdfast.grid import spec as grid_spec
 from rdfast.grid import tasks as grid_tasks
 from rdfast.grid.executors import Task, TaskLost, default_workers, make_executor
 from rdfast.runs import manifests, store
-from rdfast.runs.pruning_run import _now, new_manifest
+from rdfast.runs.lifecycle import new_manifest, now
 
 
 @dataclass
@@ -203,7 +203,7 @@ class Driver:
         steps an earlier command recorded are left for a rerun to resume."""
         path = store.manifest_path(store.run_dir(self.out, run.run_id))
         manifest = new_manifest(run.run_id, run.data_name, run.exp, run.seed, run.settings)
-        manifest.update(status="failed", error=reason, updated=_now(), grid=self.grid.name)
+        manifest.update(status="failed", error=reason, updated=now(), grid=self.grid.name)
         store.write_json(path, manifest)
         self.failed.append((run.run_id, run.label, reason))
         self.log(f"run {run.run_id} ({run.label}) failed: {reason}")
@@ -229,10 +229,10 @@ class Driver:
     def _write_state(self, final: bool = False) -> None:
         """grid.json: the spec and the runs in flight, for `rdfast grid status` (at most
         twice a second; a grid of 2,000 runs rewrites some 60 kB)."""
-        now = time.perf_counter()
-        if not final and now - self._state_written < 0.5:
+        clock = time.perf_counter()
+        if not final and clock - self._state_written < 0.5:
             return
-        self._state_written = now
+        self._state_written = clock
         running = sorted(t.tag[1].run_id for t in self.ex.running() if t.tag[0] == "run")
         store.write_json(
             store.grid_state(self.out),
@@ -242,7 +242,7 @@ class Driver:
                 "executor": self.ex.name,
                 "driver": f"pid {os.getpid()} on {socket.gethostname()}",
                 "in_flight": [] if final else running,
-                "updated": _now(),
+                "updated": now(),
             },
         )
 

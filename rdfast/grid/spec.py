@@ -41,8 +41,7 @@ from pathlib import Path
 
 from rdfast.config import Experiment, PruneSettings, TrainSettings, check_strategies
 from rdfast.errors import BadInput, DataMissing
-from rdfast.runs import engine as keys
-from rdfast.runs import store
+from rdfast.runs import keys, store
 from rdfast.settings import default_of, flag_name, flags
 
 if sys.version_info >= (3, 11):

@@ -18,17 +18,18 @@ from rdfast import training
 
 from rdfast.runs import store
 from rdfast.errors import RunFailed
+from rdfast.runs.context import RunContext
 
 
 class DenseModels:
     """Dense checkpoints of one engine's experiment, by seed."""
 
-    def __init__(self, engine):
-        self.engine = engine
+    def __init__(self, ctx: RunContext, save_every: float = 60.0):
+        self.ctx = ctx
         self._held: dict[int, dict | RunFailed] = {}  # per seed: checkpoint or its failure
         # Dense training saves its state at the end of an epoch when this many seconds have
         # passed since the last save: a killed run repeats at most that much of it.
-        self.save_every = 60.0
+        self.save_every = save_every
 
     def in_memory(self, seed: int) -> bool:
         return seed in self._held
@@ -52,8 +53,8 @@ class DenseModels:
         return self._held[seed]
 
     def path(self, seed: int, key: dict | None = None) -> Path:
-        key = key or self.engine.dense_key(seed)
-        return store.dense_checkpoint(self.engine.out, store.stable_hash(key))
+        key = key or self.ctx.dense_key(seed)
+        return store.dense_checkpoint(self.ctx.out, store.stable_hash(key))
 
     def elsewhere(self, seed: int) -> bool:
         """Whether another process is training this seed's dense model right now."""
@@ -73,11 +74,11 @@ class DenseModels:
                 )
             return ckpt
         except store.DamagedFile as e:
-            self.engine.log(f"dense checkpoint {e}: training it again")
+            self.ctx.log(f"dense checkpoint {e}: training it again")
             return None
 
     def _load_or_train(self, seed: int) -> dict:
-        key = self.engine.dense_key(seed)
+        key = self.ctx.dense_key(seed)
         path = self.path(seed, key)
         ckpt = self._read(path, key)
         if ckpt is not None:
@@ -87,7 +88,7 @@ class DenseModels:
             if held:
                 return self._train(seed, key, path)
         holder = store.lock_holder(lock) or "another process"
-        self.engine.log(f"dense seed {seed}: waiting for {holder}")
+        self.ctx.log(f"dense seed {seed}: waiting for {holder}")
         with store.locked(lock, wait=True):
             ckpt = self._read(path, key)  # trained by the other process
             return ckpt if ckpt is not None else self._train(seed, key, path)
@@ -100,7 +101,7 @@ class DenseModels:
         try:
             partial = store.load_torch(partial_path)
         except store.DamagedFile as e:
-            self.engine.log(f"dense seed {seed}: {e}: training from the start")
+            self.ctx.log(f"dense seed {seed}: {e}: training from the start")
             store.remove(partial_path)
             return {}, None
         model.load_state_dict(partial["model"])
@@ -109,14 +110,14 @@ class DenseModels:
 
     def _snapshot(self, model, rewind: dict, epoch: int) -> None:
         """The rewind point: the weights after `--rewind-epoch` epochs (rewind runs only)."""
-        p = self.engine.exp.prune
+        p = self.ctx.exp.prune
         if p.retrain == "rewind" and epoch == p.rewind_epoch:
             rewind["state"] = _cpu_state(model, clone=True)
 
     def _epoch_end(self, model, rewind: dict, partial_path: Path):
         """The hook after each epoch: the rewind snapshot at its epoch, and the partial
         checkpoint when `save_every` seconds have passed since the last one."""
-        epochs = self.engine.exp.train.epochs
+        epochs = self.ctx.exp.train.epochs
         last_save = time.perf_counter()
 
         def on_epoch_end(epoch, opt):
@@ -139,10 +140,10 @@ class DenseModels:
 
     def _train(self, seed: int, key: dict, path: Path) -> dict:
         """Train the dense model of `seed` (resuming partial.pt) and cache it at `path`."""
-        engine, exp = self.engine, self.engine.exp
+        ctx, exp = self.ctx, self.ctx.exp
         store.remove(path)  # damaged or foreign, if present (the lock is held)
         store.clear_temporaries(path.parent, lock_held=True)
-        model = engine._new_model(seed)
+        model = ctx.new_model(seed)
         partial_path = store.dense_partial(path)
         rewind, resume = self._resume(seed, model, partial_path)
         on_epoch_end = self._epoch_end(model, rewind, partial_path)
@@ -155,13 +156,13 @@ class DenseModels:
             desc=f"dense seed {seed}",
             unit="epoch",
             leave=False,
-            disable=engine._quiet(),
+            disable=ctx.quiet,
         )
-        forward = engine._forward(model)
+        forward = ctx.forward(model)
         try:
             stats = training.train(
                 model,
-                engine.data,
+                ctx.data,
                 exp.train,
                 seed_parts=(seed, "dense"),
                 on_epoch_end=on_epoch_end,
@@ -171,10 +172,10 @@ class DenseModels:
             )
         finally:
             bar.close()
-        ev = training.evaluate(model, engine.data, engine.eval_batch, exp.train.precision,
+        ev = training.evaluate(model, ctx.data, ctx.eval_batch, exp.train.precision,
                                forward=forward)  # fmt: skip
         cm = ev["confusion"]
-        engine.log(
+        ctx.log(
             f"dense seed {seed}: {stats['seconds']:.1f} s, "
             f"{stats['images_per_second']:,.0f} img/s training, "
             f"{ev['eval_images_per_second']:,.0f} img/s evaluation, "

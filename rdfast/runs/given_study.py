@@ -25,22 +25,16 @@ from rdfast.runs import store
 from rdfast.pruning.checkpoints import Checkpoint
 from rdfast.config import PruneJob, TrainSettings
 from rdfast.data import load_dataset, normalize
-from rdfast.runs.engine import EVAL_BATCH, eval_batch, resolve_device
+from rdfast.runs.engine import resolve_device
 from rdfast.errors import BadInput, RunFailed
 from rdfast.pruning.given_model import load_weights, prune_module, save_pruned
 from rdfast.kernels._backend import cuda_path
 from rdfast.kernels.selection import NaNScoreError
 from rdfast.models import build_model, prunable_layers
 from rdfast.pruning.strategies import check_ratios, data_gradients
-from rdfast.runs.pruning_run import (
-    RunOutcome,
-    _now,
-    environment,
-    intact_steps,
-    load_manifest,
-    meta_columns,
-    write_step,
-)
+from rdfast.runs.keys import EVAL_BATCH, eval_batch
+from rdfast.runs.lifecycle import RunOutcome, now, run_steps
+from rdfast.runs.steps import intact_steps, meta_columns, write_step
 from rdfast.seeding import derive_seed
 
 SOURCE = "checkpoint"  # in every run's settings: what the dense model is
@@ -189,44 +183,8 @@ class GivenModelStudy:
         return outcomes
 
     def _run(self, seed: int, strategy: str, bar) -> RunOutcome:
-        run_id = self.run_id(seed, strategy)
-        folder = store.run_dir(self.out, run_id)
-        with store.locked(store.lock_path(folder), wait=False) as held:
-            if not held:
-                holder = store.lock_holder(store.lock_path(folder)) or "another process"
-                bar.update(len(self.job.ratios))
-                return RunOutcome(run_id, seed, strategy, "busy", f"being written by {holder}")
-            return self._locked(run_id, folder, seed, strategy, bar)
-
-    def _locked(self, run_id, folder, seed, strategy, bar) -> RunOutcome:
-        j = self.job
-        store.clear_temporaries(folder, lock_held=True)
-        last, _ = intact_steps(folder, self.data, self.log, stateful=False)
-        todo = [i for i in range(1, len(j.ratios) + 1) if i > last or not self._saved(run_id, i)]
-        bar.update(len(j.ratios) - len(todo))
-        path = store.manifest_path(folder)
-        manifest = load_manifest(path, self.log) or self._new_manifest(run_id, seed, strategy)
-        if not todo and last >= 0:
-            if manifest.get("status") != "complete":
-                manifest.update(status="complete", error=None, updated=_now())
-                store.write_json(path, manifest)
-            return RunOutcome(run_id, seed, strategy, "complete")
-        manifest.update(status="running", error=None, updated=_now(), **environment(self.device))
-        store.write_json(path, manifest)
-        try:
-            if last < 0:
-                self._record_given(folder, run_id, seed, strategy)
-            for i in todo:
-                self._step(folder, run_id, seed, strategy, i)
-                bar.update(1)
-        except RunFailed as e:
-            manifest.update(status="failed", error=str(e), updated=_now())
-            store.write_json(path, manifest)
-            self.warn(f"run {run_id} (seed {seed}, {strategy}) failed: {e}")
-            return RunOutcome(run_id, seed, strategy, "failed", str(e))
-        manifest.update(status="complete", updated=_now())
-        store.write_json(path, manifest)
-        return RunOutcome(run_id, seed, strategy, "complete")
+        run = GivenRun(self, seed, strategy)
+        return run_steps(run, bar, self.device, self.log, self.warn)
 
     def _new_manifest(self, run_id, seed, strategy) -> dict:
         return {
@@ -241,7 +199,7 @@ class GivenModelStudy:
                 "sha256": self.sha256,
             },  # fmt: skip
             "normalization": self.normalization,
-            "created": _now(),
+            "created": now(),
         }
 
     def _saved(self, run_id: str, i: int) -> bool:
@@ -359,3 +317,38 @@ class GivenModelStudy:
         by_param = {g.layers[k]: m for k, m in masks.items()}
         training.train(g.model, self.data, settings, masks=by_param,
                        seed_parts=(seed, i, "finetune"))  # fmt: skip
+
+
+class GivenRun:
+    """One (seed, strategy) of a given model's study, as the lifecycle runs it: step 0 is the
+    given model, each step i pruned from it afresh, so any step not recorded (or whose saved
+    model is damaged) is done again on its own."""
+
+    def __init__(self, study: GivenModelStudy, seed: int, strategy: str):
+        self.study, self.seed, self.strategy = study, seed, strategy
+        self.run_id = study.run_id(seed, strategy)
+        self.folder = store.run_dir(study.out, self.run_id)
+        self.n_steps = len(study.job.ratios)
+        self._todo: list[int] = []
+        self._given_recorded = False
+
+    def new_manifest(self) -> dict:
+        return self.study._new_manifest(self.run_id, self.seed, self.strategy)
+
+    def remaining(self) -> int:
+        s = self.study
+        last, _ = intact_steps(self.folder, s.data, s.log, stateful=False)
+        self._given_recorded = last >= 0
+        self._todo = [
+            i for i in range(1, self.n_steps + 1) if i > last or not s._saved(self.run_id, i)
+        ]
+        return len(self._todo)
+
+    def work(self, bar) -> dict:
+        s = self.study
+        if not self._given_recorded:
+            s._record_given(self.folder, self.run_id, self.seed, self.strategy)
+        for i in self._todo:
+            s._step(self.folder, self.run_id, self.seed, self.strategy, i)
+            bar.update(1)
+        return {}
