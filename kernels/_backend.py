@@ -71,3 +71,14 @@ def grid_size(n: int, block: int, device: torch.device) -> int:
         return min(blocks, 4)
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     return min(blocks, 4 * sms)
+
+
+def constant(value: int):
+    """A named integer a kernel compares its constexpr flags with. Triton kernels may read
+    only globals made `tl.constexpr`; launchers pass `code(c)`, the plain int."""
+    return tl.constexpr(value) if HAS_TRITON else value
+
+
+def code(c) -> int:
+    """The int of a `constant`, as a launch argument."""
+    return int(getattr(c, "value", c))

@@ -53,6 +53,21 @@ if HAS_TRITON:
         BLOCK_N: tl.constexpr,
         BLOCK_C: tl.constexpr,
     ):
+        """Counts of (target, prediction) pairs of BLOCK_N rows, added into the matrix.
+
+        Args:
+            x_ptr: logits (n x C, fp32/fp16, bf16 as int16 bits) or predicted labels (n).
+            t_ptr: target labels (n, any integer type).
+            cm_ptr: int64 C x C matrix, row-major; integer atomics, so the counts are exact
+                whatever the order the programs run in.
+            n (int): rows.
+            stride_n, stride_c (int): strides of x's rows and columns (elements).
+            stride_t (int): stride of the targets.
+            C (int): classes.
+            IS_LABELS (constexpr): x holds predicted labels, not logits.
+            BLOCK_N (constexpr): rows a program.
+            BLOCK_C (constexpr): logit columns a tile (argmax tile by tile).
+        """
         rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < n
         if IS_LABELS:

@@ -74,8 +74,23 @@ if HAS_TRITON:
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
     ):
-        """C[M, N] = A[M, K] @ (B * mask)[K, N] (+ bias[N]), or (A @ B) * mask with MASK_OUT;
-        the mask is indexed like B (MASK_B) or like C (MASK_OUT) through its own strides."""
+        """C[M, N] = A[M, K] @ (B * mask)[K, N] (+ bias[N]), or (A @ B) * mask with MASK_OUT,
+        one BLOCK_M x BLOCK_N tile of C a program.
+
+        Args:
+            a_ptr, b_ptr, c_ptr: A, B and C, each read or written through its own strides
+                (stride_am, stride_ak, ...: elements), so transposed views need no copy.
+            mask_ptr: uint8 mask, indexed like B (MASK_B) or like C (MASK_OUT) through
+                stride_mk, stride_mn.
+            bias_ptr: bias[N] (HAS_BIAS), stride stride_bias.
+            M, N, K (int): the problem size.
+            MASK_B (constexpr): zero B's masked elements before the product (forward, dX).
+            MASK_OUT (constexpr): zero C's masked elements after it (the weight gradient).
+            HAS_BIAS (constexpr): add the bias.
+            PRECISION (constexpr): tl.dot's input precision ("ieee" or "tf32").
+            WIDEN (constexpr): convert A and B tiles to fp32 before the product.
+            BLOCK_M, BLOCK_N, BLOCK_K (constexpr): tile sizes.
+        """
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)

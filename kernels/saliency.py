@@ -19,12 +19,16 @@ from __future__ import annotations
 
 import torch
 
-from rdfast.kernels._backend import HAS_TRITON, pick, tl, triton
+from rdfast.kernels._backend import HAS_TRITON, code, constant, pick, tl, triton
 from rdfast.kernels._layout import kernel_view, same_layout
 
 SALIENCY_FORMS = ("taylor", "sum")
-STRATEGY_CODES = {"mp": 1, "gp": 2, "up": 3}  # 0 is reserved for "scores given" in selection
-FORM_CODES = {"taylor": 0, "sum": 1}
+# The STRATEGY and FORM flags of `score_of`. Selection's SOURCE flag takes the strategy codes
+# for scores it computes and SCORES_GIVEN for scores it is handed.
+SCORES_GIVEN, MP, GP, UP = constant(0), constant(1), constant(2), constant(3)
+TAYLOR, SUM = constant(0), constant(1)
+STRATEGY_CODES = {"mp": code(MP), "gp": code(GP), "up": code(UP)}
+FORM_CODES = {"taylor": code(TAYLOR), "sum": code(SUM)}
 BLOCK = 1024
 
 
@@ -44,19 +48,28 @@ if HAS_TRITON:
 
     @triton.jit
     def score_of(w, g, eps, STRATEGY: tl.constexpr, FORM: tl.constexpr):
-        """fp32 score from loaded w and g (g unused for mp); shared with the selection kernels."""
+        """fp32 score from loaded w and g, as `saliency_ref` computes it; shared with the
+        selection kernels.
+
+        Args:
+            w, g: loaded weights and gradients (fp32, fp16, or bf16 as int16 bits); g is
+                ignored for MP.
+            eps (float): UP's weight on the magnitude term.
+            STRATEGY (constexpr): MP, GP or UP.
+            FORM (constexpr): TAYLOR (|w g|, |-w g + eps w^2|) or SUM (|g|, |g| + eps |w|).
+        """
         w = to_f32(w)
-        if STRATEGY == 1:
+        if STRATEGY == MP:
             s = tl.abs(w)
         else:
             g = to_f32(g)
-            if FORM == 0:
-                if STRATEGY == 2:
+            if FORM == TAYLOR:
+                if STRATEGY == GP:
                     s = tl.abs(w * g)
                 else:
                     s = tl.abs(-w * g + eps * w * w)
             else:
-                if STRATEGY == 2:
+                if STRATEGY == GP:
                     s = tl.abs(g)
                 else:
                     s = tl.abs(g) + eps * tl.abs(w)
@@ -73,10 +86,20 @@ if HAS_TRITON:
         FORM: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
+        """The scores of n entries, one BLOCK a program.
+
+        Args:
+            w_ptr, g_ptr: weights and gradients, read in memory order (the launcher passes
+                them with the same strides); g_ptr is not read for MP.
+            out_ptr: fp32 scores, the same strides as the inputs.
+            n (int): entries.
+            eps (float), STRATEGY, FORM: as in `score_of`.
+            BLOCK (constexpr): entries a program (1024: 4 warps, 8 a thread).
+        """
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         valid = offs < n
         w = tl.load(w_ptr + offs, mask=valid, other=0)
-        if STRATEGY == 1:
+        if STRATEGY == MP:
             g = w
         else:
             g = tl.load(g_ptr + offs, mask=valid, other=0)

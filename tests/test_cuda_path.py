@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import rdfast.kernels.confusion as confusion_mod
-import rdfast.kernels.selection as selection_mod
+import rdfast.kernels.selection.triton_path as selection_mod
 from rdfast.config import Experiment, PruneSettings, train_settings
 from rdfast.kernels import confusion_matrix
 from rdfast.kernels._backend import interpreting
@@ -93,7 +93,7 @@ def test_cuda_path_equals_cpu_path(tmp_path, monkeypatch, shared_data, cifar10, 
 
     calls = {"selection": 0, "confusion": 0}
     for mod, fn, key in (
-        (selection_mod, "_triton_masks", "selection"),
+        (selection_mod, "triton_masks", "selection"),
         (confusion_mod, "_confusion_kernel", "confusion"),
     ):
         original = getattr(mod, fn)

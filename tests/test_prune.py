@@ -458,7 +458,7 @@ def test_cuda_path_equals_cpu_path_for_a_given_lenet5(tmp_path, monkeypatch, sha
     """What a CUDA `rdfast prune` runs -- LeNet-5 and its masks in channels_last, selection
     and confusion matrix through the Triton kernels (interpreted here) -- against the plain
     CPU path: records and saved masks equal bit for bit."""
-    import rdfast.kernels.selection as selection_mod
+    import rdfast.kernels.selection.triton_path as selection_mod
     from rdfast import training
     from rdfast.config import train_settings
 
@@ -473,9 +473,9 @@ def test_cuda_path_equals_cpu_path_for_a_given_lenet5(tmp_path, monkeypatch, sha
             "--grad-batches", "2", "--batch-size", "50", "--save", "--no-progress"]  # fmt: skip
     assert invoke(*args, "--out", tmp_path / "cpu").exit_code == 0
     calls = []
-    original = selection_mod._triton_masks
+    original = selection_mod.triton_masks
     monkeypatch.setattr(
-        selection_mod, "_triton_masks", lambda *a, **kw: calls.append(1) or original(*a, **kw)
+        selection_mod, "triton_masks", lambda *a, **kw: calls.append(1) or original(*a, **kw)
     )
     monkeypatch.setenv("RDFAST_CUDA_PATH", "1")
     res = invoke(*args, "--out", tmp_path / "cuda")

@@ -1,7 +1,7 @@
 """`rdfast grid`: a whole study, from its spec, on this machine or a Ray cluster.
 
-The driver expands the spec (`grid_spec`), skips the runs OUT already holds complete, and
-hands the rest to an executor (`grid_executors`): a dense model first (or its checkpoint from
+The driver expands the spec (`grid.spec`), skips the runs OUT already holds complete, and
+hands the rest to an executor (`grid.executors`): a dense model first (or its checkpoint from
 OUT), then its runs, each given the dense model's files. Every result comes back to the
 driver, which alone writes OUT, in the layout `rdfast run` writes (so `analyze`, `report` and
 `status` read it as they are), each file atomically and a run's manifest last. Killing the

@@ -1,6 +1,6 @@
 """Where a grid's tasks run: a process pool on this machine, or a Ray cluster.
 
-Both take a task (`grid_tasks.train_dense` or `prune_run` with its arguments), hand back
+Both take a task (`grid.tasks.train_dense` or `prune_run` with its arguments), hand back
 each result once, and retry a task whose worker died (`retries` times; Ray's own
 `max_retries` on a cluster). A result is the task's dict, or a `TaskLost` naming why no
 result came. The driver alone writes OUT.
@@ -25,7 +25,7 @@ EXECUTORS = ("local", "ray")
 
 @dataclass
 class Task:
-    fn: Any  # grid_tasks.train_dense or grid_tasks.prune_run
+    fn: Any  # tasks.train_dense or tasks.prune_run
     args: tuple
     resources: dict
     tag: Any  # the driver's: what the task is for

@@ -28,7 +28,7 @@ PREFIX = "rdfast-task-"
 
 
 def train_dense(job, imports: tuple[str, ...]) -> dict:
-    """The dense model of `job` (a grid_spec.DenseJob), as the files of its OUT folder."""
+    """The dense model of `job` (a grid.spec.DenseJob), as the files of its OUT folder."""
     from rdfast.runs.engine import Engine
 
     log: list[str] = []
@@ -51,7 +51,7 @@ def train_dense(job, imports: tuple[str, ...]) -> dict:
 
 
 def prune_run(job, dense: dict, imports: tuple[str, ...]) -> dict:
-    """The run of `job` (a grid_spec.RunJob) from its dense model's files, as the files of
+    """The run of `job` (a grid.spec.RunJob) from its dense model's files, as the files of
     its OUT folder: manifest, records, confusion matrices and latest state."""
     from rdfast.runs.engine import Engine
 

@@ -2,7 +2,7 @@
 belongs to, global masks per ratio, and the pruned weights written back shaped like the input.
 
 `prune_module` is the Python API (a model, calibration batches, a loss -> the masks of each
-ratio); `rdfast prune` (rdfast/given_study.py) measures per-class recall with it.
+ratio); `rdfast prune` (rdfast/runs/given_study.py) measures per-class recall with it.
 """
 
 from __future__ import annotations

@@ -93,7 +93,8 @@ def magnitude_keys(w: torch.Tensor) -> torch.Tensor:
 
 
 class _Magnitudes:
-    """The matched tensors as the 32-bit selection reads them, chunk by chunk from the maps:
+    """A `ScoreSource` (`rdfast.kernels.selection`): the matched tensors as the 32-bit
+    selection reads them, chunk by chunk from the maps:
     the int32 bits of their fp32 values (fp16/bf16 widened), scored by magnitude (`abs_bits`:
     the selection clears the sign bit, or reads the top digit off the high half)."""
 

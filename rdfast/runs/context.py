@@ -3,9 +3,9 @@ validated the experiment and loaded its data: handed down instead of the engine.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 

@@ -15,9 +15,8 @@ import torch
 from tqdm.auto import tqdm
 
 from rdfast import training
-
-from rdfast.runs import store
 from rdfast.errors import RunFailed
+from rdfast.runs import store
 from rdfast.runs.context import RunContext
 
 

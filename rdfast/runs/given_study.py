@@ -20,18 +20,17 @@ import torch
 from tqdm.auto import tqdm
 
 from rdfast import training
-
-from rdfast.runs import store
-from rdfast.pruning.checkpoints import Checkpoint
 from rdfast.config import PruneJob, TrainSettings
 from rdfast.data import load_dataset, normalize
-from rdfast.runs.engine import resolve_device
 from rdfast.errors import BadInput, RunFailed
-from rdfast.pruning.given_model import load_weights, prune_module, save_pruned
 from rdfast.kernels._backend import cuda_path
 from rdfast.kernels.selection import NaNScoreError
 from rdfast.models import build_model, prunable_layers
+from rdfast.pruning.checkpoints import Checkpoint
+from rdfast.pruning.given_model import load_weights, prune_module, save_pruned
 from rdfast.pruning.strategies import check_ratios, data_gradients
+from rdfast.runs import store
+from rdfast.runs.engine import resolve_device
 from rdfast.runs.keys import EVAL_BATCH, eval_batch
 from rdfast.runs.lifecycle import RunOutcome, now, run_steps
 from rdfast.runs.steps import intact_steps, meta_columns, write_step

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from rdfast.runs import store
 from rdfast.config import STRATEGY_ORDER, PruneSettings, TrainSettings
+from rdfast.runs import store
 
 
 def live_status(status: str | None, run_dir: Path) -> str | None:

@@ -257,5 +257,3 @@ def record_meta(run: PruningRun) -> dict:
         device=run.ctx.device.type,
         mitigation=exp.prune.mitigation,
     )
-
-

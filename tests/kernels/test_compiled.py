@@ -89,7 +89,7 @@ def test_no_register_spills(compiled):
 
 
 def _arg_names(kernel: str) -> list[str]:
-    for module in ("saliency", "selection"):
+    for module in ("saliency", "selection.triton_path"):
         fn = getattr(importlib.import_module(f"rdfast.kernels.{module}"), kernel, None)
         if fn is not None:
             return fn.arg_names

@@ -205,7 +205,7 @@ def test_fused_equals_the_formula_then_a_stable_sort(backend, strategy, form):
 
 def test_torch_path_never_concatenates_or_sorts(monkeypatch):
     """The memory property: chunked passes, never a whole-array cat/sort/topk/kthvalue."""
-    import rdfast.kernels.selection as sel
+    import rdfast.kernels.selection.source as sel
 
     monkeypatch.setattr(sel, "CHUNK", 64)
     for name in ("cat", "sort", "topk", "kthvalue", "argsort", "quantile"):
@@ -234,7 +234,7 @@ def test_prune_to_keeps_round_total_over_t(total, t):
 @pytest.mark.parametrize("seed", range(6))
 def test_torch_chunks_and_packing(monkeypatch, seed):
     """Tensors larger than a chunk, tails and small tensors packed together: same answer."""
-    import rdfast.kernels.selection as sel
+    import rdfast.kernels.selection.source as sel
 
     monkeypatch.setattr(sel, "CHUNK", 16)
     gen = torch.Generator().manual_seed(seed)
