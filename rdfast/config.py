@@ -327,6 +327,17 @@ class Experiment:
         if self.model is None:
             self.model = default_model(self.dataset)
 
+    def validate(self) -> None:
+        """The settings on their own (no data, no device): BadInput, one line, on the first
+        that fails. `rdfast run` and every grid point check them here."""
+        if self.train is None:
+            raise BadInput("training settings are missing")
+        self.train.validate()
+        self.prune.validate(self.train)
+        check_strategies(self.strategies)
+        if not self.seeds:
+            raise BadInput("no seeds given")
+
 
 @dataclass(frozen=True)
 class PruneJob:

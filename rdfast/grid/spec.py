@@ -49,7 +49,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-SPEC_DIR = Path(__file__).parent / "specs"  # the studies shipped with rdfast, by name
+SPEC_DIR = Path(__file__).parent.parent / "specs"  # the studies shipped with rdfast, by name
 META_KEYS = ("name", "description", "imports", "resources", "grid")
 RESOURCE_KEYS = {"num_cpus": 1.0, "num_gpus": 0.0}
 NOT_IN_SPECS = ("out",)  # given on the command line
@@ -345,11 +345,7 @@ def _experiment(point: dict, resources: dict, at: str) -> tuple[Experiment, str,
 
     try:
         exp = build_experiment(**point)
-        exp.train.validate()
-        exp.prune.validate(exp.train)
-        check_strategies(exp.strategies)
-        if not exp.seeds:
-            raise BadInput("no seeds given")
+        exp.validate()
         data_name = canonical_spec(exp.dataset)
         check_model_name(exp.model, exp.width)
         gpus = resources["num_gpus"] > 0

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from rdfast.config import PRECISIONS, Experiment, check_strategies
+from rdfast.config import PRECISIONS, Experiment
 from rdfast.data import TensorData, load_dataset, normalize
 from rdfast.errors import BadInput
 from rdfast.kernels._backend import cuda_path, interpreting
@@ -89,13 +89,7 @@ class Engine:
     def prepare(self) -> None:
         """Validate every setting and load the data; nothing is written here."""
         exp = self.exp
-        if exp.train is None:
-            raise BadInput("training settings are missing")
-        exp.train.validate()
-        exp.prune.validate(exp.train)
-        check_strategies(exp.strategies)
-        if not exp.seeds:
-            raise BadInput("no seeds given")
+        exp.validate()
         device = resolve_device(exp.device)
         if exp.masked_kernels and device.type != "cuda" and not interpreting():
             raise BadInput("--masked-kernels needs a CUDA device (--device cuda)")

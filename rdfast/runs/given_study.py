@@ -29,14 +29,12 @@ from rdfast.models import build_model, prunable_layers
 from rdfast.pruning.checkpoints import Checkpoint
 from rdfast.pruning.given_model import load_weights, prune_module, save_pruned
 from rdfast.pruning.strategies import check_ratios, data_gradients
-from rdfast.runs import store
+from rdfast.runs import keys, store
 from rdfast.runs.engine import resolve_device
-from rdfast.runs.keys import EVAL_BATCH, eval_batch
+from rdfast.runs.keys import eval_batch
 from rdfast.runs.lifecycle import RunOutcome, now, run_steps
 from rdfast.runs.steps import intact_steps, meta_columns, write_step
 from rdfast.seeding import derive_seed
-
-SOURCE = "checkpoint"  # in every run's settings: what the dense model is
 
 
 def _refuse_foreign_folder(out: Path) -> None:
@@ -129,43 +127,15 @@ class GivenModelStudy:
     # ------------------------------------------------------------------ keys
     @property
     def dense_id(self) -> str:
-        j = self.job
-        return store.stable_hash({"checkpoint": self.sha256, "model": j.model, "width": j.width})
+        return keys.given_dense_id(self.sha256, self.job.model, self.job.width)
 
     def run_settings(self, strategy: str) -> dict:
-        j = self.job
-        gradient = strategy in ("gp", "up")
-        finetune = j.finetune_epochs > 0
-        return {
-            "dense_id": self.dense_id,
-            "strategy": strategy,
-            "source": SOURCE,
-            "schedule": "one-shot",
-            "ratios": list(j.ratios),
-            "saliency": j.saliency if gradient else "none",
-            "grad_batches": j.grad_batches if gradient else None,
-            "eps": j.up_eps if strategy == "up" else None,
-            "retrain": "finetune" if finetune else "none",
-            "finetune_epochs": j.finetune_epochs,
-            "finetune_lr": j.finetune_lr if finetune else None,
-            "weight_decay": j.weight_decay if finetune else None,
-            "batch_size": j.batch_size,
-            "exclude": list(j.exclude),
-            "device": self.device.type,
-            # keyed when not the default, so the ids of earlier runs stay as they were
-            **({"normalize": j.normalize} if j.normalize != "dataset" else {}),
-            **({"eval_batch": self.eval_batch} if self.eval_batch != EVAL_BATCH else {}),
-        }
+        return keys.given_run_settings(
+            self.job, strategy, self.dense_id, self.device.type, self.eval_batch
+        )
 
     def run_id(self, seed: int, strategy: str) -> str:
-        return store.stable_hash(
-            {
-                **self.run_settings(strategy),
-                "dataset": self.data.name,
-                "seed": seed,
-                "records": store.RECORDS_VERSION,
-            }
-        )
+        return keys.given_run_id(self.run_settings(strategy), self.data.name, seed)
 
     # ------------------------------------------------------------------ the runs
     def execute(self) -> list[RunOutcome]:

@@ -1,5 +1,6 @@
-"""The keys that name dense models and runs: functions of the settings alone, so `run`, a
-grid's driver (which names every run without loading data) and `prune` compute the same ids.
+"""The keys that name dense models and runs: functions of the settings alone, so `run` and a
+grid's driver (which names every run without loading data) compute the same ids, and
+`prune --dataset` names its runs by the same rules (its dense model: the given checkpoint).
 """
 
 from __future__ import annotations
@@ -83,3 +84,46 @@ def run_settings(exp: Experiment, dense: dict, strategy: str) -> dict:
 def run_id(dense: dict, settings: dict) -> str:
     """A run's id: the hash of its dense model's key, its settings and the records format."""
     return store.stable_hash({"dense": dense, **settings, "records": store.RECORDS_VERSION})
+
+
+# ---------------------------------------------------------------------------- prune
+GIVEN_SOURCE = "checkpoint"  # in every given-model run's settings: what the dense model is
+
+
+def given_dense_id(sha256: str, model: str, width: float) -> str:
+    """The dense model of `rdfast prune --dataset`: the checkpoint (by its sha256) as built."""
+    return store.stable_hash({"checkpoint": sha256, "model": model, "width": width})
+
+
+def given_run_settings(job, strategy: str, dense_id: str, device_type: str, batch: int) -> dict:
+    """What determines a run of a given model (`job`: a PruneJob) besides its seed and data;
+    `batch`: the evaluation batch."""
+    j = job
+    gradient = strategy in ("gp", "up")
+    finetune = j.finetune_epochs > 0
+    return {
+        "dense_id": dense_id,
+        "strategy": strategy,
+        "source": GIVEN_SOURCE,
+        "schedule": "one-shot",
+        "ratios": list(j.ratios),
+        "saliency": j.saliency if gradient else "none",
+        "grad_batches": j.grad_batches if gradient else None,
+        "eps": j.up_eps if strategy == "up" else None,
+        "retrain": "finetune" if finetune else "none",
+        "finetune_epochs": j.finetune_epochs,
+        "finetune_lr": j.finetune_lr if finetune else None,
+        "weight_decay": j.weight_decay if finetune else None,
+        "batch_size": j.batch_size,
+        "exclude": list(j.exclude),
+        "device": device_type,
+        # keyed when not the default, so the ids of earlier runs stay as they were
+        **({"normalize": j.normalize} if j.normalize != "dataset" else {}),
+        **({"eval_batch": batch} if batch != EVAL_BATCH else {}),
+    }
+
+
+def given_run_id(settings: dict, data_name: str, seed: int) -> str:
+    return store.stable_hash(
+        {**settings, "dataset": data_name, "seed": seed, "records": store.RECORDS_VERSION}
+    )

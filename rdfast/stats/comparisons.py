@@ -81,6 +81,43 @@ def paired_table(
     of two groups carry, so a difference between strategies shows with fewer seeds.
     """
     by = list(by)
+    pairs = pair_runs(runs, by, baseline, floor, notes)
+    g = pairs.groupby([*by, "t"], sort=True, dropna=False)
+    diff = summarize(g["diff"], ci, method, n_resamples, seed)
+    acc = summarize(g["acc_diff"], ci, method, n_resamples, seed)
+    psi = summarize(g["psi_diff"], ci, method, n_resamples, seed)
+    # Either side's mean accuracy at the floor: no mark for the slopes' difference.
+    means = g[["accuracy", "base_accuracy", "floor_accuracy"]].mean()
+    below = np.minimum(means["accuracy"], means["base_accuracy"]) <= means["floor_accuracy"]
+    below &= diff.index.get_level_values("t") > 1
+    note_undercover(method, ci, diff["n"], notes)
+    constant = (diff["constant"] | acc["constant"]) & (diff.index.get_level_values("t") > 1)
+    if notes is not None and constant.any():
+        notes.append(
+            f"{int(constant.sum())} (group, t) of the comparison with {baseline} have the same "
+            "difference in every pair: no interval and no mark there"
+        )
+
+    def columns(summary, prefix, what, hide=False):
+        return _difference_columns(summary, prefix, what, hide, baseline, ci, method, adjust,
+                                   notes)  # fmt: skip
+
+    agg = pd.DataFrame(
+        {
+            "baseline": baseline,
+            "n": diff["n"],
+            **columns(diff, "", "alpha", hide=below),
+            "below_floor": below,
+            **columns(acc, "acc_", "accuracy"),
+            **columns(psi, "disparity_", "Psi"),
+        }
+    )
+    return agg.reset_index()
+
+
+def pair_runs(runs: pd.DataFrame, by: list, baseline: str, floor: float, notes) -> pd.DataFrame:
+    """Every run of `runs` beside its baseline partner (base_alpha, base_accuracy, base_psi),
+    with the differences (diff, acc_diff, psi_diff) and the accuracy floor of the pair."""
     col = compared_column(baseline)
     what = "strategies" if col == "strategy" else "mitigations"
     if col not in by:
@@ -109,55 +146,29 @@ def paired_table(
     pairs = runs[~is_base].merge(base, on=keys, how="inner")
     if notes is not None:
         _note_unpaired(runs[~is_base], base, pairs, keys, baseline, notes)
-    pairs = pairs.assign(
+    return pairs.assign(
         diff=pairs["alpha"] - pairs["base_alpha"],
         acc_diff=pairs["accuracy"] - pairs["base_accuracy"],
         psi_diff=pairs["disparity"] - pairs["base_psi"],
         floor_accuracy=accuracy_floor(floor, pairs["n_classes_used"], pairs["dense_accuracy"]),
     )
-    g = pairs.groupby([*by, "t"], sort=True, dropna=False)
-    diff = summarize(g["diff"], ci, method, n_resamples, seed)
-    acc = summarize(g["acc_diff"], ci, method, n_resamples, seed)
-    psi = summarize(g["psi_diff"], ci, method, n_resamples, seed)
-    # Either side's mean accuracy at the floor: no mark for the slopes' difference.
-    means = g[["accuracy", "base_accuracy", "floor_accuracy"]].mean()
-    below = np.minimum(means["accuracy"], means["base_accuracy"]) <= means["floor_accuracy"]
-    below &= diff.index.get_level_values("t") > 1
-    note_undercover(method, ci, diff["n"], notes)
-    constant = (diff["constant"] | acc["constant"]) & (diff.index.get_level_values("t") > 1)
-    if notes is not None and constant.any():
-        notes.append(
-            f"{int(constant.sum())} (group, t) of the comparison with {baseline} have the same "
-            "difference in every pair: no interval and no mark there"
-        )
 
-    def columns(summary, prefix, what, hide=False):
-        """mean_{prefix}diff, its interval, raw and adjusted p-values and mark against 0 (none
-        where `hide`); each column's marks are one family."""
-        shown = ~undercovering(method, ci, summary["n"]) & ~hide
-        marks, p_adj = adjusted_marks(summary["low"], summary["high"], summary["n"],
-                                      summary["p"], shown, ci, adjust, ref=0.0)  # fmt: skip
-        note_family(notes, adjust, ci, f"the {what} difference against {baseline}", p_adj)
-        return {
-            f"mean_{prefix}diff": summary["mean"],
-            f"{prefix}ci_low": summary["low"],
-            f"{prefix}ci_high": summary["high"],
-            f"{prefix}p_value": summary["p"],  # = scipy.stats.ttest_rel of the pairs
-            f"{prefix}p_adjusted": p_adj,
-            f"{prefix}mark": marks,
-        }
 
-    agg = pd.DataFrame(
-        {
-            "baseline": baseline,
-            "n": diff["n"],
-            **columns(diff, "", "alpha", hide=below),
-            "below_floor": below,
-            **columns(acc, "acc_", "accuracy"),
-            **columns(psi, "disparity_", "Psi"),
-        }
-    )
-    return agg.reset_index()
+def _difference_columns(summary, prefix, what, hide, baseline, ci, method, adjust, notes):
+    """mean_{prefix}diff, its interval, raw and adjusted p-values and mark against 0 (none
+    where `hide`); each column's marks are one family."""
+    shown = ~undercovering(method, ci, summary["n"]) & ~hide
+    marks, p_adj = adjusted_marks(summary["low"], summary["high"], summary["n"],
+                                  summary["p"], shown, ci, adjust, ref=0.0)  # fmt: skip
+    note_family(notes, adjust, ci, f"the {what} difference against {baseline}", p_adj)
+    return {
+        f"mean_{prefix}diff": summary["mean"],
+        f"{prefix}ci_low": summary["low"],
+        f"{prefix}ci_high": summary["high"],
+        f"{prefix}p_value": summary["p"],  # = scipy.stats.ttest_rel of the pairs
+        f"{prefix}p_adjusted": p_adj,
+        f"{prefix}mark": marks,
+    }
 
 
 def _note_unpaired(others, base, pairs, keys, baseline, notes) -> None:
