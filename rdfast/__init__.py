@@ -9,4 +9,22 @@ except PackageNotFoundError:  # running from a source tree that was not installe
 
 from rdfast.errors import BadInput, RunFailed
 
-__all__ = ["BadInput", "RunFailed", "__version__"]
+# The Python API, imported when first used (so `import rdfast` stays light).
+_API = {
+    "prune_module": "rdfast.pruning.given_model",
+    "prune_in_place": "rdfast.pruning.given_model",
+    "load_masks": "rdfast.pruning.given_model",
+    "analyze": "rdfast.stats",
+    "load_records": "rdfast.stats",
+}
+
+__all__ = ["BadInput", "RunFailed", "__version__", *_API]
+
+
+def __getattr__(name: str):
+    if name in _API:
+        import importlib
+
+        module = importlib.import_module(_API[name])
+        return getattr(module, "load" if name == "load_records" else name)
+    raise AttributeError(f"module 'rdfast' has no attribute {name!r}")
