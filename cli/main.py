@@ -244,8 +244,22 @@ def analyze(runs_dir, by, ci, ci_method, top_classes, vs, floor, adjust, fmt, ou
 @click.option(
     "--scatter-t", default="", help="t values of the scatter plots [smallest, middle, largest]."
 )
-def report(runs_dir, out, by, ci, ci_method, top_classes, vs, floor, adjust, run_id, scatter_t):
-    """Tables and figures of the recall-distortion study: index.html and report.md."""
+@click.option(
+    "--data-root",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Where the datasets' files are, for the pictures of the most-flipped test images "
+    "[$RDFAST_DATA, else ~/.cache/rdfast/data]; without them the report lists their indices.",
+)
+def report(
+    runs_dir, out, by, ci, ci_method, top_classes, vs, floor, adjust, run_id, scatter_t, data_root
+):
+    """Tables and figures of the recall-distortion study: index.html and report.md.
+
+    The page opens with a summary (which strategy distorts least, which classes pay, what
+    survives the multiplicity control), then the figures and, for image datasets, the
+    test images pruning forgets; the long tables come last, folded.
+    """
     from rdfast.commands import make_report
 
     path = make_report(
@@ -254,6 +268,7 @@ def report(runs_dir, out, by, ci, ci_method, top_classes, vs, floor, adjust, run
         **analysis_args(by, ci, ci_method, top_classes, vs, floor, adjust),
         run_id=run_id,
         scatter_ts=list(parse_floats(scatter_t, "--scatter-t")) or None,
+        data_root=data_root,
     )
     click.echo(f"report: {path / 'index.html'} and {path / 'report.md'}")
 

@@ -158,7 +158,7 @@ def analyze_runs(
 
 def make_report(
     *, runs_dir, out, by, ci, ci_method, run_id=None, scatter_ts=None, top_classes=3, vs="auto",
-    floor=DEFAULT_FLOOR, adjust="holm",
+    floor=DEFAULT_FLOOR, adjust="holm", data_root=None,
 ) -> Path:  # fmt: skip
     """The report folder `out` (index.html, report.md, figures) of the records in runs_dir."""
     from rdfast import outdir, stats
@@ -170,9 +170,8 @@ def make_report(
     a = stats.analyze(records, by=by, ci=ci, ci_method=ci_method, vs=vs, floor=floor,
                          adjust=adjust)  # fmt: skip
     a.flips = flips.analyze_flips(runs_dir, records, a.by, top=max(top_classes, 1))
-    return build_report(
-        a, runs_dir, out, run_id=run_id, scatter_ts=scatter_ts, top_classes=top_classes
-    )
+    return build_report(a, runs_dir, out, run_id=run_id, scatter_ts=scatter_ts,
+                        top_classes=top_classes, data_root=data_root)  # fmt: skip
 
 
 def run_status(runs_dir):

@@ -89,7 +89,7 @@ def test_cuda_path_equals_cpu_path(tmp_path, monkeypatch, shared_data, cifar10, 
             m.setenv("RDFAST_CUDA_PATH", "1")
             m.setenv("RDFAST_KERNELS", "torch")
         reference = run(tmp_path, "cpu", dataset, model, root)
-    assert reference.channels_last == (model == "resnet20")
+    assert reference.ctx.channels_last == (model == "resnet20")
 
     calls = {"selection": 0, "confusion": 0}
     for mod, fn, key in (
@@ -113,7 +113,7 @@ def test_cuda_path_equals_cpu_path(tmp_path, monkeypatch, shared_data, cifar10, 
         monkeypatch.setattr(mod, fn, Counting(original, key))
     monkeypatch.setenv("RDFAST_CUDA_PATH", "1")
     cuda = run(tmp_path, "cuda-path", dataset, model, root)
-    assert cuda.channels_last
+    assert cuda.ctx.channels_last
     assert calls["selection"] >= 3 * 2 and calls["confusion"] > 0, calls
 
     a, b = saved(tmp_path / "cpu"), saved(tmp_path / "cuda-path")

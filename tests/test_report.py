@@ -138,6 +138,7 @@ def test_report_files_and_figures(digits_runs, tmp_path):
         assert img.ndim == 3 and img.shape[0] > 200 and img.shape[1] > 200
     html = (out / "index.html").read_text()
     assert html.count("data:image/png;base64,") == 7 and "<table" in html
+    assert_self_contained(html)
     md = (out / "report.md").read_text()
     for name in pngs:
         assert f"]({name})" in md
@@ -298,3 +299,55 @@ def test_report_opens_with_the_answer(digits_runs, tmp_path):
     g = a.groups[(a.groups["t"] > 1) & (a.groups["mark"] != "")]
     marked = int(g["mark"].isin(["<", ">"]).sum())
     assert f"Marked at 99 % (Holm-adjusted): {marked} of {len(g)} E[alpha_t] cells" in summary
+
+
+def assert_self_contained(html: str) -> None:
+    """No reference outside the page: every src/href is a data URI or an anchor, no linked
+    stylesheet or script; every embedded figure decodes as a PNG image."""
+    import base64
+    import io
+    import re
+
+    refs = re.findall(r"""(?:src|href)\s*=\s*["']([^"']*)["']""", html)
+    assert refs and all(r.startswith(("data:", "#")) for r in refs), refs
+    assert "<link" not in html and "<script" not in html and "url(" not in html
+    pngs = re.findall(r"data:image/png;base64,([A-Za-z0-9+/=]+)", html)
+    assert len(pngs) == len(re.findall(r"""src\s*=\s*["']data:""", html))
+    for data in pngs:
+        raw = base64.b64decode(data, validate=True)
+        assert raw[:8] == b"\x89PNG\r\n\x1a\n"
+        img = mpimg.imread(io.BytesIO(raw), format="png")
+        assert img.ndim == 3 and min(img.shape[:2]) > 50
+
+
+def test_report_shows_the_forgotten_test_images(tmp_path, shared_data):
+    """An image dataset: the most-flipped test images as pictures, one grid per strategy,
+    embedded in the page; the indices table stays (folded). Without the dataset's files the
+    report says so and lists the indices."""
+    runs = tmp_path / "runs"
+    args = ["run", "--dataset", "mnist:train=500,test=300", "--data-root", str(shared_data),
+            "--seeds", "0,1", "--strategy", "mp,rp", "--ratios", "4,64", "--epochs", "2",
+            "--finetune-epochs", "1", "--out", str(runs), "--no-progress"]  # fmt: skip
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 0, res.output
+    out = tmp_path / "report"
+    res = CliRunner().invoke(cli, ["report", str(runs), "-o", str(out), "--data-root",
+                                   str(shared_data)])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    grids = sorted(p.name for p in out.glob("flipped_*.png"))
+    assert grids == ["flipped_1.png", "flipped_2.png"]
+    html = (out / "index.html").read_text()
+    assert_self_contained(html)
+    forgets = html.split("<h2>What pruning forgets</h2>")[1].split("<section")[0]
+    assert forgets.count("data:image/png;base64,") == 2
+    assert "<summary>Most-flipped test examples</summary>" in html  # the indices, folded
+    md = (out / "report.md").read_text()
+    assert "](flipped_1.png)" in md and "## Most-flipped test examples" in md
+
+    bare = tmp_path / "bare"
+    res = CliRunner().invoke(cli, ["report", str(runs), "-o", str(bare), "--data-root",
+                                   str(tmp_path / "nowhere")])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert not list(bare.glob("flipped_*.png"))
+    md = (bare / "report.md").read_text()
+    assert "most-flipped images not drawn" in md and "## Most-flipped test examples" in md

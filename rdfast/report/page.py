@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import html
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -22,6 +21,7 @@ from matplotlib.patches import Patch  # noqa: E402
 from rdfast import outdir  # noqa: E402
 from rdfast.config import STRATEGY_ORDER  # noqa: E402
 from rdfast.errors import BadInput  # noqa: E402
+from rdfast.report import examples  # noqa: E402
 from rdfast.report.tables import (  # noqa: E402
     at_largest_t,
     disparity_legend,
@@ -111,18 +111,26 @@ def alpha_boxplot(
                 for t in ts
             ]
             pos = np.arange(len(ts)) + (j - (len(strategies) - 1) / 2) * width
-            keep = [k for k, d in enumerate(data) if len(d)]
-            if keep:
+            # Boxes where there are enough models to summarize (5 or more), and every
+            # model as a point on top: identical replicates show as one point, not as a
+            # collapsed box whose median line reads like another strategy.
+            boxed = [k for k, d in enumerate(data) if len(d) >= 5]
+            if boxed:
                 bp = ax.boxplot(
-                    [data[k] for k in keep],
-                    positions=pos[keep],
+                    [data[k] for k in boxed],
+                    positions=pos[boxed],
                     widths=width * 0.9,
                     patch_artist=True,
-                    showfliers=True,
+                    showfliers=False,
                 )
                 for box in bp["boxes"]:
                     box.set_facecolor(_color(j, s))
-                    box.set_alpha(0.6)
+                    box.set_alpha(0.35)
+            for k, d in enumerate(data):
+                if len(d):
+                    spread = np.linspace(-0.2, 0.2, len(d)) * width if len(d) > 1 else [0.0]
+                    ax.scatter(pos[k] + np.asarray(spread), d, s=12, color=_color(j, s),
+                               edgecolors="black", linewidths=0.3, zorder=3)  # fmt: skip
         ax.axhline(1.0, ls="--", color="black", lw=1)
         ax.set_xticks(np.arange(len(ts)), [f"{t:g}" for t in ts])
         ax.set_xlabel("pruning ratio t")
@@ -134,8 +142,10 @@ def alpha_boxplot(
     for row in axes:
         row[0].set_ylabel("alpha_t(m): slope of Bn_t on Bn_1")
     handles = [Patch(color=_color(j, s), alpha=0.6, label=s) for j, s in enumerate(strategies)]
+    handles.append(plt.Line2D([], [], ls="", marker="o", color="grey", label="one model (seed)"))
     handles.append(plt.Line2D([], [], ls="--", color="black", label="alpha = 1 (no change)"))
-    flat[len(panels) - 1].legend(handles=handles, loc="best", fontsize=8)
+    flat[len(panels) - 1].legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1),
+                                 borderaxespad=0, fontsize=8)  # beside the panels, not on them
     note = " (y axis clipped; extreme values off-scale)" if clipped else ""
     fig.suptitle(
         (title or "Model-level intensification alpha_t per strategy")
@@ -148,9 +158,11 @@ def alpha_boxplot(
 
 
 def _save(fig, path: Path, dpi: int) -> None:
-    """Lay out a figure with a two-line suptitle (0.6 inch kept free above the panels, however
-    tall the figure) and write it (a legend placed outside the panels included)."""
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.6 / fig.get_figheight()))
+    """Lay out a figure under its suptitle and write it (a legend placed outside the panels
+    included). Constrained layout gives the title the height its lines take: tight_layout
+    with a rectangle kept free for it counted the title twice, leaving a blank band of half
+    an inch above the panels."""
+    fig.set_layout_engine("constrained")
     fig.savefig(path, dpi=dpi, bbox_inches="tight")
     plt.close(fig)
 
@@ -229,6 +241,7 @@ def accuracy_plot(a: Analysis, path: Path):
     ax.set_xscale("log", base=2)
     ax.set_xlabel("pruning ratio t (log scale; 1 = dense)")
     ax.set_ylabel("test accuracy")
+    ax.set_ylim(0, 1.02)  # accuracy and its (clipped) intervals lie in [0, 1]
     ax.set_title(f"Mean test accuracy over seeds, {a.ci * 100:g} % CI bands")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -433,10 +446,12 @@ class Figure:
 @dataclass
 class Section:
     """One `##` section: paragraphs (str), tables, bullet lists (list[str]) and figures, in
-    order. Built once; `render_markdown` and `render_html` write it."""
+    order. Built once; `render_markdown` and `render_html` write it. A section not `open` is
+    folded in the HTML page (the long tables)."""
 
     title: str
     parts: list = field(default_factory=list)
+    open: bool = True
 
 
 def plan_figures(a: Analysis, scatter_ts, run_id: str) -> list[tuple[Figure, Callable]]:
@@ -510,60 +525,103 @@ def plan_figures(a: Analysis, scatter_ts, run_id: str) -> list[tuple[Figure, Cal
     return plan
 
 
-def report_sections(a: Analysis, runs_dir: Path, figures, top_classes: int) -> list[Section]:
+def plan_example_figures(a: Analysis, data_root) -> tuple[list[tuple[Figure, Callable]], list]:
+    """Grids of the most-flipped test images, one per group (image datasets whose files are
+    on this machine), and notes saying where none could be drawn."""
+    f = a.flips
+    if f is None or f.empty or f.most_flipped.empty:
+        return [], []
+    m = f.most_flipped
+    keys = [b for b in a.by if b in m.columns]
+    datasets = a.runs["dataset"].unique()
+    if "dataset" not in keys and len(datasets) > 1:
+        return [], ["most-flipped images: group by dataset to see them as pictures"]
+    loaded, plan, notes = {}, [], []
+    groups = m.groupby(keys, sort=False, dropna=False) if keys else [((), m)]
+    for key, part in groups:
+        key = key if isinstance(key, tuple) else (key,)
+        row = dict(zip(keys, key))
+        dataset = row.get("dataset", datasets[0])
+        if dataset not in loaded:
+            loaded[dataset] = examples.load_test_images(dataset, data_root)
+            if isinstance(loaded[dataset], str) and "not an image dataset" not in loaded[dataset]:
+                notes.append(f"most-flipped images not drawn: {loaded[dataset]}")
+        images = loaded[dataset]
+        if isinstance(images, str) or len(plan) >= examples.MAX_GROUPS:
+            continue
+        label = group_label(pd.Series(row), keys) if keys else "all runs"
+        t_max = part["t"].iloc[0]
+        title = f"{label}, t = {t_max:g}: the most-flipped test images per class"
+        plan.append(
+            (
+                Figure(
+                    f"flipped_{len(plan) + 1}.png",
+                    f"{label}: the most-flipped test images at t = {t_max:g}",
+                ),
+                lambda p, part=part, images=images, title=title: examples.flipped_grid(
+                    part, images, title, p
+                ),
+            )
+        )
+    return plan, notes
+
+
+def report_sections(
+    a: Analysis, runs_dir: Path, figures, top_classes: int, examples=(), example_notes=()
+) -> list[Section]:
+    """The answer first (summary), then the figures and the pictures of the most-flipped
+    examples, then the tables; the long ones folded."""
     alpha_tab, acc_tab = paper_tables(a)
     alpha_parts = [legend(a) + ".", Table(alpha_tab)]
     if a.groups["below_floor"].any():
         alpha_parts.append(floor_legend(a) + ".")
-    sections = [
-        Section("Summary", [summary(a, top=2)]),
-        Section("E[alpha_t]", alpha_parts),
-        Section("Mean accuracy", [Table(acc_tab)]),
-    ]
+    sections = [Section("Summary", [summary(a, top=2)]), Section("Figures", list(figures))]
+    if examples:
+        sections.append(
+            Section(
+                "What pruning forgets",
+                [
+                    "At each group's largest t, per class, the test images whose prediction "
+                    "differs from the dense model's in the most runs: test index, runs "
+                    "flipped of the group's runs, the dense -> pruned prediction (the mode "
+                    "over the runs).",
+                    *examples,
+                ],
+            )
+        )
+    sections += [Section("E[alpha_t]", alpha_parts), Section("Mean accuracy", [Table(acc_tab)])]
     if (a.groups["t"] > 1).any():
         sections.append(
             Section("E[Psi_t]: disparity", [disparity_legend(a) + ".", Table(disparity_table(a))])
-        )
-    vs = a.baseline
-    if vs is not None:
-        alpha_diff, acc_diff, psi_diff = paired_tables(a)
-        what = "Strategies" if a.paired_by == "strategy" else "Mitigations"
-        sections.append(
-            Section(
-                f"{what} against {vs}, seed by seed",
-                [
-                    paired_legend(a) + ".",
-                    Table(alpha_diff),
-                    f"Accuracy minus {vs}:",
-                    Table(acc_diff),
-                    f"Psi minus {vs}:",
-                    Table(psi_diff),
-                ],
-            )
         )
     paying = paying_classes(a, top_classes)
     if not paying.empty:
         sections.append(
             Section("Which classes pay", [paying_legend(a, top_classes) + ".", Table(paying)])
         )
+    vs = a.baseline
+    if vs is not None:
+        alpha_diff, acc_diff, psi_diff = paired_tables(a)
+        what = "Strategies" if a.paired_by == "strategy" else "Mitigations"
+        parts = [paired_legend(a) + ".", Table(alpha_diff), f"Accuracy minus {vs}:",
+                 Table(acc_diff), f"Psi minus {vs}:", Table(psi_diff)]  # fmt: skip
+        sections.append(Section(f"{what} against {vs}, seed by seed", parts, open=False))
     most = most_flipped_table(a)
     if not most.empty:
-        sections.append(
-            Section(
-                "Most-flipped test examples",
-                [
-                    "At each group's largest t, per class: the test examples (indices in the "
-                    "dataset's test order) whose prediction differs from the dense model's in "
-                    "the most runs (of the group's seeds).",
-                    Table(most),
-                ],
-            )
+        text = (
+            "At each group's largest t, per class: the test examples (indices in the "
+            "dataset's test order) whose prediction differs from the dense model's in the "
+            "most runs (of the group's seeds)."
         )
+        sections.append(Section("Most-flipped test examples", [text, Table(most)], open=False))
     settings = settings_table(runs_dir, a.runs["run_id"].unique())
     return sections + [
-        Section("Notes", [a.notes or ["none"]]),
-        Section("Figures", list(figures)),
-        Section("Settings of the runs", [Table(settings, key="run_id", empty="(no manifests)")]),
+        Section("Notes", [[*a.notes, *example_notes] or ["none"]], open=False),
+        Section(
+            "Settings of the runs",
+            [Table(settings, key="run_id", empty="(no manifests)")],
+            open=False,
+        ),
     ]
 
 
@@ -614,35 +672,41 @@ def render_markdown(sections: list[Section], a: Analysis, runs_dir: Path) -> str
     return "\n".join(lines)
 
 
+TEMPLATES = Path(__file__).parent / "templates"
+
+
 def render_html(sections: list[Section], a: Analysis, runs_dir: Path, folder: Path) -> str:
-    """One self-contained page: the figures inlined as base64 PNG."""
-    esc = html.escape
-    body = [
-        "<h1>Recall distortion report</h1>",
-        f"<p>Records: <code>{esc(str(runs_dir))}</code>; {esc(_header(a))}</p>",
-    ]
-    for section in sections:
-        body.append(f"<h2>{esc(section.title)}</h2>")
-        for part in section.parts:
-            if isinstance(part, str):
-                body.append(f"<p>{esc(part)}</p>")
-            elif isinstance(part, list):
-                body.append("<ul>" + "".join(f"<li>{esc(item)}</li>" for item in part) + "</ul>")
-            elif isinstance(part, Figure):
-                data = base64.b64encode((folder / part.file).read_bytes()).decode()
-                body.append(
-                    f'<figure><img src="data:image/png;base64,{data}" alt="{esc(part.file)}">'
-                    f"<figcaption>{esc(part.caption)}</figcaption></figure>"
-                )
-            else:
-                body.append(part.frame.to_html(index=part.key is None))
-    return (
-        "<!doctype html><html><head><meta charset='utf-8'><title>rdfast report</title>"
-        "<style>body{font-family:sans-serif;max-width:1200px;margin:2em auto}"
-        "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;"
-        "padding:2px 6px;text-align:right}img{max-width:100%}</style></head><body>"
-        + "\n".join(body)
-        + "</body></html>"
+    """One self-contained page (templates/report.html.j2): the figures inlined as base64 PNG,
+    no reference outside the file."""
+    import jinja2
+
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(TEMPLATES),
+        autoescape=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+
+    def part_of(part) -> dict:
+        if isinstance(part, str):
+            return {"kind": "text", "text": part}
+        if isinstance(part, list):
+            return {"kind": "list", "entries": part}
+        if isinstance(part, Figure):
+            data = base64.b64encode((folder / part.file).read_bytes()).decode()
+            return {"kind": "figure", "data": data, "caption": part.caption}
+        if part.frame.empty and part.empty:
+            return {"kind": "text", "text": part.empty}
+        return {"kind": "table", "html": part.frame.to_html(index=part.key is None)}
+
+    return env.get_template("report.html.j2").render(
+        title=", ".join(sorted(map(str, a.runs["dataset"].unique()))),
+        records=str(runs_dir),
+        header=_header(a),
+        sections=[
+            {"title": s.title, "open": s.open, "parts": [part_of(p) for p in s.parts]}
+            for s in sections
+        ],
     )
 
 
@@ -679,8 +743,11 @@ def build_report(
     run_id: str | None = None,
     scatter_ts: list[float] | None = None,
     top_classes: int = 5,
+    data_root=None,
 ) -> Path:
-    """Write OUT/index.html, OUT/report.md and the PNG figures; the folder appears whole."""
+    """Write OUT/index.html, OUT/report.md and the PNG figures; the folder appears whole.
+    `data_root`: where the datasets' files are, for the pictures of the most-flipped test
+    images (None: rdfast's default data folder)."""
     all_ts = sorted(a.runs["t"].unique())
     scatter_ts = scatter_ts or pick_scatter_ts(all_ts)
     missing = [t for t in scatter_ts if t not in all_ts]
@@ -694,9 +761,11 @@ def build_report(
     try:
         outdir.mark(tmp, "report")
         plan = plan_figures(a, scatter_ts, run_id)
-        for figure, draw in plan:
+        pictures, picture_notes = plan_example_figures(a, data_root)
+        for figure, draw in plan + pictures:
             draw(tmp / figure.file)
-        sections = report_sections(a, runs_dir, [f for f, _ in plan], top_classes)
+        sections = report_sections(a, runs_dir, [f for f, _ in plan], top_classes,
+                                   [f for f, _ in pictures], picture_notes)  # fmt: skip
         (tmp / "report.md").write_text(render_markdown(sections, a, runs_dir))
         (tmp / "index.html").write_text(render_html(sections, a, runs_dir, tmp))
         _swap_into_place(tmp, out)

@@ -18,7 +18,8 @@ def group_label(row, by) -> str:
         v = row[b]
         if b == "saliency" and v == "none":
             continue
-        parts.append(f"{v:g}" if isinstance(v, float) else str(v))
+        # Numbers name their setting ("width 0.5"); names speak for themselves.
+        parts.append(f"{b} {v:g}" if isinstance(v, (float, int)) else str(v))
     return " ".join(parts)
 
 
@@ -213,10 +214,8 @@ def summary(a: Analysis, top: int = 2) -> list[str]:
     lines = []
     for setting, sub in pruned.groupby(keys, dropna=False, sort=True) if keys else [((), pruned)]:
         last = sub[sub["t"] == sub["t"].max()].sort_values(["mean_disparity", "mean_accuracy"])
-        where = " ".join(
-            f"{v:g}" if isinstance(v, float) else str(v)
-            for v in (setting if isinstance(setting, tuple) else (setting,))
-        )
+        values = setting if isinstance(setting, tuple) else (setting,)
+        where = group_label(dict(zip(keys, values)), keys)
         ends = [last.iloc[0]] if len(last) == 1 else [last.iloc[0], last.iloc[-1]]
         said = []
         for row, what in zip(ends, ("least", "most")):

@@ -246,13 +246,14 @@ def group_table(
             "p_adjusted": p_adj,
             "mark": marks,
             "mean_accuracy": acc["mean"],
-            "acc_ci_low": acc["low"],
-            "acc_ci_high": acc["high"],
+            # Accuracy lies in [0, 1] and Psi in [0, 2]: so do their intervals.
+            "acc_ci_low": acc["low"].clip(lower=0.0),
+            "acc_ci_high": acc["high"].clip(upper=1.0),
             "accuracy_floor": group_floor,
             "below_floor": below,
             "mean_disparity": psi["mean"],
-            "disparity_ci_low": psi["low"],
-            "disparity_ci_high": psi["high"],
+            "disparity_ci_low": psi["low"].clip(lower=0.0),
+            "disparity_ci_high": psi["high"].clip(upper=2.0),
         }
     )
     # Pooled slope: every class of every replicate in one fit (what a scatter plot shows).

@@ -8,7 +8,8 @@ records (`runs/<id>/step-<i>.pred.npy`, with the run's test labels in `labels.np
   pruned models at t differs from the modal prediction of the dense models. Modes are taken
   with ties to the smallest class index.
 - The most-flipped examples of each class: at a group's largest t, the test indices (in the
-  dataset's test order) flipped in the most runs.
+  dataset's test order) flipped in the most runs, with the modal predictions of the dense
+  and the pruned models.
 Runs recorded before predictions were kept have none and are left out.
 """
 
@@ -29,7 +30,8 @@ class Flips:
     classes: pd.DataFrame  # run_id, step, t, class, n, flipped, flip_rate
     groups: pd.DataFrame  # by..., t, n_runs, mean_flip_rate, pie, pie_share
     pie_classes: pd.DataFrame  # by..., t, class, n, pie, pie_share
-    most_flipped: pd.DataFrame  # by..., t, class, example, runs_flipped
+    # by..., t, class, example, runs_flipped, and the modal dense and pruned predictions
+    most_flipped: pd.DataFrame
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -114,7 +116,8 @@ def _pie(runs, loaded, by, num_classes, top, notes):
         steps = dict(zip(part["run_id"], part["step"]))
         dense = np.stack([loaded[r][1][0] for r in ids])
         pruned = np.stack([loaded[r][1][steps[r]] for r in ids])
-        pie = modal(dense, num_classes) != modal(pruned, num_classes)
+        dense_modal, pruned_modal = modal(dense, num_classes), modal(pruned, num_classes)
+        pie = dense_modal != pruned_modal
         n = np.bincount(labels, minlength=num_classes)
         per_class = np.bincount(labels, weights=pie, minlength=num_classes).astype(np.int64)
         row = dict(zip(keys, key))
@@ -128,9 +131,13 @@ def _pie(runs, loaded, by, num_classes, top, notes):
         for c in range(num_classes):
             idx = np.flatnonzero(labels == c)
             order = idx[np.argsort(-times_flipped[idx], kind="stable")][:top]
-            most_rows += [{**row, "class": c, "example": int(e),
-                           "runs_flipped": int(times_flipped[e])}
-                          for e in order if times_flipped[e] > 0]  # fmt: skip
+            most_rows += [
+                {**row, "class": c, "example": int(e), "runs_flipped": int(times_flipped[e]),
+                 "n_runs": len(ids),
+                 "dense_prediction": int(dense_modal[e]),
+                 "pruned_prediction": int(pruned_modal[e])}
+                for e in order if times_flipped[e] > 0
+            ]  # fmt: skip
     groups = pd.DataFrame(group_rows)
     most = pd.DataFrame(most_rows)
     if not most.empty:  # the examples of each group's largest t only
