@@ -194,7 +194,7 @@ def scatter_grid(a: Analysis, path: Path, ts: list[float]):
             ax = axes[i][j]
             pts = c[sel & (c["t"] == t).to_numpy()]
             x, y = pts["Bn1"].to_numpy(), pts["Bn"].to_numpy()
-            ax.set_title(f"{label}, t={t:g}", fontsize=9)
+            ax.set_title(f"{label}\nt = {t:g}", fontsize=8)  # two lines: long labels overlap
             if not len(x):  # this group has not (yet) reached this t
                 ax.text(
                     0.5,
