@@ -125,7 +125,7 @@ def test_report_files_and_figures(digits_runs, tmp_path):
     pngs = sorted(p.name for p in out.glob("*.png"))
     # One dataset, width and model: no split boxplots.
     assert pngs == [
-        "accuracy.png",
+        "against_t.png",
         "alpha_by_strategy.png",
         "class_change.png",
         "flips.png",

@@ -144,8 +144,9 @@ def alpha_boxplot(
     handles = [Patch(color=_color(j, s), alpha=0.6, label=s) for j, s in enumerate(strategies)]
     handles.append(plt.Line2D([], [], ls="", marker="o", color="grey", label="one model (seed)"))
     handles.append(plt.Line2D([], [], ls="--", color="black", label="alpha = 1 (no change)"))
-    flat[len(panels) - 1].legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1),
-                                 borderaxespad=0, fontsize=8)  # beside the panels, not on them
+    flat[len(panels) - 1].legend(
+        handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0, fontsize=8
+    )  # beside the panels, not on them
     note = " (y axis clipped; extreme values off-scale)" if clipped else ""
     fig.suptitle(
         (title or "Model-level intensification alpha_t per strategy")
@@ -227,26 +228,62 @@ def scatter_grid(a: Analysis, path: Path, ts: list[float]):
     _save(fig, path, dpi=100)
 
 
-def accuracy_plot(a: Analysis, path: Path):
+def against_t_plot(a: Analysis, path: Path):
+    """E[alpha_t], E[Psi_t] and the mean accuracy against t, side by side on one t axis, each
+    with its interval; alpha only where the group's accuracy is above its floor (a collapsed
+    model's slope means nothing), its y axis set by those means so that strategies near 1
+    stay apart. Psi and accuracy intervals are clipped to their ranges by the analysis."""
     g = a.groups
     keys = sorted_groups(g, a.by)
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.4), sharex=True)
+    shown = []
     for i, (_, k) in enumerate(keys.iterrows()):
         rows = g[_in_group(g, k, a.by)].sort_values("t")
         color = _color(i, k.get("strategy", ""))
-        ax.plot(
-            rows["t"], rows["mean_accuracy"], marker="o", color=color, label=group_label(k, a.by)
-        )
-        ax.fill_between(rows["t"], rows["acc_ci_low"], rows["acc_ci_high"], color=color, alpha=0.2)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("pruning ratio t (log scale; 1 = dense)")
-    ax.set_ylabel("test accuracy")
-    ax.set_ylim(0, 1.02)  # accuracy and its (clipped) intervals lie in [0, 1]
-    ax.set_title(f"Mean test accuracy over seeds, {a.ci * 100:g} % CI bands")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        label = group_label(k, a.by)
+        alpha = rows[(rows["t"] > 1) & ~rows["below_floor"].astype(bool)]
+        if len(alpha):
+            axes[0].plot(alpha["t"], alpha["mean_alpha"], marker="o", color=color, label=label)
+            axes[0].fill_between(alpha["t"], alpha["ci_low"], alpha["ci_high"], color=color,
+                                 alpha=0.15)  # fmt: skip
+            shown.append(alpha["mean_alpha"].to_numpy())
+        pruned = rows[rows["t"] > 1]
+        axes[1].plot(pruned["t"], pruned["mean_disparity"], marker="o", color=color)
+        axes[1].fill_between(pruned["t"], pruned["disparity_ci_low"], pruned["disparity_ci_high"],
+                             color=color, alpha=0.15)  # fmt: skip
+        axes[2].plot(rows["t"], rows["mean_accuracy"], marker="o", color=color, label=label)
+        axes[2].fill_between(rows["t"], rows["acc_ci_low"], rows["acc_ci_high"], color=color,
+                             alpha=0.15)  # fmt: skip
+    axes[0].axhline(1.0, ls="--", color="black", lw=1)
+    if shown:
+        # The axis from the bulk of the means (5th to 95th percentile), so one strategy far
+        # off (random pruning at 8 where the rest lie within 0.8-2.5) does not flatten the
+        # others; a mean beyond the axis is drawn as a triangle on its edge with its value.
+        means = np.concatenate(shown)
+        lo, hi = (float(v) for v in np.nanpercentile(means, [5, 95]))
+        pad = 0.25 * max(hi - lo, 0.2)
+        ylo, yhi = min(lo, 1.0) - pad, max(hi, 1.0) + pad
+        axes[0].set_ylim(ylo, yhi)
+        for line in axes[0].get_lines()[:-1]:
+            for x, y in zip(*line.get_data()):
+                if y > yhi or y < ylo:
+                    edge = yhi if y > yhi else ylo
+                    axes[0].plot(x, edge, marker="^" if y > yhi else "v", ms=9,
+                                 color=line.get_color(), clip_on=False)  # fmt: skip
+                    axes[0].annotate(f"{y:.1f}", (x, edge), textcoords="offset points",
+                                     xytext=(6, -10 if y > yhi else 4), fontsize=7)  # fmt: skip
+    axes[0].set_title("E[alpha_t] (above 1: intensification)", fontsize=10)
+    axes[1].set_title("E[Psi_t]: disparity (0 to 2)", fontsize=10)
+    axes[2].set_title("mean test accuracy", fontsize=10)
+    axes[2].set_ylim(0, 1.02)
+    for ax in axes:
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("pruning ratio t (log scale; 1 = dense)")
+    handles, labels = axes[2].get_legend_handles_labels()
+    axes[2].legend(handles, labels, fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1),
+                   borderaxespad=0)  # fmt: skip
+    fig.suptitle(f"Against t: means over seeds with {a.ci * 100:g} % intervals", fontsize=10)
+    _save(fig, path, dpi=100)
 
 
 def _group_lines(frame: pd.DataFrame, by):
@@ -486,11 +523,12 @@ def plan_figures(a: Analysis, scatter_ts, run_id: str) -> list[tuple[Figure, Cal
                 lambda p: scatter_grid(a, p, scatter_ts),
             )
         )
-    plan.append(
+    plan.insert(
+        0,
         (
-            Figure("accuracy.png", "mean accuracy against t with confidence bands"),
-            lambda p: accuracy_plot(a, p),
-        )
+            Figure("against_t.png", "E[alpha_t], E[Psi_t] and mean accuracy against t"),
+            lambda p: against_t_plot(a, p),
+        ),
     )
     vs = a.baseline
     if vs is not None and (a.paired["t"] > 1).any():
