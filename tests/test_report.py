@@ -351,3 +351,16 @@ def test_report_shows_the_forgotten_test_images(tmp_path, shared_data):
     assert not list(bare.glob("flipped_*.png"))
     md = (bare / "report.md").read_text()
     assert "most-flipped images not drawn" in md and "## Most-flipped test examples" in md
+
+
+def test_alpha_figure_when_every_model_is_below_its_floor(tmp_path):
+    """Models at or below their accuracy floor have no alpha to draw: the figure says so
+    instead of failing (three classes, accuracy 0.5 against a floor of 2 x chance = 0.67)."""
+    from rdfast.report.page import alpha_boxplot
+
+    runs = pd.DataFrame({"run_id": ["a", "b"], "t": [4.0, 4.0], "strategy": ["mp", "rp"],
+                         "alpha": [1.3, 0.4], "accuracy": [0.5, 0.4], "n_classes_used": [3, 3],
+                         "dense_accuracy": [0.6, 0.6]})  # fmt: skip
+    alpha_boxplot(runs, tmp_path / "alpha.png", floor=2.0)
+    img = mpimg.imread(tmp_path / "alpha.png")
+    assert img.ndim == 3 and img.shape[1] > 200

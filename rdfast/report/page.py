@@ -73,6 +73,9 @@ def _robust_ylim(values: np.ndarray):
     return (lo, hi) if (v.min() < lo or v.max() > hi) else None
 
 
+NO_ALPHA = "no pruned model above its accuracy floor: no alpha_t to show\n(see E[Psi_t])"
+
+
 def alpha_boxplot(
     runs: pd.DataFrame, path: Path, panel: str | None = None, title: str = "", floor=None
 ):  # fmt: skip
@@ -84,6 +87,12 @@ def alpha_boxplot(
     if floor is not None and "dense_accuracy" in runs:
         low = accuracy_floor(floor, runs["n_classes_used"], runs["dense_accuracy"])
         runs = runs[runs["accuracy"] > low]
+    if runs.empty or runs["alpha"].notna().sum() == 0:  # every model at or below its floor
+        fig, ax = plt.subplots(figsize=(6, 1.6))
+        ax.axis("off")
+        ax.text(0.5, 0.5, NO_ALPHA, ha="center", va="center", fontsize=10)
+        _save(fig, path, dpi=110)
+        return
     panels = sorted(runs[panel].unique()) if panel else [None]
     strategies = sorted(set(runs["strategy"]), key=lambda s: (STRATEGY_ORDER.get(s, 9), s))
     ts = sorted(runs["t"].unique())
@@ -255,6 +264,9 @@ def against_t_plot(a: Analysis, path: Path):
         axes[2].fill_between(rows["t"], rows["acc_ci_low"], rows["acc_ci_high"], color=color,
                              alpha=0.15)  # fmt: skip
     axes[0].axhline(1.0, ls="--", color="black", lw=1)
+    if not shown:
+        axes[0].text(0.5, 0.5, NO_ALPHA, ha="center", va="center", fontsize=8,
+                     transform=axes[0].transAxes)  # fmt: skip
     if shown:
         # The axis from the bulk of the means (5th to 95th percentile), so one strategy far
         # off (random pruning at 8 where the rest lie within 0.8-2.5) does not flatten the
@@ -309,17 +321,21 @@ def paired_plot(a: Analysis, path: Path):
     base, varied = a.baseline, a.paired_by
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
     for rows, style in _group_lines(p, a.by):
-        for ax, (m, lo, hi) in zip(
+        for k, (ax, (m, lo, hi)) in enumerate(zip(
             axes,
             (("mean_diff", "ci_low", "ci_high"), ("mean_acc_diff", "acc_ci_low", "acc_ci_high")),
-        ):
-            ax.plot(rows["t"], rows[m], **style)
-            ax.fill_between(rows["t"], rows[lo], rows[hi], color=style["color"], alpha=0.15)
+        )):  # fmt: skip
+            # No alpha difference where either side is at its accuracy floor.
+            shown = rows[~rows["below_floor"].astype(bool)] if k == 0 else rows
+            ax.plot(shown["t"], shown[m], **style)
+            ax.fill_between(shown["t"], shown[lo], shown[hi], color=style["color"], alpha=0.15)
     # Random pruning moves alpha by 1-10 and accuracy by 0.5 where the other strategies differ
     # from the baseline by 0.01-0.1: symmetric-log axes keep both readable.
+    ts = p["t"].to_numpy()
     for ax, what, lin in ((axes[0], "alpha_t", 0.1), (axes[1], "accuracy", 0.01)):
         ax.axhline(0, color="k", ls="--", lw=1)
         ax.set_xscale("log", base=2)
+        ax.set_xlim(ts.min() / 1.15, ts.max() * 1.15)  # also where a panel drew nothing
         ax.set_yscale("symlog", linthresh=lin)
         ax.set_xlabel("pruning ratio t (log scale)")
         ax.set_ylabel(f"{what}({varied}) - {what}({base}) (symlog)")
