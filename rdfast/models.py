@@ -76,6 +76,29 @@ def check_model_name(name: str, width: float) -> None:
         )
 
 
+def check_takes(model: nn.Module, data, name: str) -> None:
+    """BadInput, with the reason, when `model` cannot take `data`'s inputs or answers with
+    another number of classes: found before anything runs, not mid-run. `data` is a
+    TensorData (two training examples go through the model)."""
+    try:
+        with torch.no_grad():
+            logits = model.eval()(data.prepare(data.x_train[:2]))
+    except RuntimeError as e:
+        raise BadInput(
+            f"model {name} cannot take inputs of shape {data.input_shape}: "
+            f"{' '.join(str(e).split())[:160]}"
+        ) from None
+    if logits.ndim != 2 or logits.shape[1] != data.num_classes:
+        raise BadInput(
+            f"model {name} outputs {tuple(logits.shape[1:])} per example; the dataset "
+            f"{data.name} has {data.num_classes} classes"
+        )
+
+
+def is_convolutional(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.Conv2d) for m in model.modules())
+
+
 def prunable_layers(model: nn.Module, exclude: tuple[str, ...] = ()) -> dict[str, nn.Parameter]:
     """Module path -> weight, in module order, for every Linear/Conv layer not excluded."""
     layers = {n: m.weight for n, m in model.named_modules() if isinstance(m, PRUNABLE_TYPES)}

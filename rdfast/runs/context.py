@@ -11,9 +11,18 @@ import torch
 
 from rdfast.config import Experiment
 from rdfast.data import TensorData
+from rdfast.kernels._backend import cuda_path
 from rdfast.models import build_model
 from rdfast.runs import keys
 from rdfast.seeding import derive_seed
+
+
+def use_channels_last(device: torch.device, convolutional: bool) -> bool:
+    """channels_last pays on CUDA tensor cores for conv nets; on the CPU it would only change
+    the arithmetic order and with it the bit-identical records (and buys 1.2x on an AVX2
+    EPYC: benchmarks/README.md). RDFAST_CUDA_PATH takes it on the CPU too, to check the CUDA
+    code path without a GPU. The same choice for `rdfast run` and `rdfast prune`."""
+    return (device.type == "cuda" or cuda_path()) and convolutional
 
 
 @dataclass(frozen=True)

@@ -17,12 +17,12 @@ from tqdm.auto import tqdm
 from rdfast.config import PRECISIONS, Experiment
 from rdfast.data import TensorData, load_dataset, normalize
 from rdfast.errors import BadInput
-from rdfast.kernels._backend import cuda_path, interpreting
+from rdfast.kernels._backend import interpreting
 from rdfast.mitigations import check_split
-from rdfast.models import build_model, prunable_layers
+from rdfast.models import build_model, check_takes, is_convolutional, prunable_layers
 from rdfast.pruning.strategies import check_ratios
 from rdfast.runs import store
-from rdfast.runs.context import RunContext
+from rdfast.runs.context import RunContext, use_channels_last
 from rdfast.runs.dense import DenseModels
 from rdfast.runs.keys import eval_batch, resolve_precision
 from rdfast.runs.lifecycle import RunOutcome
@@ -61,14 +61,7 @@ def check_with_data(exp: Experiment) -> Checked:
         check_split(data, exp.prune.val_fraction)
     probe = build_model(exp.model, data.input_shape, data.num_classes, exp.width)
     data, normalization = normalize(data, exp.normalize, probe)
-    try:  # a model that cannot take this data fails here, with a reason, not mid-run
-        with torch.no_grad():
-            probe.eval()(data.prepare(data.x_train[:2]))
-    except RuntimeError as e:
-        raise BadInput(
-            f"model {exp.model} cannot take inputs of shape {data.input_shape}: "
-            f"{' '.join(str(e).split())[:160]}"
-        ) from None
+    check_takes(probe, data, exp.model)
     layers = prunable_layers(probe, exp.prune.exclude)
     check_ratios(sum(w.numel() for w in layers.values()), exp.prune.ratios)
     return Checked(data, probe, layers, normalization)
@@ -103,11 +96,7 @@ class Engine:
         self.exp = exp = resolve_precision(exp, device.type)
         checked = check_with_data(exp)
         data, self.normalization = checked.data, checked.normalization
-        convolutional = any(isinstance(m, torch.nn.Conv2d) for m in checked.probe.modules())
-        # channels_last pays on CUDA tensor cores for conv nets; on the CPU it would only
-        # change the arithmetic order and with it the bit-identical records. RDFAST_CUDA_PATH
-        # takes it on the CPU too, to check the CUDA code path without a GPU.
-        channels_last = (device.type == "cuda" or cuda_path()) and convolutional
+        channels_last = use_channels_last(device, is_convolutional(checked.probe))
         data.channels_last = channels_last
         self.ctx = RunContext(
             exp=exp,

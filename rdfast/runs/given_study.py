@@ -23,13 +23,13 @@ from rdfast import training
 from rdfast.config import PruneJob, TrainSettings
 from rdfast.data import load_dataset, normalize
 from rdfast.errors import BadInput, RunFailed
-from rdfast.kernels._backend import cuda_path
 from rdfast.kernels.selection import NaNScoreError
-from rdfast.models import build_model, prunable_layers
+from rdfast.models import build_model, check_takes, is_convolutional, prunable_layers
 from rdfast.pruning.checkpoints import Checkpoint
 from rdfast.pruning.given_model import load_weights, prune_module, save_pruned
 from rdfast.pruning.strategies import check_ratios, data_gradients
 from rdfast.runs import keys, store
+from rdfast.runs.context import use_channels_last
 from rdfast.runs.engine import resolve_device
 from rdfast.runs.keys import eval_batch
 from rdfast.runs.lifecycle import RunOutcome, now, run_steps
@@ -88,13 +88,11 @@ class GivenModelStudy:
         model = build_model(job.model, data.input_shape, data.num_classes, job.width)
         load_weights(model, self.ckpt, data.num_classes)
         data, self.normalization = normalize(data, job.normalize, model)
-        self._probe(model, data)
+        check_takes(model, data, job.model)
         self.out = store.check_out(job.out)
         _refuse_foreign_folder(self.out)
-        # As `rdfast run` does: channels_last for conv nets on CUDA (and on the CPU under
-        # RDFAST_CUDA_PATH, to check that path), masks paired with weights by logical index.
-        convolutional = any(isinstance(m, torch.nn.Conv2d) for m in model.modules())
-        self.channels_last = (self.device.type == "cuda" or cuda_path()) and convolutional
+        # As `rdfast run` does; masks are paired with weights by logical index.
+        self.channels_last = use_channels_last(self.device, is_convolutional(model))
         data.channels_last = self.channels_last
         self.data = data.to(self.device)
         model = model.to(self.device)
@@ -106,23 +104,6 @@ class GivenModelStudy:
         weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
         self.given = GivenModel(model, layers, weights, total)
         self.sha256 = self.ckpt.sha256()
-
-    def _probe(self, model, data) -> None:
-        """A model that cannot take this data, or answers with another class count, fails
-        here with the reason."""
-        try:
-            with torch.no_grad():
-                logits = model.eval()(data.prepare(data.x_train[:2]))
-        except RuntimeError as e:
-            raise BadInput(
-                f"model {self.job.model} cannot take inputs of shape {data.input_shape}: "
-                f"{' '.join(str(e).split())[:160]}"
-            ) from None
-        if logits.ndim != 2 or logits.shape[1] != data.num_classes:
-            raise BadInput(
-                f"model {self.job.model} outputs {tuple(logits.shape[1:])} per example; the "
-                f"dataset {data.name} has {data.num_classes} classes"
-            )
 
     # ------------------------------------------------------------------ keys
     @property
