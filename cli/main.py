@@ -231,6 +231,38 @@ def analyze(runs_dir, by, ci, ci_method, top_classes, vs, floor, adjust, fmt, ou
 
 
 @cli.command()
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option(
+    "--classes",
+    "top_classes",
+    type=click.IntRange(min=0),
+    default=3,
+    show_default=True,
+    help="Show the N classes of each group that lose the most recall (0: none).",
+)
+@click.option(
+    "--format",
+    "fmt",
+    default="markdown",
+    show_default=True,
+    type=click.Choice(["table", "markdown"]),
+    help="Output format.",
+)
+def tables(folder, top_classes, fmt):
+    """Print the tables of `rdfast analyze` again from FOLDER's compact tables alone.
+
+    FOLDER holds what analyze wrote (alpha_groups.csv, class_groups.csv, alpha_paired.csv,
+    pie_groups.csv and analysis.json, its settings): a study's tables kept without its
+    records, as under studies/ in rdfast's repository, print as analyze printed them.
+    """
+    from rdfast.cli.output import print_analysis
+    from rdfast.stats import read_tables
+
+    a = read_tables(folder)
+    return print_analysis(a, [], fmt, top_classes, click.echo, lambda m: click.echo(m, err=True))
+
+
+@cli.command()
 @click.argument("runs_dir", type=click.Path(path_type=Path))
 @click.option(
     "-o",

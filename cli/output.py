@@ -49,6 +49,9 @@ def print_extras(a, echo, *, md: bool = False, top_classes: int = 0) -> None:
 
     if (a.groups["t"] > 1).any():
         section(tables.disparity_legend(a), tables.disparity_table(a))
+    if tables.has_error_changes(a):
+        for name in ("cev", "sde"):
+            section(tables.error_change_legend(a, name), tables.interval_table(a, name))
     if a.paired is not None:
         alpha_diff, acc_diff, psi_diff = tables.paired_tables(a)
         section(tables.paired_legend(a), alpha_diff)
@@ -100,7 +103,8 @@ def print_analysis(a, written, fmt: str, top_classes: int, echo, err) -> int:
         print_flips(a, echo, md=fmt == "markdown")
     for note in a.notes + (a.flips.notes if a.flips is not None else []):
         err(f"note: {note}")
-    err(f"stats tables: {', '.join(str(p) for p in written)}")
+    if written:
+        err(f"stats tables: {', '.join(str(p) for p in written)}")
     return 0
 
 
@@ -113,22 +117,7 @@ def print_floor(a, echo) -> None:
 def print_flips(a, echo, *, md: bool = False) -> None:
     """Per group and t: the mean share of test predictions that differ from the dense model's,
     and the share of test examples that are PIE (modal pruned != modal dense prediction)."""
-    f = a.flips
-    if f is None or f.empty or f.groups.empty:
-        return
-    keys = [k for k in f.groups.columns if k not in ("t", "n_runs", "mean_flip_rate", "pie",
-                                                    "pie_share")]  # fmt: skip
-    pct = f.groups.assign(flips=100 * f.groups["mean_flip_rate"],
-                          pie_pct=100 * f.groups["pie_share"])  # fmt: skip
-    titles = {
-        "flips": "flip rate: % of test predictions that differ from the run's own dense model "
-        "(mean over seeds)",
-        "pie_pct": "PIE share: % of test examples whose modal prediction over the seeds' pruned "
-        "models differs from their dense models' (Hooker et al. 2019)",
-    }
-    for value, text in titles.items():
-        table = pct.pivot_table(index=keys, columns="t", values=value).round(2)
-        table.columns = [f"t={t:g}" for t in table.columns]
+    for text, table in tables.flips_tables(a).items():
         echo(f"\n{text}" + ("\n" if md else ":"))
         echo(tables.markdown(table) if md else table.to_string())
 

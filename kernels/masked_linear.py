@@ -48,32 +48,14 @@ if HAS_TRITON:
 
     @triton.jit
     def _masked_matmul_kernel(
-        a_ptr,
-        b_ptr,
-        c_ptr,
-        mask_ptr,
-        bias_ptr,
-        M,
-        N,
-        K,
-        stride_am,
-        stride_ak,
-        stride_bk,
-        stride_bn,
-        stride_cm,
-        stride_cn,
-        stride_mk,
-        stride_mn,
-        stride_bias,
-        MASK_B: tl.constexpr,
-        MASK_OUT: tl.constexpr,
-        HAS_BIAS: tl.constexpr,
-        PRECISION: tl.constexpr,
-        WIDEN: tl.constexpr,
-        BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-        BLOCK_K: tl.constexpr,
-    ):
+        a_ptr, b_ptr, c_ptr, mask_ptr, bias_ptr,
+        M, N, K,
+        stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
+        stride_mk, stride_mn, stride_bias,
+        MASK_B: tl.constexpr, MASK_OUT: tl.constexpr, HAS_BIAS: tl.constexpr,
+        PRECISION: tl.constexpr, WIDEN: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):  # fmt: skip
         """C[M, N] = A[M, K] @ (B * mask)[K, N] (+ bias[N]), or (A @ B) * mask with MASK_OUT,
         one BLOCK_M x BLOCK_N tile of C a program.
 

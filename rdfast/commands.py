@@ -148,7 +148,7 @@ def analyze_runs(
         outdir.check(out, "analyze")
     records = stats.load(runs_dir)
     a = stats.analyze(records, by=by, ci=ci, ci_method=ci_method, vs=vs, floor=floor,
-                         adjust=adjust)  # fmt: skip
+                      adjust=adjust, confusion=store.load_confusion(runs_dir))  # fmt: skip
     a.flips = flips.analyze_flips(runs_dir, records, a.by, top=max(top_classes, 1))
     if other:
         Path(out).mkdir(parents=True, exist_ok=True)
@@ -168,7 +168,7 @@ def make_report(
     outdir.check(out, "report", records=runs_dir)  # before the analysis: nothing to undo
     records = stats.load(runs_dir)
     a = stats.analyze(records, by=by, ci=ci, ci_method=ci_method, vs=vs, floor=floor,
-                         adjust=adjust)  # fmt: skip
+                      adjust=adjust, confusion=store.load_confusion(runs_dir))  # fmt: skip
     a.flips = flips.analyze_flips(runs_dir, records, a.by, top=max(top_classes, 1))
     return build_report(a, runs_dir, out, run_id=run_id, scatter_ts=scatter_ts,
                         top_classes=top_classes, data_root=data_root)  # fmt: skip

@@ -23,9 +23,9 @@ PAPER_STRATEGIES = ("mp", "gp", "up", "rp")
 STRATEGY_ORDER = {s: i for i, s in enumerate(STRATEGIES)}  # the order tables and plots use
 RETRAIN_MODES = ("finetune", "rewind")
 # What retraining minimizes after each pruning step (rdfast/mitigations.py): cross-entropy
-# alone (plain), distillation from the run's dense model (kd), or cross-entropy under one
-# multiplier per class on its excess recall drop (constrained).
-MITIGATIONS = ("plain", "kd", "constrained")
+# alone (plain), distillation from the run's dense model (kd), Balancing Act's constrained
+# excess accuracy gap (ceag), or rdfast's own recall-constrained variant (constrained).
+MITIGATIONS = ("plain", "kd", "constrained", "ceag")
 
 
 # alpha divides by the accuracy: near chance its slope and interval mean nothing (global
@@ -177,8 +177,9 @@ class PruneSettings:
     mitigation: str = setting(
         "plain",
         "What retraining minimizes: plain cross-entropy; kd, distillation from the run's "
-        "dense model; constrained, cross-entropy with one multiplier per class on its excess "
-        "recall drop, measured on a validation split of the training set.",
+        "dense model; ceag, Balancing Act (Hashemizadeh et al. 2024): one multiplier per "
+        "class on its excess accuracy gap, measured on the training batches; constrained, "
+        "rdfast's own variant on the excess recall drop of a held-out split.",
         choices=MITIGATIONS,
         key=lambda v, run: OMIT if v == "plain" else v,
     )
@@ -206,6 +207,24 @@ class PruneSettings:
         "constrained: share of the training set held out of retraining, stratified and "
         "seeded by the run's seed, on which the constraints are measured.",
         key=_when("constrained"),
+    )
+    ceag_tolerance: float = setting(
+        0.1,
+        "ceag: tolerance of each class's excess accuracy gap (A_dense,c - A_c) - (A_dense - A) "
+        "(0.1: Balancing Act's CIFAR setting).",
+        key=_when("ceag"),
+    )
+    dual_lr: float = setting(
+        0.01,
+        "ceag: step size of the multipliers' projected ascent, one step per batch "
+        "(1e-2: Balancing Act's CIFAR setting).",
+        key=_when("ceag"),
+    )
+    ceag_memory: int = setting(
+        40,
+        "ceag: predictions per class in the buffer the training accuracies are measured on "
+        "(a class's constraint counts once its buffer is full).",
+        key=_when("ceag"),
     )
 
     def validate(self, train: TrainSettings) -> None:
@@ -248,6 +267,11 @@ class PruneSettings:
             "--val-fraction must lie in (0, 0.5]": (
                 self.val_fraction, 0 < self.val_fraction <= 0.5
             ),
+            "--ceag-tolerance must lie in [0, 1)": (
+                self.ceag_tolerance, 0 <= self.ceag_tolerance < 1
+            ),
+            "--dual-lr must be > 0 and finite": (self.dual_lr, 0 < self.dual_lr < math.inf),
+            "--ceag-memory must be >= 1": (self.ceag_memory, self.ceag_memory >= 1),
         }  # fmt: skip
         for what, (value, ok) in ranges.items():
             if not ok:

@@ -91,6 +91,70 @@ def _indexed_data(n_per_class=(30, 12, 50)):
     return TensorData("indexed", x, y, x[:5], y[:5], names, 0 * one, one)
 
 
+def _ce_rows(z, y):
+    """Per-example cross-entropy, by scipy."""
+    return -special.log_softmax(z, axis=1)[np.arange(len(y)), y]
+
+
+def test_ceag_objective_and_dual_step_hand_computed():
+    """Balancing Act's CEAG on a small case, against deques and numpy: the buffer keeps each
+    class's last `memory` predictions, only classes with a full buffer ascend (before the
+    primal loss is formed), and the loss sums the Lagrangian over the batch's classes."""
+    from collections import deque
+
+    dense_loss, dense_acc = np.array([0.2, 0.5, 0.9]), np.array([1.0, 0.8, 0.6])
+    dense = (torch.tensor(dense_loss), torch.tensor(dense_acc), 0.5, 0.8)
+    lam0 = np.array([0.0, 0.3, 0.2])
+    tol, lr, memory = 0.05, 0.1, 2
+    obj = mitigations.AccuracyGap(dense, torch.tensor(lam0), tol, lr, memory)
+    rng = np.random.default_rng(1)
+    buffers = [deque(maxlen=memory) for _ in range(3)]
+    lam = lam0.copy()
+    # Batch 1: class 0 twice (full), class 1 once (not full), class 2 three times (last two
+    # kept). Batch 2: class 1 absent from the loss and its buffer still not full.
+    for y in ([0, 0, 1, 2, 2, 2], [0, 2, 2]):
+        y = np.array(y)
+        z = rng.normal(size=(len(y), 3)) * 2
+        hit = z.argmax(axis=1) == y
+        for c, h in zip(y, hit):
+            buffers[c].append(float(h))
+        full = [len(b) == memory for b in buffers]
+        acc = np.array([np.mean(b) if f else 0.0 for b, f in zip(buffers, full)])
+        mean = acc[full].mean()
+        for c in range(3):
+            if full[c]:
+                defect = (dense_acc[c] - acc[c]) - (0.8 - mean) - tol
+                lam[c] = max(0.0, lam[c] + lr * defect)
+        ce = _ce_rows(z, y)
+        expected = ce.mean()
+        for c in set(y.tolist()):
+            expected += lam[c] * ((ce[y == c].mean() - dense_loss[c]) - (ce.mean() - 0.5))
+        got = obj.loss(torch.tensor(z), None, torch.tensor(y))
+        np.testing.assert_allclose(obj.multipliers.numpy(), lam, rtol=0, atol=1e-12)
+        np.testing.assert_allclose(float(got), expected, rtol=1e-6)
+    assert lam[1] == lam0[1] and lam[0] != lam0[0] and lam[2] != lam0[2]
+
+
+def test_ceag_dense_baseline_matches_sklearn():
+    """The dense model's per-class training loss and accuracy, against sklearn's recall and
+    scipy's log-softmax."""
+    from sklearn.metrics import accuracy_score, recall_score
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3).double()
+    x = torch.randn(50, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (50,))
+    loss, acc, loss_mean, acc_mean = mitigations.class_loss_accuracy(
+        model, model, x, y, 3, prepare=lambda b: b * 1.0, batch_size=16
+    )
+    z = model(x).detach().numpy()
+    ce, pred = _ce_rows(z, y.numpy()), z.argmax(axis=1)
+    np.testing.assert_allclose(acc.numpy(), recall_score(y, pred, average=None), atol=1e-12)
+    assert acc_mean == pytest.approx(accuracy_score(y, pred), abs=1e-12)
+    np.testing.assert_allclose(loss.numpy(), [ce[y.numpy() == c].mean() for c in range(3)])
+    assert loss_mean == pytest.approx(ce.mean())
+
+
 def test_validation_split_is_stratified_disjoint_and_seeded():
     data = _indexed_data()
     rest, (xv, yv) = mitigations.validation_split(data, 0.2, seed=3)
@@ -153,27 +217,36 @@ def test_kd_and_constrained_change_retraining(tmp_path, monkeypatch):
         return real_train(model, data, settings, **kw)
 
     monkeypatch.setattr(training_mod, "train", spy)
-    for m in ("plain", "kd", "constrained"):
-        Engine(experiment(tmp_path, strategies=("mp",), mitigation=m, multiplier_lr=20.0),
-               progress=False).execute()  # fmt: skip
+    for m in ("plain", "kd", "constrained", "ceag"):
+        Engine(experiment(tmp_path, strategies=("mp",), mitigation=m, multiplier_lr=20.0,
+                          dual_lr=1.0, ceag_tolerance=0.0), progress=False).execute()  # fmt: skip
     rec = records(tmp_path)
     acc = rec[rec["step"] == 3].groupby("mitigation")["loss"].first()
     assert acc["kd"] != acc["plain"] and acc["constrained"] != acc["plain"]
+    assert acc["ceag"] != acc["plain"]
     finetunes = [(n, type(o).__name__) for part, n, o in sizes if part == "finetune"]
-    assert (
-        finetunes
-        == [(400, "NoneType")] * 3 + [(400, "Distillation")] * 3 + [(360, "Constrained")] * 3
-    )  # 10 % of the 400 training examples held out
-    run = rec.loc[rec["mitigation"] == "constrained", "run_id"].iloc[0]
-    lam = store.load_torch(tmp_path / "runs" / run / "step-3.pt")["multipliers"]
-    assert lam.shape == (5,) and bool((lam >= 0).all()) and bool((lam > 0).any())
+    assert finetunes == [(400, "NoneType")] * 3 + [(400, "Distillation")] * 3 \
+        + [(360, "Constrained")] * 3 + [(400, "AccuracyGap")] * 3  # fmt: skip
+    # constrained: 10 % of the 400 training examples held out; ceag trains on all of them.
+    for m in ("constrained", "ceag"):
+        run = rec.loc[rec["mitigation"] == m, "run_id"].iloc[0]
+        lam = store.load_torch(tmp_path / "runs" / run / "step-3.pt")["multipliers"]
+        assert lam.shape == (5,) and bool((lam >= 0).all()) and bool((lam > 0).any()), m
+    kd_run = rec.loc[rec["mitigation"] == "kd", "run_id"].iloc[0]
+    assert "multipliers" not in store.load_torch(tmp_path / "runs" / kd_run / "step-3.pt")
 
 
-@pytest.mark.parametrize("retrain", ["finetune", "rewind"])
-def test_interrupted_constrained_run_resumes_to_identical_table(tmp_path, monkeypatch, retrain):
+@pytest.mark.parametrize(
+    "retrain, mitigation",
+    [("finetune", "constrained"), ("rewind", "constrained"), ("finetune", "ceag")],
+)
+def test_interrupted_constrained_run_resumes_to_identical_table(
+    tmp_path, monkeypatch, retrain, mitigation
+):
     """The multipliers are part of a step's state: a run killed after its first step resumes
     to the uninterrupted numbers, fine-tuned or rewound."""
-    exp = dict(strategies=("mp",), mitigation="constrained", multiplier_lr=20.0, retrain=retrain)
+    exp = dict(strategies=("mp",), mitigation=mitigation, multiplier_lr=20.0, dual_lr=1.0,
+               ceag_tolerance=0.0, retrain=retrain)  # fmt: skip
     Engine(experiment(tmp_path / "a", **exp), progress=False).execute()
     real_evaluate = training_mod.evaluate
     count = {"n": 0}
@@ -224,6 +297,9 @@ def test_analyze_pairs_each_mitigation_with_plain_on_the_same_dense_models(tmp_p
         (["--mitigation", "constrained", "--val-fraction", "0.9"], "--val-fraction must lie"),
         (["--mitigation", "constrained", "--multiplier-lr", "-1"], "--multiplier-lr must be"),
         (["--mitigation", "distil"], "'distil' is not one of"),
+        (["--mitigation", "ceag", "--dual-lr", "0"], "--dual-lr must be > 0"),
+        (["--mitigation", "ceag", "--ceag-tolerance", "1"], "--ceag-tolerance must lie"),
+        (["--mitigation", "ceag", "--ceag-memory", "0"], "--ceag-memory must be >= 1"),
         (["--dataset", "synthetic:n_train=20,classes=5", "--mitigation", "constrained",
           "--val-fraction", "0.1"], "at least one example of each"),
     ],

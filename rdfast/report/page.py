@@ -26,8 +26,11 @@ from rdfast.report.tables import (  # noqa: E402
     at_largest_t,
     disparity_legend,
     disparity_table,
+    error_change_legend,
     floor_legend,
     group_label,
+    has_error_changes,
+    interval_table,
     legend,
     markdown,
     paired_legend,
@@ -110,39 +113,10 @@ def alpha_boxplot(
     flat = axes.ravel()
     for ax in flat[len(panels) :]:
         ax.set_visible(False)
-    width = 0.8 / len(strategies)
     clipped = False
     for ax, pv in zip(flat, panels):
         sub = runs if pv is None else runs[runs[panel] == pv]
-        for j, s in enumerate(strategies):
-            data = [
-                sub.loc[(sub["strategy"] == s) & (sub["t"] == t), "alpha"].dropna().to_numpy()
-                for t in ts
-            ]
-            pos = np.arange(len(ts)) + (j - (len(strategies) - 1) / 2) * width
-            # Boxes where there are enough models to summarize (5 or more), and every
-            # model as a point on top: identical replicates show as one point, not as a
-            # collapsed box whose median line reads like another strategy.
-            boxed = [k for k, d in enumerate(data) if len(d) >= 5]
-            if boxed:
-                bp = ax.boxplot(
-                    [data[k] for k in boxed],
-                    positions=pos[boxed],
-                    widths=width * 0.9,
-                    patch_artist=True,
-                    showfliers=False,
-                )
-                for box in bp["boxes"]:
-                    box.set_facecolor(_color(j, s))
-                    box.set_alpha(0.35)
-            for k, d in enumerate(data):
-                if len(d):
-                    spread = np.linspace(-0.2, 0.2, len(d)) * width if len(d) > 1 else [0.0]
-                    ax.scatter(pos[k] + np.asarray(spread), d, s=12, color=_color(j, s),
-                               edgecolors="black", linewidths=0.3, zorder=3)  # fmt: skip
-        ax.axhline(1.0, ls="--", color="black", lw=1)
-        ax.set_xticks(np.arange(len(ts)), [f"{t:g}" for t in ts])
-        ax.set_xlabel("pruning ratio t")
+        _alpha_panel(ax, sub, strategies, ts)
         ax.set_title(f"{panel} = {pv}" if panel else "all runs")
         lim = _robust_ylim(sub["alpha"].to_numpy())
         if lim:
@@ -165,6 +139,40 @@ def alpha_boxplot(
         fontsize=10,
     )
     _save(fig, path, dpi=110)
+
+
+def _alpha_panel(ax, sub: pd.DataFrame, strategies: list, ts: list) -> None:
+    """One panel of `alpha_boxplot`: per t, a box per strategy with every model on top."""
+    width = 0.8 / len(strategies)
+    for j, s in enumerate(strategies):
+        data = [
+            sub.loc[(sub["strategy"] == s) & (sub["t"] == t), "alpha"].dropna().to_numpy()
+            for t in ts
+        ]
+        pos = np.arange(len(ts)) + (j - (len(strategies) - 1) / 2) * width
+        # Boxes where there are enough models to summarize (5 or more), and every
+        # model as a point on top: identical replicates show as one point, not as a
+        # collapsed box whose median line reads like another strategy.
+        boxed = [k for k, d in enumerate(data) if len(d) >= 5]
+        if boxed:
+            bp = ax.boxplot(
+                [data[k] for k in boxed],
+                positions=pos[boxed],
+                widths=width * 0.9,
+                patch_artist=True,
+                showfliers=False,
+            )
+            for box in bp["boxes"]:
+                box.set_facecolor(_color(j, s))
+                box.set_alpha(0.35)
+        for k, d in enumerate(data):
+            if len(d):
+                spread = np.linspace(-0.2, 0.2, len(d)) * width if len(d) > 1 else [0.0]
+                ax.scatter(pos[k] + np.asarray(spread), d, s=12, color=_color(j, s),
+                           edgecolors="black", linewidths=0.3, zorder=3)  # fmt: skip
+    ax.axhline(1.0, ls="--", color="black", lw=1)
+    ax.set_xticks(np.arange(len(ts)), [f"{t:g}" for t in ts])
+    ax.set_xlabel("pruning ratio t")
 
 
 def _save(fig, path: Path, dpi: int) -> None:
@@ -648,6 +656,11 @@ def report_sections(
         sections.append(
             Section("E[Psi_t]: disparity", [disparity_legend(a) + ".", Table(disparity_table(a))])
         )
+    if has_error_changes(a):
+        parts = []
+        for n in ("cev", "sde"):
+            parts += [error_change_legend(a, n) + ".", Table(interval_table(a, n))]
+        sections.append(Section("E[CEV_t] and E[SDE_t]: error rates", parts))
     paying = paying_classes(a, top_classes)
     if not paying.empty:
         sections.append(

@@ -54,6 +54,22 @@ def _by_t(frame: pd.DataFrame, a: Analysis, cells) -> pd.DataFrame:
     return tab.reindex([o for o in order if o in tab.index]).fillna("")
 
 
+def flips_tables(a: Analysis) -> dict[str, pd.DataFrame]:
+    """{title: group x t table} of the mean flip rate and the PIE share (%, two decimals)."""
+    f = a.flips
+    if f is None or f.empty or f.groups.empty:
+        return {}
+    g = f.groups
+    return {
+        "flip rate: % of test predictions that differ from the run's own dense model (mean "
+        "over seeds)": _by_t(g, a, [f"{100 * v:.2f}" for v in g["mean_flip_rate"]]),
+        "PIE share: % of test examples whose modal prediction over the seeds' pruned models "
+        "differs from their dense models' (Hooker et al. 2019)": _by_t(
+            g, a, [f"{100 * v:.2f}" for v in g["pie_share"]]
+        ),
+    }
+
+
 BELOW_FLOOR = "--"  # a cell whose mean accuracy is at most the floor: alpha not shown
 
 
@@ -76,12 +92,36 @@ def paper_tables(a: Analysis) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 def disparity_table(a: Analysis) -> pd.DataFrame:
     """Rows: groups; columns: t > 1; cells E[Psi_t] over seeds with its interval."""
+    return interval_table(a, "disparity")
+
+
+def interval_table(a: Analysis, name: str) -> pd.DataFrame:
+    """Rows: groups; columns: t > 1; cells the mean of the run measure `name` over seeds with
+    its interval (group columns mean_<name>, <name>_ci_low, <name>_ci_high)."""
     g = a.groups[a.groups["t"] > 1]
     cells = [
         "-" if np.isnan(v) else f"{v:.3f}" + ("" if np.isnan(lo) else f" ({lo:.3f} to {hi:.3f})")
-        for v, lo, hi in zip(g["mean_disparity"], g["disparity_ci_low"], g["disparity_ci_high"])
+        for v, lo, hi in zip(g[f"mean_{name}"], g[f"{name}_ci_low"], g[f"{name}_ci_high"])
     ]
     return _by_t(g, a, cells)
+
+
+def has_error_changes(a: Analysis) -> bool:
+    return "mean_cev" in a.groups.columns and bool(a.groups["mean_cev"].notna().any())
+
+
+def error_change_legend(a: Analysis, name: str) -> str:
+    what = {
+        "cev": "CEV_t, the combined error variance: the spread over classes of the relative "
+        "changes of their false positive and false negative rates",
+        "sde": "SDE_t, the symmetric distance error: the mean over classes of |dFNR_c - "
+        "dFPR_c|, their relative changes",
+    }[name]
+    return (
+        f"E[{name.upper()}_t] over seeds with its {a.ci * 100:g} % {_method_name(a)} interval: "
+        f"{what} (Blakeney et al. 2021; 0: every class's rates changed in the same proportion; "
+        "a dense rate of 0 divides as the rate of one error)"
+    )
 
 
 def disparity_legend(a: Analysis) -> str:

@@ -50,6 +50,21 @@ def _refuse_foreign_folder(out: Path) -> None:
         )
 
 
+def warn_near_chance(ev: dict, data, normalization: dict, warn) -> None:
+    """One line when the given model is no better than twice chance: the checkpoint, the
+    data or the normalization probably do not match."""
+    chance = 1 / data.num_classes
+    accuracy = float(ev["confusion"].diagonal().sum() / ev["confusion"].sum())
+    if accuracy <= 2 * chance:
+        n = normalization
+        warn(
+            f"warning: the given model's accuracy on {data.name} is {accuracy:.3f}, "
+            f"at most twice chance ({2 * chance:.3f}): do the checkpoint, the data and "
+            f"--normalize {n['normalize']} (mean {n['mean']}, std {n['std']}) match "
+            "how it was trained?"
+        )
+
+
 @dataclass
 class GivenModel:
     """The loaded model, its prunable layers, the given weights (restored before every step)
@@ -185,26 +200,12 @@ class GivenModelStudy:
             start = time.perf_counter()
             ev = training.evaluate(g.model, self.data, self.eval_batch, self.precision)
             g.evaluation = {**ev, "seconds": time.perf_counter() - start}
-            self._warn_near_chance(ev)
+            warn_near_chance(ev, self.data, self.normalization, self.warn)
         ev = g.evaluation
         meta = self._meta(run_id, seed, strategy)
         write_step(folder, 0, meta, ev["confusion"], self.data.class_names, ev["loss"], 1.0,
                    g.total, g.total, ev["seconds"], state=None, predictions=ev["predictions"],
                    labels=self.data.y_test)  # fmt: skip
-
-    def _warn_near_chance(self, ev) -> None:
-        """One line when the given model is no better than twice chance: the checkpoint, the
-        data or the normalization probably do not match."""
-        chance = 1 / self.data.num_classes
-        accuracy = float(ev["confusion"].diagonal().sum() / ev["confusion"].sum())
-        if accuracy <= 2 * chance:
-            n = self.normalization
-            self.warn(
-                f"warning: the given model's accuracy on {self.data.name} is {accuracy:.3f}, "
-                f"at most twice chance ({2 * chance:.3f}): do the checkpoint, the data and "
-                f"--normalize {n['normalize']} (mean {n['mean']}, std {n['std']}) match "
-                "how it was trained?"
-            )
 
     def _gradients(self, seed: int) -> dict:
         """The mean gradient of the given model over seed's calibration batches, once per

@@ -65,7 +65,8 @@ class PruningRun:
         forward = self.ctx.forward(model)
         # Built before any step seeds the global generator (building draws from it), so a
         # resumed run's steps draw what the uninterrupted run's did.
-        self._mitigation = self._mitigation_setup(dense, state if last_done > 0 else None)
+        self._mitigation = mitigations.RunMitigation(self.ctx, p, self.data, self.seed, dense,
+                                                     state if last_done > 0 else None)  # fmt: skip
         layers = prunable_layers(model, p.exclude)
         total = sum(w.numel() for w in layers.values())
         meta = record_meta(self)
@@ -113,8 +114,7 @@ class PruningRun:
                 "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
                 "masks": {k: v.cpu() for k, v in masks.items()},
             }
-            if "multipliers" in self._mitigation:
-                state["multipliers"] = self._mitigation["multipliers"].cpu().clone()
+            state.update(self._mitigation.state())
             self._write_step(
                 i,
                 meta,
@@ -168,52 +168,10 @@ class PruningRun:
         write_step(self.folder, i, meta, cm, self.data.class_names, loss, t, remaining, total,
                    seconds, state, predictions=predictions, labels=self.data.y_test)  # fmt: skip
 
-    def _mitigation_setup(self, dense, state) -> dict:
-        """What the run's mitigation needs across its steps: the dense model (kd's teacher,
-        and the recall the constraints start from), the validation split and the multipliers
-        (from the last recorded step's state when resuming)."""
-        p = self.exp.prune
-        if p.mitigation == "plain":
-            return {}
-        teacher = self.ctx.new_model(self.seed)
-        teacher.load_state_dict(dense["model"])
-        teacher.eval().requires_grad_(False)
-        setup = {"teacher": teacher, "teacher_forward": self.ctx.forward(teacher)}
-        if p.mitigation == "constrained":
-            data, val = mitigations.validation_split(
-                self.data, p.val_fraction, derive_seed(self.seed, "val") % 2**32
-            )
-            c = self.data.num_classes
-            dense_fit = mitigations.class_recall(setup["teacher_forward"], teacher, *val, c)
-            saved = None if state is None else state.get("multipliers")
-            device = self.ctx.device
-            multipliers = torch.zeros(c, dtype=torch.float64, device=device) if saved is None \
-                else saved.to(device)  # fmt: skip
-            setup.update(data=data, val=val, dense_fit=dense_fit, multipliers=multipliers)
-        return setup
-
-    def _objective(self, model, forward):
-        """(training data, objective) of this step's retraining (the constrained one updates
-        the run's multipliers in place)."""
-        p, m = self.exp.prune, self._mitigation
-        if p.mitigation == "kd":
-            return self.data, mitigations.Distillation(
-                m["teacher_forward"], p.kd_weight, p.kd_temperature
-            )
-        if p.mitigation == "constrained":
-            data = m["data"]
-            batches = -(-int(data.y_train.shape[0]) // self.exp.train.batch_size)
-            every = max(1, round(batches / mitigations.UPDATES_PER_EPOCH))
-            objective = mitigations.Constrained(model, forward, m["val"], m["dense_fit"],
-                                                m["multipliers"], p.constraint_eps,
-                                                p.multiplier_lr, every)  # fmt: skip
-            return data, objective
-        return self.data, None  # training's own default: cross-entropy
-
     def _retrain(self, model, layers, masks, dense, i, forward):
         p, tr = self.exp.prune, self.exp.train
         by_param = {layers[k]: m for k, m in masks.items()}
-        data, objective = self._objective(model, forward)
+        data, objective = self._mitigation.retraining(model, forward, tr.batch_size)
         if p.retrain == "rewind":
             model.load_state_dict(dense["rewind"])
             apply_masks(layers, masks)

@@ -8,7 +8,7 @@ which puts them together (`analysis`).
     a.groups  # one row per (group, t): E[alpha_t], its interval and mark, accuracy, Psi
 """
 
-from rdfast.stats.analysis import DEFAULT_BY, Analysis, analyze, write_tables
+from rdfast.stats.analysis import DEFAULT_BY, Analysis, analyze, read_tables, write_tables
 from rdfast.stats.comparisons import paired_table
 from rdfast.stats.intervals import (
     ADJUSTMENT_NAMES,
@@ -25,5 +25,5 @@ from rdfast.stats.records import load
 __all__ = [
     "ADJUSTMENTS", "ADJUSTMENT_NAMES", "CI_METHODS", "COVERAGE", "DEFAULT_BY", "Analysis",
     "accuracy_floor", "adjust_p", "analyze", "bootstrap_interval", "load", "paired_table",
-    "t_interval", "write_tables",
+    "read_tables", "t_interval", "write_tables",
 ]  # fmt: skip

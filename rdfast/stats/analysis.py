@@ -22,6 +22,7 @@ from rdfast.config import DEFAULT_FLOOR
 from rdfast.errors import BadInput
 from rdfast.runs import store
 from rdfast.stats.comparisons import class_group_table, compared_column, group_table, paired_table
+from rdfast.stats.error_rates import group_error_changes, run_error_changes
 from rdfast.stats.intervals import ADJUSTMENTS, CI_METHODS
 from rdfast.stats.measures import class_table, run_table
 from rdfast.stats.records import SETTING_COLUMNS, check_version
@@ -66,13 +67,16 @@ def analyze(
     vs: str | None = "auto",
     floor: float = DEFAULT_FLOOR,
     adjust: str = "holm",
+    confusion: pd.DataFrame | None = None,
 ) -> Analysis:
     """All statistics of the records. `vs`: the strategy (or mitigation) the others are
     compared with, run by run (`paired_table`); "auto" takes plain when runs retrained with a
     mitigation and without, else mp when mp and another strategy were run; None none.
     Records of several mitigations are grouped by mitigation too. `floor`: alpha's marks and
     cells need a mean accuracy above floor x chance (0: always). `adjust`: the multiplicity
-    control of each table column's marks (holm, bh or none; `adjust_p`)."""
+    control of each table column's marks (holm, bh or none; `adjust_p`). `confusion` (the
+    long confusion table, `store.load_confusion`) adds CEV and SDE (`error_rates`) to the
+    run and group tables."""
     if records.empty:
         raise BadInput("no records to analyze")
     check_version(records)
@@ -103,6 +107,10 @@ def analyze(
     note_differing_t(runs, by, notes)
     groups = group_table(runs, classes, by, ci, ci_method, n_resamples, seed, notes, floor,
                          adjust)  # fmt: skip
+    if confusion is not None and not confusion.empty:
+        runs = runs.merge(run_error_changes(confusion), on=["run_id", "t"], how="left")
+        errors = group_error_changes(runs, by, ci, ci_method, n_resamples, seed)
+        groups = groups.merge(errors.reset_index(), on=[*by, "t"], how="left")
     class_groups = class_group_table(classes, by, ci, ci_method, n_resamples, seed)
     if vs == "auto":
         vs = _auto_baseline(runs, by)
@@ -128,7 +136,13 @@ def _auto_baseline(runs, by) -> str | None:
     return "mp" if "mp" in strategies and len(strategies) > 1 and "strategy" in by else None
 
 
+# What `read_tables` needs besides the CSV tables to print them as `analyze` did.
+SETTINGS_FILE = "analysis.json"
+
+
 def write_tables(a: Analysis, out_dir: Path) -> list[Path]:
+    """Every table as Parquet and CSV, and the analysis' settings and notes (`SETTINGS_FILE`),
+    so the compact tables alone print again (`read_tables`)."""
     out_dir = Path(out_dir)
     written = []
     tables = [("alpha_runs", a.runs), ("alpha_groups", a.groups), ("class_groups", a.class_groups)]
@@ -143,4 +157,44 @@ def write_tables(a: Analysis, out_dir: Path) -> list[Path]:
         data = df.to_csv(index=False).encode()
         store.atomic_write(out_dir / f"{name}.csv", lambda f, d=data: f.write(d))
         written += [out_dir / f"{name}.parquet", out_dir / f"{name}.csv"]
-    return written
+    settings = {"by": list(a.by), "ci": a.ci, "ci_method": a.ci_method, "floor": a.floor,
+                "adjust": a.adjust, "notes": a.notes}  # fmt: skip
+    store.write_json(out_dir / SETTINGS_FILE, settings)
+    return written + [out_dir / SETTINGS_FILE]
+
+
+def read_tables(folder: Path) -> Analysis:
+    """The Analysis that `write_tables` wrote into `folder`, from its CSV files and settings
+    alone (no records): its group, class, paired and PIE tables, for printing again. The
+    per-run and per-class tables are left empty."""
+    from rdfast.stats.flips import Flips
+
+    folder = Path(folder)
+    needed = [folder / SETTINGS_FILE, folder / "alpha_groups.csv", folder / "class_groups.csv"]
+    missing = [p.name for p in needed if not p.is_file()]
+    if missing:
+        raise BadInput(f"{folder} holds no tables written by rdfast analyze "
+                       f"(missing {', '.join(missing)})")  # fmt: skip
+    settings = store.read_json(folder / SETTINGS_FILE)
+
+    def csv(name):
+        path = folder / f"{name}.csv"
+        if not path.is_file():
+            return None
+        df = pd.read_csv(path)
+        marks = [c for c in df.columns if c == "mark" or c.endswith("_mark")]
+        return df.fillna({c: "" for c in marks})  # no mark: written as an empty field
+
+    flips = None
+    pie = csv("pie_groups")
+    if pie is not None:
+        empty = pd.DataFrame()
+        flips = Flips(runs=empty, classes=empty, groups=pie, pie_classes=empty,
+                      most_flipped=empty)  # fmt: skip
+    return Analysis(
+        classes=pd.DataFrame(), runs=pd.DataFrame(), groups=csv("alpha_groups"),
+        class_groups=csv("class_groups"), by=tuple(settings["by"]), ci=settings["ci"],
+        ci_method=settings["ci_method"], notes=list(settings.get("notes", [])),
+        paired=csv("alpha_paired"), flips=flips, floor=settings["floor"],
+        adjust=settings["adjust"],
+    )  # fmt: skip

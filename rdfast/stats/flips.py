@@ -36,7 +36,8 @@ class Flips:
 
     @property
     def empty(self) -> bool:
-        return self.runs.empty
+        """No flips measured (tables read back from CSV keep the group table alone)."""
+        return self.runs.empty and self.groups.empty
 
 
 def modal(predictions: np.ndarray, num_classes: int) -> np.ndarray:

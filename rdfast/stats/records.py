@@ -54,7 +54,7 @@ STRATEGY_SETTINGS = ("strategy", "saliency", "grad_batches", "eps")
 # Likewise the retraining objective and its parameters: runs that differ only in these are
 # paired by `--vs plain`.
 MITIGATION_SETTINGS = ("mitigation", "kd_weight", "kd_temperature", "constraint_eps")
-MITIGATION_SETTINGS += ("multiplier_lr", "val_fraction")
+MITIGATION_SETTINGS += ("multiplier_lr", "val_fraction", "ceag_tolerance", "dual_lr", "ceag_memory")
 
 
 def load(runs_dir: Path) -> pd.DataFrame:
