@@ -18,7 +18,7 @@ from rdfast.settings import (
 
 # rp is global random pruning; rp-layer keeps MP's per-layer densities (OpenLTH's
 # `randomly_prune` default, the authors' random baseline). `all` = the paper's four.
-STRATEGIES = ("mp", "gp", "up", "rp", "rp-layer")
+STRATEGIES = ("mp", "gp", "up", "rp", "rp-layer", "cs")
 PAPER_STRATEGIES = ("mp", "gp", "up", "rp")
 STRATEGY_ORDER = {s: i for i, s in enumerate(STRATEGIES)}  # the order tables and plots use
 RETRAIN_MODES = ("finetune", "rewind")
@@ -113,10 +113,15 @@ class TrainSettings:
             )
 
 
+# A "-max" form scores each weight by its largest score over the classes' own mean gradients
+# (`pruning.strategies.class_max_scores`) instead of the mean gradient's score.
+CLASS_MAX = "-max"
+
+
 def _saliency_forms() -> tuple[str, ...]:
     from rdfast.kernels import SALIENCY_FORMS
 
-    return SALIENCY_FORMS
+    return (*SALIENCY_FORMS, *(f + CLASS_MAX for f in SALIENCY_FORMS))
 
 
 @dataclass(frozen=True)
@@ -131,14 +136,17 @@ class PruneSettings:
     )
     saliency: str = setting(
         "taylor",
-        "Form of the gp/up scores: taylor |w*g|, |-w*g+eps*w^2|; sum |g|, |g|+eps*|w|.",
+        "Form of the gp/up scores: taylor |w*g|, |-w*g+eps*w^2|; sum |g|, |g|+eps*|w|; "
+        "taylor-max, sum-max: per weight the largest such score over the classes' own mean "
+        "gradients, so a weight one class needs is kept (after Tran et al. 2022).",
         choices=_saliency_forms,
         key=lambda v, run: v if run.uses_gradient else "none",
     )
     grad_batches: int = setting(
         16,
-        "Training batches averaged for the gradient of gp/up (1 = authors' code).",
-        key=lambda v, run: v if run.uses_gradient else None,
+        "Training batches averaged for the gradient of gp/up (1 = authors' code), and over "
+        "which cs measures each class's importance.",
+        key=lambda v, run: v if run.calibrates else None,
     )
     up_eps: float | None = setting(
         None,
@@ -228,8 +236,6 @@ class PruneSettings:
     )
 
     def validate(self, train: TrainSettings) -> None:
-        from rdfast.kernels import SALIENCY_FORMS
-
         r = self.ratios
         if not r:
             raise BadInput("--ratios is empty")
@@ -237,8 +243,9 @@ class PruneSettings:
             raise BadInput(f"every ratio must be > 1 (t = 1 is the dense model), got {list(r)}")
         if any(b <= a for a, b in zip(r, r[1:])):
             raise BadInput(f"--ratios must be strictly increasing, got {list(r)}")
-        if self.saliency not in SALIENCY_FORMS:
-            raise BadInput(f"unknown saliency form {self.saliency!r}; choose from taylor, sum")
+        if self.saliency not in _saliency_forms():
+            raise BadInput(f"unknown saliency form {self.saliency!r}; choose from "
+                           f"{', '.join(_saliency_forms())}")  # fmt: skip
         if self.grad_batches < 1:
             raise BadInput(f"--grad-batches must be >= 1, got {self.grad_batches}")
         if self.up_eps is not None and not 0 <= self.up_eps < math.inf:
@@ -445,6 +452,14 @@ class PruneJob:
             raise BadInput(f"--ratios must be > 1 and strictly increasing, got {list(r)}")
         if not self.seeds:
             raise BadInput("no seeds given")
+        if "cs" in self.strategies:
+            raise BadInput("--strategy cs measures each class's importance during rdfast run; "
+                           "rdfast prune takes mp, gp, up, rp and rp-layer")  # fmt: skip
+        if self.saliency.endswith(CLASS_MAX):
+            raise BadInput(
+                f"--saliency {self.saliency} scores with per-class gradients, which rdfast run "
+                "computes; rdfast prune takes taylor or sum"
+            )
         checks = {
             "--grad-batches must be >= 1": (self.grad_batches, self.grad_batches >= 1),
             "--batch-size must be >= 1": (self.batch_size, self.batch_size >= 1),

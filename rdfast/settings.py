@@ -104,6 +104,11 @@ class KeyContext:
         return self.strategy in ("gp", "up")
 
     @property
+    def calibrates(self) -> bool:
+        """Measures on calibration batches: the gradient of gp/up, the importance of cs."""
+        return self.strategy in ("gp", "up", "cs")
+
+    @property
     def finetunes(self) -> bool:
         return self.prune.retrain == "finetune"
 

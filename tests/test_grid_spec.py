@@ -100,6 +100,14 @@ def test_shipped_specs_expand():
     # (digits: mlp; mnist, fashion-mnist, cifar10: mlp and lenet5) x 2 widths x 10 seeds.
     claim4 = grid_spec.load("claim4")
     assert len(claim4.dense) == 140 and len(claim4.runs) == 420
+    # Fashion-MNIST: 2 widths x 10 seeds; CIFAR-10: 5 seeds. Per Fashion-MNIST dense model:
+    # mp, up, cs plain; gp, up taylor-max; mp, up under ceag and kd (9); per CIFAR-10 one:
+    # mp, up, cs; up taylor-max; mp, up under ceag and kd (8).
+    fair = grid_spec.load("fairness")
+    assert len(fair.dense) == 25 and len(fair.runs) == 20 * 9 + 5 * 8
+    saliency = {(r.strategy, r.exp.prune.saliency) for r in fair.runs.values()
+                if r.exp.prune.saliency != "taylor"}  # fmt: skip
+    assert saliency == {("gp", "taylor-max"), ("up", "taylor-max")}
 
 
 BAD = [

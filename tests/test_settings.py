@@ -25,6 +25,7 @@ def test_every_flag_field_is_an_option_of_run():
 MITIGATION_KEYS = {
     "kd": {"mitigation", "kd_weight", "kd_temperature"},
     "constrained": {"mitigation", "constraint_eps", "multiplier_lr", "val_fraction"},
+    "ceag": {"mitigation", "ceag_tolerance", "dual_lr", "ceag_memory"},
 }
 
 

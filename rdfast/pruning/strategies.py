@@ -13,9 +13,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from rdfast.config import CLASS_MAX
 from rdfast.data import TensorData
 from rdfast.errors import BadInput
 from rdfast.kernels import prune_lowest, prune_lowest_fused
+from rdfast.pruning.calibration import calibration_batches, preserved_buffers
+from rdfast.pruning.class_share import class_share_masks
 from rdfast.seeding import generator
 
 
@@ -31,11 +34,6 @@ def check_ratios(total: int, ratios) -> None:
             )
 
 
-def _batches(data: TensorData, batch_size: int, gen: torch.Generator) -> Iterator:
-    while True:  # more batches than one epoch holds: continue with a fresh permutation
-        yield from data.train_batches(batch_size, gen)
-
-
 def data_gradients(
     model: nn.Module,
     layers: dict[str, nn.Parameter],
@@ -46,8 +44,8 @@ def data_gradients(
     seed_parts: tuple,
 ) -> dict[str, torch.Tensor]:
     """Mean over `batches` training batches of d(cross-entropy)/dw, model in train mode."""
-    stream = _batches(data, batch_size, generator(*seed_parts))
-    return mean_gradients(model, layers, (next(stream) for _ in range(batches)), F.cross_entropy)
+    draw = calibration_batches(data, batches, batch_size, seed_parts)
+    return mean_gradients(model, layers, draw, F.cross_entropy)
 
 
 def mean_gradients(model: nn.Module, layers: dict[str, nn.Parameter], batches, loss_fn):
@@ -59,23 +57,69 @@ def mean_gradients(model: nn.Module, layers: dict[str, nn.Parameter], batches, l
     batch-norm running statistics; they are put back, so measuring the gradient leaves the
     model as it was.
     """
-    buffers = {n: b.clone() for n, b in model.named_buffers()}
-    model.train()
-    for p in model.parameters():
-        p.grad = None
-    count = 0
-    for x, y in batches:
-        loss_fn(model(x), y).backward()
-        count += 1
-    if count == 0:
-        raise BadInput("no calibration batches: the gradient of gp/up needs at least one")
-    grads = {name: w.grad.detach().div_(count) for name, w in layers.items()}
-    for p in model.parameters():
-        p.grad = None
-    with torch.no_grad():
-        for n, b in model.named_buffers():
-            b.copy_(buffers[n])
+    with preserved_buffers(model):
+        model.train()
+        for p in model.parameters():
+            p.grad = None
+        count = 0
+        for x, y in batches:
+            loss_fn(model(x), y).backward()
+            count += 1
+        if count == 0:
+            raise BadInput("no calibration batches: the gradient of gp/up needs at least one")
+        grads = {name: w.grad.detach().div_(count) for name, w in layers.items()}
+        for p in model.parameters():
+            p.grad = None
     return grads
+
+
+def class_gradients(
+    model: nn.Module,
+    layers: dict[str, nn.Parameter],
+    data: TensorData,
+    *,
+    batches: int,
+    batch_size: int,
+    seed_parts: tuple,
+) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+    """Per class c of the calibration batches (the `data_gradients` draw): (c, the mean over
+    c's examples of d(cross-entropy)/dw), one class at a time, so the memory beyond the model
+    is one gradient of the layers' size whatever the number of classes. Each class re-draws
+    the same batches and runs them whole (batch-norm statistics as the mean gradient sees
+    them), back-propagating its own examples' losses: C times the mean gradient's compute."""
+
+    def draw():
+        return calibration_batches(data, batches, batch_size, seed_parts)
+
+    labels = torch.cat([y for _, y in draw()])
+    for c in torch.unique(labels).tolist():
+        # mean_gradients averages over the batches: each batch's sum over c's examples,
+        # times batches / n_c, averages to the mean over c's n_c examples.
+        scale = batches / int((labels == c).sum())
+
+        def loss_fn(z, y, c=c, scale=scale):
+            return F.cross_entropy(z, y, reduction="none")[y == c].sum() * scale
+
+        with torch.enable_grad():  # consumed lazily, perhaps inside no_grad
+            grads = mean_gradients(model, layers, draw(), loss_fn)
+        yield c, grads
+
+
+def class_max_scores(weights: list, per_class, strategy: str, form: str, eps: float) -> list:
+    """Per weight, the largest `kernels.saliency` score over the classes' gradients
+    (`per_class`: an iterable of gradient lists aligned with `weights`): a weight that any
+    one class needs keeps a high score, where the mean gradient's score can cancel between
+    classes (Tran et al., "Pruning has a disparate impact on model accuracy", 2022: the
+    classes with the largest gradient norms lose most)."""
+    from rdfast.kernels import saliency
+
+    scores = None
+    for grads in per_class:
+        s = [saliency(w, g, strategy=strategy, form=form, eps=eps) for w, g in zip(weights, grads)]
+        scores = s if scores is None else [torch.maximum(a, b) for a, b in zip(scores, s)]
+    if scores is None:
+        raise BadInput("no calibration examples: the class gradients of gp/up need one")
+    return scores
 
 
 def random_scores(layers: dict[str, nn.Parameter], seed_parts: tuple) -> list[torch.Tensor]:
@@ -137,6 +181,8 @@ def select_masks(
     strategy: str,
     *,
     grads: dict[str, torch.Tensor] | None = None,
+    class_grads=None,
+    class_importance=None,
     form: str = "taylor",
     eps: float = 0.0,
     seed_parts: tuple = (),
@@ -149,7 +195,10 @@ def select_masks(
     uniform scores over all layers at once; rp-layer draws them inside each layer, down to
     the per-layer counts magnitude pruning gives `dense_weights` at t. With `group`, the
     layers are this process's share of a model spread over the group's processes, and the
-    counts are global.
+    counts are global. `class_grads` (an iterable of per-class gradient dicts) with a form
+    ending in -max: gp/up score with `class_max_scores`, stored, then selected exactly. cs
+    selects on `class_importance` (an iterable of per-class importance lists aligned with the
+    layers; `class_share`).
     """
     names = list(layers)
     if masks is None:
@@ -168,9 +217,26 @@ def select_masks(
             raise ValueError("rp-layer is not available across processes")
         counts = magnitude_counts({k: dense_weights[k] for k in names}, t)
         new = layer_matched_random(layers, masks, counts, seed_parts)
+    elif strategy == "cs":
+        if class_importance is None:
+            raise ValueError("cs needs the classes' importance")
+        if group is not None:
+            raise ValueError("cs is not available across processes")
+        new = class_share_masks(layers, old, n, class_importance, names)
+    elif strategy in ("gp", "up") and form.endswith(CLASS_MAX):
+        if class_grads is None:
+            raise ValueError(f"saliency {form} needs the class gradients")
+        if group is not None:
+            raise ValueError(f"saliency {form} is not available across processes")
+        weights = [layers[k].detach() for k in names]
+        per_class = ([g[k] for k in names] for g in class_grads)
+        base = form.removesuffix(CLASS_MAX)
+        scores = class_max_scores(weights, per_class, strategy, base, eps)
+        new = prune_lowest(scores, old, n, names=names, group=group)
     else:
         weights = [layers[k].detach() for k in names]
         g = None if grads is None else [grads[k] for k in names]
+        form = form.removesuffix(CLASS_MAX)  # mp: the form does not matter
         new = prune_lowest_fused(
             weights, g, old, n, strategy=strategy, form=form, eps=eps, names=names, group=group
         )

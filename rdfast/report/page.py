@@ -50,6 +50,7 @@ COLORS = {
     "up": "tab:green",
     "rp": "tab:red",
     "rp-layer": "tab:purple",
+    "cs": "tab:brown",
 }
 
 

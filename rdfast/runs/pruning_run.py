@@ -16,10 +16,12 @@ import numpy as np
 import torch
 
 from rdfast import mitigations, training
+from rdfast.config import CLASS_MAX
 from rdfast.errors import RunFailed
 from rdfast.kernels.selection import NaNScoreError
 from rdfast.models import prunable_layers
-from rdfast.pruning.strategies import apply_masks, data_gradients, prune_to
+from rdfast.pruning.class_share import class_importance
+from rdfast.pruning.strategies import apply_masks, class_gradients, data_gradients, prune_to
 from rdfast.runs import store
 from rdfast.runs.context import RunContext
 from rdfast.runs.lifecycle import RunOutcome, new_manifest, run_steps
@@ -139,16 +141,16 @@ class PruningRun:
 
     def _prune(self, model, layers, masks, i, t, dense):
         p, tr = self.exp.prune, self.exp.train
-        grads = None
+        grads = class_grads = importance = None
+        draw = dict(batches=p.grad_batches, batch_size=tr.batch_size,
+                    seed_parts=(self.seed, i, "grad"))  # fmt: skip
+        if self.strategy == "cs":
+            importance = (h for _, h in class_importance(model, layers, self.data, **draw))
         if self.strategy in ("gp", "up"):
-            grads = data_gradients(
-                model,
-                layers,
-                self.data,
-                batches=p.grad_batches,
-                batch_size=tr.batch_size,
-                seed_parts=(self.seed, i, "grad"),
-            )
+            if p.saliency.endswith(CLASS_MAX):
+                class_grads = (g for _, g in class_gradients(model, layers, self.data, **draw))
+            else:
+                grads = data_gradients(model, layers, self.data, **draw)
         try:
             return prune_to(
                 layers,
@@ -156,6 +158,8 @@ class PruningRun:
                 t,
                 self.strategy,
                 grads=grads,
+                class_grads=class_grads,
+                class_importance=importance,
                 form=p.saliency,
                 eps=p.eps(tr),
                 seed_parts=(self.seed, i, "rp"),
