@@ -116,7 +116,8 @@ analysis_options = [
         "--by",
         default="strategy,saliency,dataset,model,width",
         show_default=True,
-        help="Record columns that define a group; seeds are its replicates.",
+        help="Record columns that define a group; seeds are its replicates. A setting of "
+        "the runs' manifests splits groups too (e.g. ceag_tolerance, finetune_epochs).",
     ),
     click.option(
         "--ci",

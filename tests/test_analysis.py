@@ -576,3 +576,41 @@ def test_accuracy_floor_is_a_multiple_of_chance_capped_halfway_to_one():
     # floor / C, but never above (1 + 1/C) / 2: by hand for 10, 100, 3 and 2 classes.
     got = stats.accuracy_floor(2.0, np.array([10, 100, 3, 2]))
     np.testing.assert_allclose(got, [0.2, 0.02, 2 / 3, 0.75])
+
+
+def test_a_manifest_setting_splits_groups_and_each_side_pairs_with_plain(tmp_path):
+    """ceag at two tolerances beside plain on the same dense models: the default grouping
+    refuses them by the setting's name; --by ceag_tolerance splits them, and each tolerance
+    pairs with the plain run of its seed (differences by hand)."""
+    x = [0.2, -0.1, -0.1]
+    sides = {"plain": [1.2, 1.5, 0.9], "c1": [1.1, 1.4, 0.8], "c2": [1.0, 1.2, 0.6]}
+    runs = [
+        run_with(s, x, [a * v for v in x], tag=tag)
+        for tag, factors in sides.items()
+        for s, a in enumerate(factors)
+    ]
+    records = fake_records(runs)
+    tag = records["run_id"].str.rsplit("-", n=1).str[1]
+    records["mitigation"] = np.where(tag == "plain", "plain", "ceag")
+    records["mitigation_settings"] = tag
+    tolerance = {"c1": 0.1, "c2": 0.01}
+    records.attrs["settings"] = {
+        rid: ({"mitigation": "ceag", "ceag_tolerance": tolerance[t]} if t in tolerance else {})
+        for rid, t in zip(records["run_id"], tag)
+    }
+    with pytest.raises(BadInput, match=r"differ in ceag_tolerance \(0.1 vs 0.01\)"):
+        stats.analyze(records, by=("strategy", "mitigation"))
+    by = ("strategy", "mitigation", "ceag_tolerance")
+    a = stats.analyze(records, by=by, vs="plain", **NO_FLOOR)
+    labels = {tables.group_label(r, by) for _, r in a.groups.iterrows()}
+    assert labels == {"mp plain", "mp ceag ceag_tolerance=0.1", "mp ceag ceag_tolerance=0.01"}
+    p = a.paired[a.paired["t"] == 4.0].set_index("ceag_tolerance")
+    assert p["n"].to_dict() == {"ceag_tolerance=0.1": 3, "ceag_tolerance=0.01": 3}
+    assert p.loc["ceag_tolerance=0.1", "mean_diff"] == pytest.approx(-0.1)
+    assert p.loc["ceag_tolerance=0.01", "mean_diff"] == pytest.approx((-0.2 - 0.3 - 0.3) / 3)
+    # The tables printed again from their CSVs name the same groups.
+    stats.write_tables(a, tmp_path)
+    again = stats.read_tables(tmp_path)
+    assert {tables.group_label(r, by) for _, r in again.groups.iterrows()} == labels
+    with pytest.raises(BadInput, match="or a setting the runs' manifests hold"):
+        stats.analyze(records, by=("strategy", "colour"))

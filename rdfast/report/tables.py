@@ -10,13 +10,14 @@ import pandas as pd
 
 from rdfast.config import STRATEGY_ORDER
 from rdfast.stats import Analysis
+from rdfast.stats.records import MITIGATION_SETTINGS, STRATEGY_SETTINGS
 
 
 def group_label(row, by) -> str:
     parts = []
     for b in by:
         v = row[b]
-        if b == "saliency" and v == "none":
+        if (b == "saliency" and v == "none") or v == "":  # "": a setting this run lacks
             continue
         # Numbers name their setting ("width 0.5"); names speak for themselves.
         parts.append(f"{b} {v:g}" if isinstance(v, (float, int)) else str(v))
@@ -238,7 +239,9 @@ def legend(a: Analysis) -> str:
     )
 
 
-COMPARED = ("strategy", "saliency", "mitigation")  # what a summary line compares
+# What a summary line compares: the strategies and mitigations, with their own settings
+# when grouped by them (--by ceag_tolerance).
+COMPARED = ("strategy", "saliency", "mitigation", *STRATEGY_SETTINGS, *MITIGATION_SETTINGS)
 
 
 def summary(a: Analysis, top: int = 2) -> list[str]:

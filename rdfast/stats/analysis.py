@@ -25,7 +25,12 @@ from rdfast.stats.comparisons import class_group_table, compared_column, group_t
 from rdfast.stats.error_rates import group_error_changes, run_error_changes
 from rdfast.stats.intervals import ADJUSTMENTS, CI_METHODS
 from rdfast.stats.measures import class_table, run_table
-from rdfast.stats.records import SETTING_COLUMNS, check_version
+from rdfast.stats.records import (
+    RUN_COLUMNS,
+    SETTING_COLUMNS,
+    check_version,
+    with_setting_columns,
+)
 from rdfast.stats.replicates import check_replicates, note_differing_t
 
 DEFAULT_BY = ("strategy", "saliency", "dataset", "model", "width")
@@ -81,11 +86,13 @@ def analyze(
         raise BadInput("no records to analyze")
     check_version(records)
     by = tuple(by)
+    records = with_setting_columns(records, by)
     unknown = [b for b in by if b not in records.columns or b in ("class", "t_target", "step")]
     if unknown or not by:
         allowed = [c for c in SETTING_COLUMNS if c in records.columns and c != "dense_id"]
         raise BadInput(
-            f"cannot group by {', '.join(unknown) or '(nothing)'}; choose from {', '.join(allowed)}"
+            f"cannot group by {', '.join(unknown) or '(nothing)'}; choose from "
+            f"{', '.join(allowed)}, or a setting the runs' manifests hold (e.g. ceag_tolerance)"
         )
     if not 0 < ci < 1:
         raise BadInput(f"--ci must lie strictly between 0 and 1, got {ci}")
@@ -103,7 +110,7 @@ def analyze(
     classes = class_table(records, notes)
     if classes.empty:
         raise BadInput("no usable records: every class row was left out")
-    runs = run_table(classes)
+    runs = run_table(classes, extra=by)
     note_differing_t(runs, by, notes)
     groups = group_table(runs, classes, by, ci, ci_method, n_resamples, seed, notes, floor,
                          adjust)  # fmt: skip
@@ -183,7 +190,10 @@ def read_tables(folder: Path) -> Analysis:
             return None
         df = pd.read_csv(path)
         marks = [c for c in df.columns if c == "mark" or c.endswith("_mark")]
-        return df.fillna({c: "" for c in marks})  # no mark: written as an empty field
+        # No mark, and a grouped-by setting a run lacks: both written as an empty field.
+        lacking = [b for b in settings["by"] if b in df.columns and b not in RUN_COLUMNS]
+        text = [*marks, *lacking]
+        return df.assign(**{c: df[c].astype(object).fillna("") for c in text})
 
     flips = None
     pie = csv("pie_groups")

@@ -17,6 +17,7 @@ from rdfast.stats.intervals import (
     undercovering,
 )
 from rdfast.stats.measures import accuracy_floor
+from rdfast.stats.records import MITIGATION_SETTINGS, STRATEGY_SETTINGS
 
 
 def compared_column(baseline: str | None) -> str:
@@ -130,7 +131,9 @@ def pair_runs(runs: pd.DataFrame, by: list, baseline: str, floor: float, notes) 
     # under the same protocol (ratios, retraining), differing in `col` and its parameters
     # alone: eps belongs to the strategy (NaN for mp, the UP coefficient for up), the
     # temperature to kd. Runs without a partner are counted, not paired.
-    own = ("strategy", "saliency", "eps") if col == "strategy" else ("mitigation",)
+    # Settings grouped by (--by ceag_tolerance) belong to the side that has them: ceag at
+    # tolerance 0.1 and at 0.01 are both paired with the same plain run.
+    own = ("strategy", *STRATEGY_SETTINGS) if col == "strategy" else MITIGATION_SETTINGS
     same = ["dense_id", "protocol", "mitigation_settings" if col == "strategy" else
             "strategy_settings"]  # fmt: skip
     same = [c for c in same if c in runs.columns]

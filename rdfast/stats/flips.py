@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from rdfast.runs import store
+from rdfast.stats.records import with_setting_columns
 
 
 @dataclass
@@ -70,6 +71,7 @@ def read_run(run_dir: Path) -> tuple[np.ndarray, dict[int, np.ndarray]] | None:
 def analyze_flips(runs_dir: Path, records: pd.DataFrame, by, top: int = 5) -> Flips:
     """Flip rates of every run with predictions, and per group of `by` (seeds its
     replicates) and t: the mean flip rate, the PIE set's size and share, per class too."""
+    records = with_setting_columns(records, by)
     by = [b for b in by if b in records.columns and b != "seed"]
     meta = records.drop_duplicates(["run_id", "step"])[["run_id", "step", "t_target", *by]]
     num_classes = int(records["class"].max()) + 1 if not records.empty else 0

@@ -71,8 +71,9 @@ def class_table(records: pd.DataFrame, notes: list[str]) -> pd.DataFrame:
     return df
 
 
-def run_table(classes: pd.DataFrame) -> pd.DataFrame:
-    """Per (run, t): alpha = sum(x y) / sum(x^2) and its standard error, x = Bn_1, y = Bn_t."""
+def run_table(classes: pd.DataFrame, extra=()) -> pd.DataFrame:
+    """Per (run, t): alpha = sum(x y) / sum(x^2) and its standard error, x = Bn_1, y = Bn_t.
+    Each run's RUN_COLUMNS are kept, and the `extra` columns (settings grouped by)."""
     x, y = classes["Bn1"], classes["Bn"]
     keys = ["run_id", "t"]
     sums = (
@@ -89,7 +90,8 @@ def run_table(classes: pd.DataFrame) -> pd.DataFrame:
     psi = (classes["R1"] - classes["recall"]) - (classes["A1"] - classes["accuracy"])
     spread = psi.groupby([classes["run_id"], classes["t"]], sort=False).agg(["max", "min"])
     spread.index.names = keys
-    meta_cols = [c for c in RUN_COLUMNS if c in classes.columns and c != "run_id"]
+    meta_cols = [c for c in (*RUN_COLUMNS, *extra) if c in classes.columns and c != "run_id"]
+    meta_cols = list(dict.fromkeys(meta_cols))
     meta = classes.drop_duplicates(keys).set_index(keys)[[*meta_cols, "step", "accuracy", "A1"]]
     meta = meta.rename(columns={"A1": "dense_accuracy"})
     out = meta.join(

@@ -29,10 +29,6 @@ RUN_COLUMNS = (
 )
 # Settings that, when they differ between runs of one group and seed, mean the group mixes
 # experiments rather than replicates.
-
-
-# Settings that, when they differ between runs of one group and seed, mean the group mixes
-# experiments rather than replicates.
 SETTING_COLUMNS = (
     "strategy",
     "saliency",
@@ -114,6 +110,29 @@ def attach_settings(records: pd.DataFrame, runs_dir: Path) -> pd.DataFrame:
     )
     records.attrs["settings"] = flat
     return records
+
+
+def with_setting_columns(records: pd.DataFrame, names) -> pd.DataFrame:
+    """`records` with a column for each of `names` that is a manifest setting rather than a
+    record column (`ceag_tolerance`, `finetune_epochs`, `train.epochs`), so that --by can
+    split runs that differ in it. Its cells read `name=value`, and are empty for runs that
+    lack the setting (plain retraining has no ceag_tolerance): strings, so that a group
+    label names the setting and runs without it sort and compare like any other group."""
+    flat = records.attrs.get("settings", {})
+    known = set().union(*flat.values()) if flat else set()
+    added = {}
+    for name in names:
+        if name in records.columns or name not in known:
+            continue
+        values = {r: s[name] for r, s in flat.items() if name in s}
+        added[name] = records["run_id"].map(
+            lambda r, v=values, n=name: f"{n}={v[r]}" if r in v else ""
+        )
+    if not added:
+        return records
+    out = records.assign(**added)
+    out.attrs = records.attrs
+    return out
 
 
 def check_version(records: pd.DataFrame) -> None:
