@@ -236,6 +236,7 @@ class AccuracyGap(CrossEntropy):
     def __init__(self, dense: tuple, multipliers: torch.Tensor, tolerance: float, dual_lr: float,
                  memory: int):  # fmt: skip
         self.class_loss, self.class_acc, self.loss_mean, self.acc = dense
+        self.class_acc_cpu = self.class_acc.cpu()  # beside the buffer's, once, not per batch
         self.multipliers = multipliers
         self.tolerance, self.dual_lr = tolerance, dual_lr
         self.buffer = ClassBuffer(multipliers.shape[0], memory)
@@ -261,11 +262,10 @@ class AccuracyGap(CrossEntropy):
         full, acc, mean = self.buffer.query()
         if not bool(full.any()):
             return
-        dense_acc = self.class_acc.cpu()
-        defect = (dense_acc - acc) - (self.acc - mean) - self.tolerance
+        defect = (self.class_acc_cpu - acc) - (self.acc - mean) - self.tolerance
         lam = self.multipliers
-        step = (lam[full.to(lam.device)] + self.dual_lr * defect[full].to(lam)).clamp(min=0)
-        lam[full.to(lam.device)] = step
+        rows = full.to(lam.device)
+        lam[rows] = (lam[rows] + self.dual_lr * defect[full].to(lam)).clamp(min=0)
 
 
 # ------------------------------------------------------------------ a run's mitigation
@@ -282,10 +282,14 @@ class RunMitigation:
         self.multipliers = None
         if self.kind == "plain":
             return
+        # The dense model: kd's teacher on every batch; the constrained mitigations need
+        # only its per-class fit, measured once here, and do not keep it.
         teacher = ctx.new_model(seed)
         teacher.load_state_dict(dense["model"])
         teacher.eval().requires_grad_(False)
-        self.teacher, self.teacher_forward = teacher, ctx.forward(teacher)
+        teacher_forward = ctx.forward(teacher)
+        if self.kind == "kd":
+            self.teacher_forward = teacher_forward
         c = data.num_classes
         if self.kind in ("constrained", "ceag"):
             saved = None if state is None else state.get("multipliers")
@@ -295,9 +299,9 @@ class RunMitigation:
             self.train_data, self.val = validation_split(
                 data, settings.val_fraction, derive_seed(seed, "val") % 2**32
             )
-            self.dense_fit = class_recall(self.teacher_forward, teacher, *self.val, c)
+            self.dense_fit = class_recall(teacher_forward, teacher, *self.val, c)
         if self.kind == "ceag":
-            self.dense_fit = class_loss_accuracy(self.teacher_forward, teacher, data.x_train,
+            self.dense_fit = class_loss_accuracy(teacher_forward, teacher, data.x_train,
                                                  data.y_train, c, prepare=data.prepare)  # fmt: skip
 
     def retraining(self, model, forward, batch_size: int):

@@ -112,22 +112,18 @@ def test_runs_record_the_class_max_form_and_change_the_masks(tmp_path):
     assert last["taylor"] != last["taylor-max"]
 
 
-def test_prune_refuses_the_class_max_forms(tmp_path):
-    args = [
-        "prune",
-        "--checkpoint",
-        str(tmp_path / "m.pt"),
-        "--dataset",
-        "digits",
-        "--model",
-        "mlp",
-        "--strategy",
-        "gp",
-        "--saliency",
-        "taylor-max",
-        "--out",
-        str(tmp_path / "o"),
-    ]
+@pytest.mark.parametrize(
+    "choice, message",
+    [
+        (["--strategy", "gp", "--saliency", "taylor-max"], "rdfast prune takes taylor or sum"),
+        (["--strategy", "cs"], "rdfast prune takes mp, gp, up"),
+    ],
+)
+def test_prune_refuses_the_class_aware_scores(tmp_path, choice, message):
+    """Class-max forms and class-share are computed by rdfast run alone: prune says so in
+    one line, exit 2, and writes nothing."""
+    args = ["prune", "--checkpoint", str(tmp_path / "m.pt"), "--dataset", "digits",
+            "--model", "mlp", *choice, "--out", str(tmp_path / "o")]  # fmt: skip
     res = CliRunner().invoke(cli, args)
-    assert res.exit_code == 2 and "rdfast prune takes taylor or sum" in res.output
+    assert res.exit_code == 2 and message in res.output
     assert not (tmp_path / "o").exists()

@@ -5,12 +5,10 @@ one-class case against FairGRAPE's greedy, and runs that record it."""
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 from torch import nn
 from torch.nn import functional as F
 
 from benchmarks.fairgrape import fairgrape_greedy
-from rdfast.cli.main import cli
 from rdfast.data import load_dataset
 from rdfast.pruning.calibration import calibration_batches
 from rdfast.pruning.class_share import class_importance, class_share_masks, share_keys
@@ -118,21 +116,3 @@ def test_runs_record_class_share(tmp_path):
     steps = rec[rec["strategy"] == "cs"].drop_duplicates("step").sort_values("step")
     total = int(steps["total"].iloc[0])
     assert list(steps["remaining"]) == [total] + [round(total / t) for t in (2.0, 5.0, 20.0)]
-
-
-def test_prune_refuses_class_share(tmp_path):
-    args = [
-        "prune",
-        "--checkpoint",
-        str(tmp_path / "m.pt"),
-        "--dataset",
-        "digits",
-        "--model",
-        "mlp",
-        "--strategy",
-        "cs",
-        "--out",
-        str(tmp_path / "o"),
-    ]
-    res = CliRunner().invoke(cli, args)
-    assert res.exit_code == 2 and "rdfast prune takes mp, gp, up" in res.output

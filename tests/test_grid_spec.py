@@ -108,6 +108,13 @@ def test_shipped_specs_expand():
     saliency = {(r.strategy, r.exp.prune.saliency) for r in fair.runs.values()
                 if r.exp.prune.saliency != "taylor"}  # fmt: skip
     assert saliency == {("gp", "taylor-max"), ("up", "taylor-max")}
+    # 2 datasets x 2 widths x 10 seeds, five strategies each; its Fashion-MNIST mp and up are
+    # the fairness spec's plain ones (the same run ids: one --out trains them once).
+    claims = grid_spec.load("claims-lenet")
+    assert len(claims.dense) == 40 and len(claims.runs) == 200
+    shared = {k for k, r in claims.runs.items() if r.exp.dataset == "fashion-mnist"
+              and r.strategy in ("mp", "up")}  # fmt: skip
+    assert len(shared) == 40 and shared <= set(fair.runs)
 
 
 BAD = [

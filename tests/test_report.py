@@ -364,3 +364,26 @@ def test_alpha_figure_when_every_model_is_below_its_floor(tmp_path):
     alpha_boxplot(runs, tmp_path / "alpha.png", floor=2.0)
     img = mpimg.imread(tmp_path / "alpha.png")
     assert img.ndim == 3 and img.shape[1] > 200
+
+
+def test_alpha_figure_keeps_score_forms_and_mitigations_apart(tmp_path, monkeypatch):
+    """gp in two score forms, and mp under two retrainings: a box each, named as the tables
+    name the groups, never pooled under the strategy alone."""
+    from rdfast.report import page
+
+    saved = {}
+    monkeypatch.setattr(page, "_save", lambda fig, path, dpi: saved.setdefault("fig", fig))
+    kinds = [("gp", "taylor", "plain"), ("gp", "taylor-max", "plain"), ("mp", "none", "plain"),
+             ("mp", "none", "kd")]  # fmt: skip
+    runs = pd.DataFrame(
+        [{"run_id": f"{s}{f}{m}{seed}", "t": 4.0, "strategy": s, "saliency": f, "mitigation": m,
+          "alpha": 1.0 + 0.1 * i + 0.01 * seed, "accuracy": 0.9}
+         for i, (s, f, m) in enumerate(kinds) for seed in range(5)]  # fmt: skip
+    )
+    page.alpha_boxplot(runs, tmp_path / "a.png", by=("strategy", "saliency", "mitigation"))
+    ax = saved["fig"].axes[0]
+    names = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert names[:4] == ["mp kd", "mp plain", "gp taylor plain", "gp taylor-max plain"]
+    # One set of points a variant, each holding its own five models.
+    means = sorted(round(float(c.get_offsets()[:, 1].mean()), 3) for c in ax.collections)
+    assert means == [1.02, 1.12, 1.22, 1.32]

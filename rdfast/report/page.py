@@ -23,6 +23,7 @@ from rdfast.config import STRATEGY_ORDER  # noqa: E402
 from rdfast.errors import BadInput  # noqa: E402
 from rdfast.report import examples  # noqa: E402
 from rdfast.report.tables import (  # noqa: E402
+    COMPARED,
     at_largest_t,
     disparity_legend,
     disparity_table,
@@ -81,9 +82,12 @@ NO_ALPHA = "no pruned model above its accuracy floor: no alpha_t to show\n(see E
 
 
 def alpha_boxplot(
-    runs: pd.DataFrame, path: Path, panel: str | None = None, title: str = "", floor=None
+    runs: pd.DataFrame, path: Path, panel: str | None = None, title: str = "", floor=None,
+    by=("strategy",),
 ):  # fmt: skip
-    """Boxes of alpha_t(m) against t, one colour per strategy; a panel per value of `panel`.
+    """Boxes of alpha_t(m) against t, one colour per strategy (per strategy, score form and
+    mitigation where `by` tells them apart: gp and gp taylor-max, mp and mp kd get boxes of
+    their own); a panel per value of `panel`.
     Models at or below their accuracy floor (`stats.accuracy_floor`; `floor` None: every
     model) are left out: a collapsed model's alpha means nothing and, at -7 to 20 for random
     pruning, would set the axis that shows 0.8-1.3 for the others."""
@@ -97,8 +101,11 @@ def alpha_boxplot(
         ax.text(0.5, 0.5, NO_ALPHA, ha="center", va="center", fontsize=10)
         _save(fig, path, dpi=110)
         return
+    compared = [b for b in by if b in COMPARED and b in runs.columns] or ["strategy"]
+    runs = runs.assign(strategy=[group_label(r, compared) for _, r in runs.iterrows()])
     panels = sorted(runs[panel].unique()) if panel else [None]
-    strategies = sorted(set(runs["strategy"]), key=lambda s: (STRATEGY_ORDER.get(s, 9), s))
+    strategies = sorted(set(runs["strategy"]),
+                        key=lambda s: (STRATEGY_ORDER.get(s.split()[0], 9), s))  # fmt: skip
     ts = sorted(runs["t"].unique())
     # At most three panels a row, so that many datasets or widths wrap instead of making
     # a figure too wide to read on a page.
@@ -524,7 +531,7 @@ def plan_figures(a: Analysis, scatter_ts, run_id: str) -> list[tuple[Figure, Cal
                 "alpha_by_strategy.png",
                 "alpha_t(m) of every model above its accuracy floor against t, per strategy",
             ),
-            lambda p: alpha_boxplot(a.runs, p, floor=a.floor),
+            lambda p: alpha_boxplot(a.runs, p, floor=a.floor, by=a.by),
         )
     ]
     for col in ("dataset", "width", "model"):
@@ -538,6 +545,7 @@ def plan_figures(a: Analysis, scatter_ts, run_id: str) -> list[tuple[Figure, Cal
                         panel=c,
                         title=f"alpha_t per strategy, split by {c}",
                         floor=a.floor,
+                        by=a.by,
                     ),
                 )
             )
