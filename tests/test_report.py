@@ -375,11 +375,10 @@ def test_alpha_figure_keeps_score_forms_and_mitigations_apart(tmp_path, monkeypa
     monkeypatch.setattr(page, "_save", lambda fig, path, dpi: saved.setdefault("fig", fig))
     kinds = [("gp", "taylor", "plain"), ("gp", "taylor-max", "plain"), ("mp", "none", "plain"),
              ("mp", "none", "kd")]  # fmt: skip
-    runs = pd.DataFrame(
-        [{"run_id": f"{s}{f}{m}{seed}", "t": 4.0, "strategy": s, "saliency": f, "mitigation": m,
-          "alpha": 1.0 + 0.1 * i + 0.01 * seed, "accuracy": 0.9}
-         for i, (s, f, m) in enumerate(kinds) for seed in range(5)]  # fmt: skip
-    )
+    rows = [(s, f, m, 1.0 + 0.1 * i + 0.01 * seed) for i, (s, f, m) in enumerate(kinds)
+            for seed in range(5)]  # fmt: skip
+    runs = pd.DataFrame(rows, columns=["strategy", "saliency", "mitigation", "alpha"])
+    runs = runs.assign(t=4.0, accuracy=0.9, run_id=[str(i) for i in range(len(runs))])
     page.alpha_boxplot(runs, tmp_path / "a.png", by=("strategy", "saliency", "mitigation"))
     ax = saved["fig"].axes[0]
     names = [t.get_text() for t in ax.get_legend().get_texts()]
