@@ -120,6 +120,12 @@ analysis_options = [
         "the runs' manifests splits groups too (e.g. ceag_tolerance, finetune_epochs).",
     ),
     click.option(
+        "--spec",
+        default=None,
+        help="Only the runs of this grid spec (a file or a shipped spec's name), where "
+        "several specs share RUNS_DIR (their common runs are trained once).",
+    ),
+    click.option(
         "--ci",
         default=0.99,
         show_default=True,
@@ -181,10 +187,11 @@ def with_analysis_options(fn):
     return fn
 
 
-def analysis_args(by, ci, ci_method, top_classes, vs, floor, adjust) -> dict:
+def analysis_args(by, spec, ci, ci_method, top_classes, vs, floor, adjust) -> dict:
     """The options `with_analysis_options` adds, as the keywords the commands take."""
     return {
         "by": parse_by(by),
+        "spec": spec,
         "ci": ci,
         "ci_method": ci_method,
         "top_classes": top_classes,
@@ -208,7 +215,7 @@ def analysis_args(by, ci, ci_method, top_classes, vs, floor, adjust) -> dict:
 @click.option(
     "-o", "--out", type=click.Path(path_type=Path), help="Folder for the stats tables [RUNS_DIR]."
 )
-def analyze(runs_dir, by, ci, ci_method, top_classes, vs, floor, adjust, fmt, out):
+def analyze(runs_dir, by, spec, ci, ci_method, top_classes, vs, floor, adjust, fmt, out):
     """E[alpha_t] with its CI mark (< > ?) and mean accuracy, per group and t.
 
     alpha_t(m) is the least-squares slope through the origin of the normalized recall
@@ -224,7 +231,7 @@ def analyze(runs_dir, by, ci, ci_method, top_classes, vs, floor, adjust, fmt, ou
     from rdfast.cli.output import print_analysis
     from rdfast.commands import analyze_runs
 
-    args = analysis_args(by, ci, ci_method, top_classes, vs, floor, adjust)
+    args = analysis_args(by, spec, ci, ci_method, top_classes, vs, floor, adjust)
     a, written = analyze_runs(runs_dir=runs_dir, out=out, **args)
     return print_analysis(
         a, written, fmt, top_classes, click.echo, lambda m: click.echo(m, err=True)
@@ -284,9 +291,7 @@ def tables(folder, top_classes, fmt):
     help="Where the datasets' files are, for the pictures of the most-flipped test images "
     "[$RDFAST_DATA, else ~/.cache/rdfast/data]; without them the report lists their indices.",
 )
-def report(
-    runs_dir, out, by, ci, ci_method, top_classes, vs, floor, adjust, run_id, scatter_t, data_root
-):
+def report(runs_dir, out, run_id, scatter_t, data_root, **analysis):
     """Tables and figures of the recall-distortion study: index.html and report.md.
 
     The page opens with a summary (which strategy distorts least, which classes pay, what
@@ -298,7 +303,7 @@ def report(
     path = make_report(
         runs_dir=runs_dir,
         out=out,
-        **analysis_args(by, ci, ci_method, top_classes, vs, floor, adjust),
+        **analysis_args(**analysis),
         run_id=run_id,
         scatter_ts=list(parse_floats(scatter_t, "--scatter-t")) or None,
         data_root=data_root,

@@ -135,9 +135,27 @@ def prune_checkpoint(*, progress=None, **flags):
                         exclude=job.exclude, progress=progress)  # fmt: skip
 
 
+def load_records(runs_dir, spec=None):
+    """The records under runs_dir (`stats.load`); with `spec` (a grid spec's file or name),
+    only its runs: specs that share an --out share the runs they have in common."""
+    from rdfast import stats
+
+    records = stats.load(runs_dir)
+    if spec is None:
+        return records
+    from rdfast.grid import spec as grid_spec
+
+    ids = set(grid_spec.load(spec).runs)
+    kept = records[records["run_id"].isin(ids)]
+    if kept.empty:
+        raise BadInput(f"none of the {len(ids)} runs of the spec {spec} is under {runs_dir}")
+    kept.attrs = records.attrs
+    return kept
+
+
 def analyze_runs(
     *, runs_dir, by, ci, ci_method, out=None, top_classes=3, vs="auto", floor=DEFAULT_FLOOR,
-    adjust="holm",
+    adjust="holm", spec=None,
 ):  # fmt: skip
     """(Analysis, paths of the stats tables written next to the records or into `out`)."""
     from rdfast import outdir, stats
@@ -146,7 +164,7 @@ def analyze_runs(
     other = out is not None and Path(out).resolve() != Path(runs_dir).resolve()
     if other:
         outdir.check(out, "analyze")
-    records = stats.load(runs_dir)
+    records = load_records(runs_dir, spec)
     a = stats.analyze(records, by=by, ci=ci, ci_method=ci_method, vs=vs, floor=floor,
                       adjust=adjust, confusion=store.load_confusion(runs_dir))  # fmt: skip
     a.flips = flips.analyze_flips(runs_dir, records, a.by, top=max(top_classes, 1))
@@ -158,7 +176,7 @@ def analyze_runs(
 
 def make_report(
     *, runs_dir, out, by, ci, ci_method, run_id=None, scatter_ts=None, top_classes=3, vs="auto",
-    floor=DEFAULT_FLOOR, adjust="holm", data_root=None,
+    floor=DEFAULT_FLOOR, adjust="holm", data_root=None, spec=None,
 ) -> Path:  # fmt: skip
     """The report folder `out` (index.html, report.md, figures) of the records in runs_dir."""
     from rdfast import outdir, stats
@@ -166,7 +184,7 @@ def make_report(
     from rdfast.stats import flips
 
     outdir.check(out, "report", records=runs_dir)  # before the analysis: nothing to undo
-    records = stats.load(runs_dir)
+    records = load_records(runs_dir, spec)
     a = stats.analyze(records, by=by, ci=ci, ci_method=ci_method, vs=vs, floor=floor,
                       adjust=adjust, confusion=store.load_confusion(runs_dir))  # fmt: skip
     a.flips = flips.analyze_flips(runs_dir, records, a.by, top=max(top_classes, 1))

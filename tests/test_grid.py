@@ -351,3 +351,32 @@ def test_workers_die_with_a_killed_driver(tmp_path):
                 pass
         if proc.poll() is None:
             proc.kill()
+
+
+def test_analyze_and_report_take_the_runs_of_one_spec_from_a_shared_out(tmp_path):
+    """Two specs into one --out (seed 0 with mp and up; seeds 0-1 with mp): analyze --spec
+    reads each spec's own runs, the shared mp run of seed 0 in both."""
+    out = tmp_path / "out"
+    first = write_spec(tmp_path, SPEC.replace('seeds = "0-3"', 'seeds = "0"'), "first.toml")
+    second = SPEC.replace('seeds = "0-3"', 'seeds = "0-1"').replace('["mp", "up"]', '"mp"')
+    second = write_spec(tmp_path, second, "second.toml")
+    for spec in (first, second):
+        assert grid(spec, "--out", out, "--workers", "1").exit_code == 0
+
+    def analyzed(*args):
+        dest = tmp_path / f"tables{len(list(tmp_path.glob('tables*')))}"
+        res = CliRunner().invoke(cli, ["analyze", str(out), "-o", str(dest), *map(str, args)])
+        assert res.exit_code == 0, res.output
+        runs = pd.read_csv(dest / "alpha_runs.csv").drop_duplicates("run_id")
+        return sorted(zip(runs["seed"], runs["strategy"]))
+
+    assert analyzed() == [(0, "mp"), (0, "up"), (1, "mp")]
+    assert analyzed("--spec", first) == [(0, "mp"), (0, "up")]
+    assert analyzed("--spec", second) == [(0, "mp"), (1, "mp")]
+    report = CliRunner().invoke(cli, ["report", str(out), "-o", str(tmp_path / "r"), "--spec",
+                                      str(first)])  # fmt: skip
+    assert report.exit_code == 0, report.output
+    assert "2 runs" in (tmp_path / "r" / "report.md").read_text()
+    other = write_spec(tmp_path, SPEC.replace('seeds = "0-3"', 'seeds = "7"'), "other.toml")
+    res = CliRunner().invoke(cli, ["analyze", str(out), "--spec", str(other)])
+    assert res.exit_code == 2 and "none of the 2 runs of the spec" in res.output
