@@ -101,10 +101,18 @@ def test_shipped_specs_expand():
     claim4 = grid_spec.load("claim4")
     assert len(claim4.dense) == 140 and len(claim4.runs) == 420
     # Fashion-MNIST: 2 widths x 10 seeds; CIFAR-10: 5 seeds. Per Fashion-MNIST dense model:
-    # mp, up, cs plain; gp, up taylor-max; mp, up under ceag and kd (9); per CIFAR-10 one:
-    # mp, up, cs; up taylor-max; mp, up under ceag and kd (8).
+    # mp, up, cs plain; gp, up taylor-max; mp, up under ceag (two tolerances) and kd (11);
+    # per CIFAR-10 one: mp, up, cs; up taylor-max; mp, up under ceag (two) and kd (10).
     fair = grid_spec.load("fairness")
-    assert len(fair.dense) == 25 and len(fair.runs) == 20 * 9 + 5 * 8
+    assert len(fair.dense) == 25 and len(fair.runs) == 20 * 11 + 5 * 10
+    tolerances = {r.exp.prune.ceag_tolerance for r in fair.runs.values()
+                  if r.exp.prune.mitigation == "ceag"}  # fmt: skip
+    assert tolerances == {0.1, 0.01}
+    # Its CIFAR-10 mp and up runs are cifar10-cpu's at width 0.5 (one --out trains them once).
+    plain = {k for k, r in fair.runs.items() if r.exp.dataset.startswith("cifar10")
+             and r.exp.prune.mitigation == "plain" and r.strategy in ("mp", "up")
+             and r.exp.prune.saliency == "taylor"}  # fmt: skip
+    assert len(plain) == 10 and plain <= set(cifar.runs)
     saliency = {(r.strategy, r.exp.prune.saliency) for r in fair.runs.values()
                 if r.exp.prune.saliency != "taylor"}  # fmt: skip
     assert saliency == {("gp", "taylor-max"), ("up", "taylor-max")}
