@@ -427,7 +427,7 @@ def grid_run(spec, out, executor, workers, address, retries, dry_run, progress):
         return print_plan(grid_plan(spec, out), click.echo)
     result = run_grid(spec, out, executor=executor, workers=workers, address=address,
                       retries=retries, progress=progress)  # fmt: skip
-    return print_grid(result, click.echo)
+    return print_grid(result, click.echo, spec=spec)
 
 
 @grid.command("status")

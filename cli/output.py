@@ -144,8 +144,9 @@ def print_stream(summary: dict, echo) -> int:
     return 0
 
 
-def print_grid(result, echo) -> int:
-    """What a grid command did; exit code 1 when a run failed."""
+def print_grid(result, echo, spec=None) -> int:
+    """What a grid command did; exit code 1 when a run failed. Where OUT holds other runs
+    too (specs sharing a folder), the next command reads this spec's alone."""
     for run_id, label, reason in result.failed:
         echo(f"failed: {label} ({run_id}): {reason}")
     made = result.complete - result.already
@@ -155,7 +156,10 @@ def print_grid(result, echo) -> int:
         f"{len(result.failed)} failed, {result.seconds:.1f} s on {result.executor}"
     )
     if result.complete:
-        echo(f"records: {records_path(result.out)}; next: rdfast analyze {result.out}")
+        runs = result.out / "runs"
+        held = sum(1 for _ in runs.iterdir()) if runs.is_dir() else 0
+        only = f" --spec {spec}" if spec is not None and held > result.runs else ""
+        echo(f"records: {records_path(result.out)}; next: rdfast analyze {result.out}{only}")
     return 1 if result.failed else 0
 
 

@@ -361,7 +361,10 @@ def test_analyze_and_report_take_the_runs_of_one_spec_from_a_shared_out(tmp_path
     second = SPEC.replace('seeds = "0-3"', 'seeds = "0-1"').replace('["mp", "up"]', '"mp"')
     second = write_spec(tmp_path, second, "second.toml")
     for spec in (first, second):
-        assert grid(spec, "--out", out, "--workers", "1").exit_code == 0
+        res = grid(spec, "--out", out, "--workers", "1")
+        assert res.exit_code == 0, res.output
+    # The second finds a run of the first beside its own: its next command reads its own.
+    assert f"next: rdfast analyze {out} --spec {second}" in res.output
 
     def analyzed(*args):
         dest = tmp_path / f"tables{len(list(tmp_path.glob('tables*')))}"
