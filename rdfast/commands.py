@@ -153,21 +153,32 @@ def load_records(runs_dir, spec=None):
     return kept
 
 
+def _analysis(runs_dir, spec, *, by, top_classes, **options):
+    """`stats.analyze` of the records under runs_dir (of `spec` alone, when given) with the
+    flip rates of the same groups; the manifest settings --by names become columns once,
+    for both."""
+    from rdfast import stats
+    from rdfast.stats import flips
+    from rdfast.stats.records import with_setting_columns
+
+    records = with_setting_columns(load_records(runs_dir, spec), by)
+    a = stats.analyze(records, by=by, confusion=store.load_confusion(runs_dir), **options)
+    a.flips = flips.analyze_flips(runs_dir, records, a.by, top=max(top_classes, 1))
+    return a
+
+
 def analyze_runs(
     *, runs_dir, by, ci, ci_method, out=None, top_classes=3, vs="auto", floor=DEFAULT_FLOOR,
     adjust="holm", spec=None,
 ):  # fmt: skip
     """(Analysis, paths of the stats tables written next to the records or into `out`)."""
     from rdfast import outdir, stats
-    from rdfast.stats import flips
 
     other = out is not None and Path(out).resolve() != Path(runs_dir).resolve()
     if other:
         outdir.check(out, "analyze")
-    records = load_records(runs_dir, spec)
-    a = stats.analyze(records, by=by, ci=ci, ci_method=ci_method, vs=vs, floor=floor,
-                      adjust=adjust, confusion=store.load_confusion(runs_dir))  # fmt: skip
-    a.flips = flips.analyze_flips(runs_dir, records, a.by, top=max(top_classes, 1))
+    a = _analysis(runs_dir, spec, by=by, ci=ci, ci_method=ci_method, vs=vs, floor=floor,
+                  adjust=adjust, top_classes=top_classes)  # fmt: skip
     if other:
         Path(out).mkdir(parents=True, exist_ok=True)
         outdir.mark(out, "analyze")
@@ -179,15 +190,12 @@ def make_report(
     floor=DEFAULT_FLOOR, adjust="holm", data_root=None, spec=None,
 ) -> Path:  # fmt: skip
     """The report folder `out` (index.html, report.md, figures) of the records in runs_dir."""
-    from rdfast import outdir, stats
+    from rdfast import outdir
     from rdfast.report.page import build_report
-    from rdfast.stats import flips
 
     outdir.check(out, "report", records=runs_dir)  # before the analysis: nothing to undo
-    records = load_records(runs_dir, spec)
-    a = stats.analyze(records, by=by, ci=ci, ci_method=ci_method, vs=vs, floor=floor,
-                      adjust=adjust, confusion=store.load_confusion(runs_dir))  # fmt: skip
-    a.flips = flips.analyze_flips(runs_dir, records, a.by, top=max(top_classes, 1))
+    a = _analysis(runs_dir, spec, by=by, ci=ci, ci_method=ci_method, vs=vs, floor=floor,
+                  adjust=adjust, top_classes=top_classes)  # fmt: skip
     return build_report(a, runs_dir, out, run_id=run_id, scatter_ts=scatter_ts,
                         top_classes=top_classes, data_root=data_root)  # fmt: skip
 

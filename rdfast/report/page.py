@@ -102,7 +102,11 @@ def alpha_boxplot(
         _save(fig, path, dpi=110)
         return
     compared = [b for b in by if b in COMPARED and b in runs.columns] or ["strategy"]
-    runs = runs.assign(strategy=[group_label(r, compared) for _, r in runs.iterrows()])
+    # One label per group, not per row: a study's runs table has thousands of rows.
+    codes = runs.groupby(compared, dropna=False, sort=False).ngroup().to_numpy()
+    _, first = np.unique(codes, return_index=True)
+    labels = np.array([group_label(runs.iloc[i], compared) for i in first], dtype=object)
+    runs = runs.assign(strategy=labels[codes])
     panels = sorted(runs[panel].unique()) if panel else [None]
     strategies = sorted(set(runs["strategy"]),
                         key=lambda s: (STRATEGY_ORDER.get(s.split()[0], 9), s))  # fmt: skip
