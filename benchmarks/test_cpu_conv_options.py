@@ -12,6 +12,10 @@ and weight decay, the data held as tensors. Options, each alone on top of the pl
 - `rdfast_train`: `rdfast.training.train` as a CIFAR run calls it (crop + flip on the device).
 Evaluation: `rdfast.training.evaluate` (inference mode) at the batch rdfast uses on the CPU
 (256) and others, contiguous and channels_last.
+The roof: every case records the floating-point work it did per second (ResNet-20's FLOPs a
+training or test image, counted by `torch.utils.flop_counter`), and `test_fp32_peak` the
+machine's fp32 rate on a large matrix product in the same run: no loop can be more than
+peak / achieved times faster in fp32, whatever options it takes.
 
     RDFAST_DATA=../shared/data pytest benchmarks/test_cpu_conv_options.py \
         --benchmark-columns=median,min,rounds
@@ -58,10 +62,25 @@ def model(channels_last=False):
     return m.to(memory_format=torch.channels_last) if channels_last else m
 
 
-def record(benchmark, images: int):
+def flops_per_image(train_step: bool) -> float:
+    """ResNet-20's floating-point operations for one image: forward alone, or forward and
+    backward (about 3x: the backward computes the gradients of inputs and weights)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    net, x = model(), torch.randn(8, 3, 32, 32)
+    with FlopCounterMode(display=False) as counter:
+        out = net(x)
+        if train_step:
+            out.sum().backward()
+    return counter.get_total_flops() / x.shape[0]
+
+
+def record(benchmark, images: int, train_step: bool):
     if benchmark.stats is None:  # --benchmark-disable: the case ran once, untimed
         return
-    benchmark.extra_info["images_per_second"] = round(images / benchmark.stats.stats.median, 1)
+    rate = images / benchmark.stats.stats.median
+    benchmark.extra_info["images_per_second"] = round(rate, 1)
+    benchmark.extra_info["gflop_per_second"] = round(rate * flops_per_image(train_step) / 1e9, 1)
     benchmark.extra_info["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
 
 
@@ -106,7 +125,7 @@ def test_train_option(benchmark, cifar, option):
         pytest.skip("no native bf16 on this CPU (AVX512_BF16/AMX): emulated bf16 is slower")
     epoch = plain_epoch(cifar, **OPTIONS[option])
     benchmark.pedantic(epoch, rounds=3, warmup_rounds=1)
-    record(benchmark, N)
+    record(benchmark, N, train_step=True)
 
 
 @pytest.mark.benchmark(group="resnet20-cifar10-cpu-train")
@@ -118,7 +137,7 @@ def test_rdfast_train(benchmark, cifar):
         train(net, cifar, settings, seed_parts=(0,))
 
     benchmark.pedantic(epoch, rounds=3, warmup_rounds=1)
-    record(benchmark, N)
+    record(benchmark, N, train_step=True)
 
 
 @pytest.mark.benchmark(group="resnet20-cifar10-cpu-eval")
@@ -136,4 +155,15 @@ def test_evaluate_test_set(benchmark, cifar, batch, channels_last):
         evaluate(net, data, batch, "fp32")
 
     benchmark.pedantic(run, rounds=3, warmup_rounds=1)
-    record(benchmark, int(cifar.y_test.shape[0]))
+    record(benchmark, int(cifar.y_test.shape[0]), train_step=False)
+
+
+@pytest.mark.benchmark(group="resnet20-cifar10-cpu-peak")
+def test_fp32_peak(benchmark):
+    """The machine's fp32 rate on a 2,048 x 2,048 matrix product (oneDNN/MKL at its best:
+    large, square, cache-blocked), the roof over every loop above."""
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    benchmark.pedantic(torch.mm, args=(a, b), rounds=10, warmup_rounds=2)
+    if benchmark.stats is not None:
+        flop = 2 * 2048**3
+        benchmark.extra_info["gflop_per_second"] = round(flop / benchmark.stats.stats.min / 1e9, 1)
