@@ -57,6 +57,8 @@ def print_extras(a, echo, *, md: bool = False, top_classes: int = 0) -> None:
         section(tables.paired_legend(a), alpha_diff)
         section(f"accuracy minus {a.baseline}", acc_diff)
         section(f"Psi minus {a.baseline}", psi_diff)
+    if tables.has_cost(a):
+        section(tables.COST_LEGEND, tables.cost_table(a))
     paying = tables.paying_classes(a, top_classes)
     if not paying.empty:
         section(tables.paying_legend(a, top_classes), paying)

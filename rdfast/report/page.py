@@ -24,12 +24,15 @@ from rdfast.errors import BadInput  # noqa: E402
 from rdfast.report import examples  # noqa: E402
 from rdfast.report.tables import (  # noqa: E402
     COMPARED,
+    COST_LEGEND,
     at_largest_t,
+    cost_table,
     disparity_legend,
     disparity_table,
     error_change_legend,
     floor_legend,
     group_label,
+    has_cost,
     has_error_changes,
     interval_table,
     legend,
@@ -686,6 +689,10 @@ def report_sections(
         parts = [paired_legend(a) + ".", Table(alpha_diff), f"Accuracy minus {vs}:",
                  Table(acc_diff), f"Psi minus {vs}:", Table(psi_diff)]  # fmt: skip
         sections.append(Section(f"{what} against {vs}, seed by seed", parts, open=False))
+    if has_cost(a):
+        sections.append(
+            Section("What each step costs", [COST_LEGEND + ".", Table(cost_table(a))], open=False)
+        )
     most = most_flipped_table(a)
     if not most.empty:
         text = (

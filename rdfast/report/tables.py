@@ -107,6 +107,25 @@ def interval_table(a: Analysis, name: str) -> pd.DataFrame:
     return _by_t(g, a, cells)
 
 
+def has_cost(a: Analysis) -> bool:
+    """Whether the groups carry the mean wall seconds of a pruning step (records that hold
+    them; tables written before they were kept do not)."""
+    g = a.groups
+    return "mean_seconds" in g.columns and bool(g.loc[g["t"] > 1, "mean_seconds"].notna().any())
+
+
+COST_LEGEND = (
+    "seconds a pruning step takes (prune, retrain, evaluate), mean over seeds: wall time on "
+    "the machine that ran the study, so compare groups of one study, run alike"
+)
+
+
+def cost_table(a: Analysis) -> pd.DataFrame:
+    """Rows: groups; columns: t > 1; cells the mean wall seconds of the step reaching t."""
+    g = a.groups[a.groups["t"] > 1]
+    return _by_t(g, a, ["-" if np.isnan(v) else f"{v:.1f}" for v in g["mean_seconds"]])
+
+
 def has_error_changes(a: Analysis) -> bool:
     return "mean_cev" in a.groups.columns and bool(a.groups["mean_cev"].notna().any())
 

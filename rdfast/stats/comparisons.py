@@ -259,6 +259,8 @@ def group_table(
             "disparity_ci_high": psi["high"].clip(upper=2.0),
         }
     )
+    if "seconds" in runs.columns:
+        agg["mean_seconds"] = g["seconds"].mean()
     # Pooled slope: every class of every replicate in one fit (what a scatter plot shows).
     c = classes.assign(xy=classes["Bn1"] * classes["Bn"], xx=classes["Bn1"] ** 2)
     pooled = c.groupby(keys, sort=True, dropna=False)[["xy", "xx"]].sum()
