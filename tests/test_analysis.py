@@ -501,19 +501,21 @@ def test_disparity_is_the_range_of_excess_recall_drops_hand_computed():
     assert dense["disparity"] == 0.0
 
 
-def test_step_seconds_are_averaged_per_group_and_printed_as_the_cost_table():
-    # Two seeds of mp with steps of 3 s and 5 s at t = 4 (their dense training 100 s and
-    # 120 s): the group's cost at t = 4 is 4.0 s; the dense rows keep the training time.
-    runs = [run_with(s, [0.2, -0.2], [0.3, -0.3]) for s in (0, 1)]
+def test_step_seconds_are_the_median_per_group_and_printed_as_the_cost_table():
+    # Three seeds of mp with steps of 3 s, 5 s and 400 s (a stopped process) at t = 4, their
+    # dense training 100, 120 and 130 s: the group's cost at t = 4 is the median, 5.0 s (the
+    # mean, 136 s, would be the outlier's); the dense rows keep the training time.
+    runs = [run_with(s, [0.2, -0.2], [0.3, -0.3]) for s in (0, 1, 2)]
     records = fake_records(runs)
-    seconds = {(0, 0): 100.0, (0, 1): 3.0, (1, 0): 120.0, (1, 1): 5.0}
+    seconds = {(0, 0): 100.0, (0, 1): 3.0, (1, 0): 120.0, (1, 1): 5.0, (2, 0): 130.0,
+               (2, 1): 400.0}  # fmt: skip
     records["seconds"] = [seconds[s, st] for s, st in zip(records["seed"], records["step"])]
     a = stats.analyze(records, by=("strategy",))
     g = a.groups.set_index("t")
-    assert g.loc[4.0, "mean_seconds"] == pytest.approx(4.0)
-    assert g.loc[1.0, "mean_seconds"] == pytest.approx(110.0)
+    assert g.loc[4.0, "median_seconds"] == pytest.approx(5.0)
+    assert g.loc[1.0, "median_seconds"] == pytest.approx(120.0)
     assert tables.has_cost(a)
-    assert tables.cost_table(a).loc["mp", "t=4"] == "4.0"
+    assert tables.cost_table(a).loc["mp", "t=4"] == "5.0"
     # Records without step times give no cost table rather than an empty one.
     assert not tables.has_cost(stats.analyze(fake_records(runs), by=("strategy",)))
 

@@ -108,22 +108,23 @@ def interval_table(a: Analysis, name: str) -> pd.DataFrame:
 
 
 def has_cost(a: Analysis) -> bool:
-    """Whether the groups carry the mean wall seconds of a pruning step (records that hold
+    """Whether the groups carry the median wall seconds of a pruning step (records that hold
     them; tables written before they were kept do not)."""
     g = a.groups
-    return "mean_seconds" in g.columns and bool(g.loc[g["t"] > 1, "mean_seconds"].notna().any())
+    return "median_seconds" in g.columns and bool(g.loc[g["t"] > 1, "median_seconds"].notna().any())
 
 
 COST_LEGEND = (
-    "seconds a pruning step takes (prune, retrain, evaluate), mean over seeds: wall time on "
-    "the machine that ran the study, so compare groups of one study, run alike"
+    "seconds a pruning step takes (prune, retrain, evaluate), median over seeds: wall time "
+    "on the machine that ran the study, so compare only groups that ran alike (at the same "
+    "time, with the same load)"
 )
 
 
 def cost_table(a: Analysis) -> pd.DataFrame:
-    """Rows: groups; columns: t > 1; cells the mean wall seconds of the step reaching t."""
+    """Rows: groups; columns: t > 1; cells the median wall seconds of the step reaching t."""
     g = a.groups[a.groups["t"] > 1]
-    return _by_t(g, a, ["-" if np.isnan(v) else f"{v:.1f}" for v in g["mean_seconds"]])
+    return _by_t(g, a, ["-" if np.isnan(v) else f"{v:.1f}" for v in g["median_seconds"]])
 
 
 def has_error_changes(a: Analysis) -> bool:

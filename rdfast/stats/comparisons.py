@@ -260,7 +260,8 @@ def group_table(
         }
     )
     if "seconds" in runs.columns:
-        agg["mean_seconds"] = g["seconds"].mean()
+        # The median: a step that waited on a stopped or crowded machine is one seed's outlier.
+        agg["median_seconds"] = g["seconds"].median()
     # Pooled slope: every class of every replicate in one fit (what a scatter plot shows).
     c = classes.assign(xy=classes["Bn1"] * classes["Bn"], xx=classes["Bn1"] ** 2)
     pooled = c.groupby(keys, sort=True, dropna=False)[["xy", "xx"]].sum()
