@@ -386,3 +386,24 @@ def test_alpha_figure_keeps_score_forms_and_mitigations_apart(tmp_path, monkeypa
     # One set of points a variant, each holding its own five models.
     means = sorted(round(float(c.get_offsets()[:, 1].mean()), 3) for c in ax.collections)
     assert means == [1.02, 1.12, 1.22, 1.32]
+
+
+def test_group_legend_moves_out_of_the_panels_when_its_labels_are_long():
+    import matplotlib.pyplot as plt
+
+    from rdfast.report.page import _group_legend
+
+    def legend_of(labels):
+        fig, axes = plt.subplots(1, 2)
+        for i, label in enumerate(labels):
+            axes[0].plot([1, 2], [i, i], label=label)
+        _group_legend(axes)
+        where = ("panel" if axes[0].get_legend() else "figure" if fig.legends
+                 else "beside" if axes[-1].get_legend() else None)  # fmt: skip
+        plt.close(fig)
+        return where
+
+    assert legend_of(["mp plain", "up kd"]) == "panel"
+    long = "up taylor cifar10:train=10000 resnet20 width 0.5 ceag ceag_tolerance=0.01"
+    assert legend_of([long, long + " "]) == "figure"
+    assert legend_of([f"group {i}" for i in range(12)]) == "beside"

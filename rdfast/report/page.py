@@ -201,13 +201,16 @@ def _save(fig, path: Path, dpi: int) -> None:
 
 
 def _group_legend(axes) -> None:
-    """The groups' legend: inside the first panel for a few lines, beside the last one for
-    more (24 groups of the mitigation study would cover the panel)."""
-    n = len(axes[0].get_legend_handles_labels()[1])
-    if n <= 8:
+    """The groups' legend: inside the first panel for a few short lines, beside the last one
+    for more or longer ones (24 groups of the mitigation study, or six labels of 60
+    characters naming a dataset option and a setting, would cover the panel)."""
+    handles, labels = axes[0].get_legend_handles_labels()
+    n = len(labels)
+    if n <= 8 and max(map(len, labels), default=0) <= 40:
         axes[0].legend(fontsize=7)
+    elif n <= 8:  # long labels: under the panels, which keep their width
+        axes[0].figure.legend(handles, labels, fontsize=7, loc="outside lower center", ncol=2)
     else:
-        handles, labels = axes[0].get_legend_handles_labels()
         axes[-1].legend(handles, labels, fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1),
                         borderaxespad=0, ncol=1 if n <= 30 else 2)  # fmt: skip
 
