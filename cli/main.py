@@ -178,6 +178,13 @@ analysis_options = [
         "any false mark, bh (Benjamini-Hochberg) the expected share of false marks; none: "
         "each interval alone. Raw and adjusted p-values are both written.",
     ),
+    click.option(
+        "--cost",
+        is_flag=True,
+        help="Also the median wall seconds of a pruning step per group and t (prune, retrain, "
+        "evaluate): what each strategy or mitigation costs. Machine time, different on every "
+        "run, so left out of the tables unless asked for.",
+    ),
 ]
 
 
@@ -187,7 +194,7 @@ def with_analysis_options(fn):
     return fn
 
 
-def analysis_args(by, spec, ci, ci_method, top_classes, vs, floor, adjust) -> dict:
+def analysis_args(by, spec, ci, ci_method, top_classes, vs, floor, adjust, cost) -> dict:
     """The options `with_analysis_options` adds, as the keywords the commands take."""
     return {
         "by": parse_by(by),
@@ -198,6 +205,7 @@ def analysis_args(by, spec, ci, ci_method, top_classes, vs, floor, adjust) -> di
         "vs": None if vs == "none" else vs,
         "floor": floor,
         "adjust": adjust,
+        "cost": cost,
     }
 
 
@@ -215,7 +223,7 @@ def analysis_args(by, spec, ci, ci_method, top_classes, vs, floor, adjust) -> di
 @click.option(
     "-o", "--out", type=click.Path(path_type=Path), help="Folder for the stats tables [RUNS_DIR]."
 )
-def analyze(runs_dir, by, spec, ci, ci_method, top_classes, vs, floor, adjust, fmt, out):
+def analyze(runs_dir, by, spec, ci, ci_method, top_classes, vs, floor, adjust, cost, fmt, out):
     """E[alpha_t] with its CI mark (< > ?) and mean accuracy, per group and t.
 
     alpha_t(m) is the least-squares slope through the origin of the normalized recall
@@ -231,7 +239,7 @@ def analyze(runs_dir, by, spec, ci, ci_method, top_classes, vs, floor, adjust, f
     from rdfast.cli.output import print_analysis
     from rdfast.commands import analyze_runs
 
-    args = analysis_args(by, spec, ci, ci_method, top_classes, vs, floor, adjust)
+    args = analysis_args(by, spec, ci, ci_method, top_classes, vs, floor, adjust, cost)
     a, written = analyze_runs(runs_dir=runs_dir, out=out, **args)
     return print_analysis(
         a, written, fmt, top_classes, click.echo, lambda m: click.echo(m, err=True)

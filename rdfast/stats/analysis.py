@@ -73,6 +73,7 @@ def analyze(
     floor: float = DEFAULT_FLOOR,
     adjust: str = "holm",
     confusion: pd.DataFrame | None = None,
+    cost: bool = False,
 ) -> Analysis:
     """All statistics of the records. `vs`: the strategy (or mitigation) the others are
     compared with, run by run (`paired_table`); "auto" takes plain when runs retrained with a
@@ -81,7 +82,9 @@ def analyze(
     cells need a mean accuracy above floor x chance (0: always). `adjust`: the multiplicity
     control of each table column's marks (holm, bh or none; `adjust_p`). `confusion` (the
     long confusion table, `store.load_confusion`) adds CEV and SDE (`error_rates`) to the
-    run and group tables."""
+    run and group tables. `cost`: each step's wall seconds join the run table and their
+    median per group and t (`median_seconds`) the group table: what each method costs,
+    machine time that differs from run to run, so left out unless asked for."""
     if records.empty:
         raise BadInput("no records to analyze")
     check_version(records)
@@ -110,7 +113,8 @@ def analyze(
     classes = class_table(records, notes)
     if classes.empty:
         raise BadInput("no usable records: every class row was left out")
-    runs = run_table(classes, extra=by)
+    timed = ("seconds",) if cost and "seconds" in classes.columns else ()
+    runs = run_table(classes, extra=(*by, *timed))
     note_differing_t(runs, by, notes)
     groups = group_table(runs, classes, by, ci, ci_method, n_resamples, seed, notes, floor,
                          adjust)  # fmt: skip

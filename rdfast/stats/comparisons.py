@@ -259,7 +259,7 @@ def group_table(
             "disparity_ci_high": psi["high"].clip(upper=2.0),
         }
     )
-    if "seconds" in runs.columns:
+    if "seconds" in runs.columns:  # analyze(cost=True)
         # The median: a step that waited on a stopped or crowded machine is one seed's outlier.
         agg["median_seconds"] = g["seconds"].median()
     # Pooled slope: every class of every replicate in one fit (what a scatter plot shows).

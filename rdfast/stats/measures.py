@@ -92,12 +92,7 @@ def run_table(classes: pd.DataFrame, extra=()) -> pd.DataFrame:
     spread.index.names = keys
     meta_cols = [c for c in (*RUN_COLUMNS, *extra) if c in classes.columns and c != "run_id"]
     meta_cols = list(dict.fromkeys(meta_cols))
-    # A step's wall seconds (prune, retrain, evaluate; step 0: the dense training), where the
-    # records hold them: what a strategy or mitigation costs beside what it does.
-    timed = ["seconds"] if "seconds" in classes.columns else []
-    meta = classes.drop_duplicates(keys).set_index(keys)[
-        [*meta_cols, "step", "accuracy", "A1", *timed]
-    ]
+    meta = classes.drop_duplicates(keys).set_index(keys)[[*meta_cols, "step", "accuracy", "A1"]]
     meta = meta.rename(columns={"A1": "dense_accuracy"})
     out = meta.join(
         pd.DataFrame(
