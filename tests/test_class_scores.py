@@ -34,7 +34,17 @@ def layers_of(model):
     return {"0": model[0].weight, "2": model[2].weight}
 
 
-def test_class_gradients_equal_autograd_on_each_class_alone():
+# Both ways of measuring the classes: every class from one forward pass a batch (the default
+# budget holds them), and one class at a time (a budget of 0 bytes).
+MEMORY = [pytest.param(None, id="at-once"), pytest.param(0, id="one-class-at-a-time")]
+
+
+def budget(memory):
+    return {} if memory is None else {"memory": memory}
+
+
+@pytest.mark.parametrize("memory", MEMORY)
+def test_class_gradients_equal_autograd_on_each_class_alone(memory):
     """No batch norm here, so a class's gradient is that of the mean loss over its own
     calibration examples, computed in one autograd call on them alone; and the classes'
     gradients weighted by their counts give the mean gradient of the batches."""
@@ -42,7 +52,7 @@ def test_class_gradients_equal_autograd_on_each_class_alone():
     model = small_model()
     layers = layers_of(model)
     draw = dict(batches=3, batch_size=32, seed_parts=(7, "grad"))
-    got = dict(class_gradients(model, layers, data, **draw))
+    got = dict(class_gradients(model, layers, data, **draw, **budget(memory)))
     batches = list(calibration_batches(data, 3, 32, (7, "grad")))
     x = torch.cat([b[0] for b in batches])
     y = torch.cat([b[1] for b in batches])
@@ -57,6 +67,43 @@ def test_class_gradients_equal_autograd_on_each_class_alone():
         # Three full batches of 32: the mean gradient is the mean over their 96 examples.
         weighted = sum(got[c][name] * int((y == c).sum()) for c in got) / len(y)
         torch.testing.assert_close(weighted, mean[name], rtol=1e-5, atol=1e-6)
+
+
+def bn_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 4))
+
+
+def test_class_gradients_with_batch_norm_equal_whole_batch_backward_per_class():
+    """With batch norm a class's examples are normalized with the whole batch, so the
+    reference runs each batch whole and back-propagates the class's summed losses, batch by
+    batch; both ways of measuring give these numbers bit for bit, and leave the model's
+    running statistics as they were."""
+    data = load_dataset(DATA, None)
+    draw = dict(batches=3, batch_size=32, seed_parts=(7, "grad"))
+    batches = list(calibration_batches(data, 3, 32, (7, "grad")))
+    y_all = torch.cat([b[1] for b in batches])
+    got = {}
+    for memory in (None, 0):
+        model = bn_model()
+        stats = model[1].running_mean.clone()
+        got[memory] = dict(class_gradients(model, {"0": model[0].weight, "3": model[3].weight},
+                                           data, **draw, **budget(memory)))  # fmt: skip
+        assert torch.equal(model[1].running_mean, stats)
+    model = bn_model()
+    params = [model[0].weight, model[3].weight]
+    model.train()
+    for c in sorted(got[None]):
+        n_c = int((y_all == c).sum())
+        ref = [torch.zeros_like(p) for p in params]
+        for x, y in batches:
+            if (y == c).any():
+                loss = F.cross_entropy(model(x), y, reduction="none")[y == c].sum() / n_c
+                for r, g in zip(ref, torch.autograd.grad(loss, params)):
+                    r += g
+        for name, r in zip(("0", "3"), ref):
+            torch.testing.assert_close(got[None][c][name], r, rtol=1e-5, atol=1e-7)
+            assert torch.equal(got[None][c][name], got[0][c][name]), (c, name)
 
 
 @pytest.mark.parametrize("strategy, form", [("gp", "taylor"), ("up", "taylor"), ("up", "sum")])

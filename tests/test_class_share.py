@@ -19,13 +19,15 @@ from tests.test_engine import experiment
 DATA = "synthetic:n_train=120,n_test=40,classes=4,dim=6"
 
 
-def test_class_importance_equals_autograd_per_batch_and_class():
+@pytest.mark.parametrize("memory", [None, 0], ids=["at-once", "one-class-at-a-time"])
+def test_class_importance_equals_autograd_per_batch_and_class(memory):
     data = load_dataset(DATA, None)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4))
     layers = {"0": model[0].weight, "2": model[2].weight}
+    budget = {} if memory is None else {"memory": memory}
     got = dict(class_importance(model, layers, data, batches=3, batch_size=16,
-                                seed_parts=(3, "grad")))  # fmt: skip
+                                seed_parts=(3, "grad"), **budget))  # fmt: skip
     draw = list(calibration_batches(data, 3, 16, (3, "grad")))
     for c, importance in got.items():
         ref = [torch.zeros_like(w) for w in layers.values()]
@@ -39,6 +41,35 @@ def test_class_importance_equals_autograd_per_batch_and_class():
                 r += (w.detach().abs() * g.abs()) ** 2
         for h, r in zip(importance, ref):
             torch.testing.assert_close(h, r / 3, rtol=1e-5, atol=1e-9)
+
+
+def test_class_importance_with_batch_norm_is_the_same_measured_either_way():
+    """A batch-norm model: each class's importance, from whole batches in train mode, is the
+    same bit for bit from one forward pass a batch and from one class at a time, and equals
+    a per-batch reference that runs each batch whole for each class."""
+    data = load_dataset(DATA, None)
+
+    def model_and_layers():
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 4))
+        return m, {"0": m[0].weight, "3": m[3].weight}
+
+    draw = dict(batches=3, batch_size=16, seed_parts=(3, "grad"))
+    got = [dict(class_importance(*model_and_layers(), data, **draw, memory=memory))
+           for memory in (1 << 30, 0)]  # fmt: skip
+    model, layers = model_and_layers()
+    model.train()
+    params = list(layers.values())
+    for c in got[0]:
+        ref = [torch.zeros_like(w) for w in params]
+        for x, y in calibration_batches(data, 3, 16, (3, "grad")):
+            if (y == c).any():
+                loss = F.cross_entropy(model(x)[y == c], y[y == c])
+                for r, w, g in zip(ref, params, torch.autograd.grad(loss, params)):
+                    r += (w.detach().abs() * g.abs()) ** 2
+        for h, h0, r in zip(got[0][c], got[1][c], ref):
+            torch.testing.assert_close(h, r / 3, rtol=1e-5, atol=1e-9)
+            assert torch.equal(h, h0), c
 
 
 def brute_keys(h: np.ndarray) -> np.ndarray:

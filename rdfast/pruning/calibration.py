@@ -35,3 +35,43 @@ def preserved_buffers(model: nn.Module):
         with torch.no_grad():
             for n, b in model.named_buffers():
                 b.copy_(saved[n])
+
+
+# The classes' per-weight sums are held at once when they fit this many bytes (classes x
+# weights x 4: ResNet-20 with ten classes 11 MB, a 25e6-weight model with 1,000 classes
+# 100 GB): one forward pass of each calibration batch then serves every class, where one
+# class at a time runs each batch once per class (ten classes: about 30 % more compute, a
+# forward being about a third of a forward and backward). Beyond it, one class at a time.
+CLASS_SUMS_MEMORY = 1 << 30
+
+
+def fits_at_once(params, classes: int, memory: int | None = None) -> bool:
+    """Whether `classes` float32 copies of `params` fit in `memory` bytes (None: the module's
+    CLASS_SUMS_MEMORY, read at the call)."""
+    budget = CLASS_SUMS_MEMORY if memory is None else memory
+    return classes * sum(p.numel() for p in params) * 4 <= budget
+
+
+def class_sums_at_once(model: nn.Module, batches, classes, term) -> dict:
+    """{c: the sum over `batches`, in their order, of term(c, logits, y)} (lists of tensors;
+    None for a class that added nothing). One forward pass a batch, the model in train mode
+    (batch-norm statistics of the whole batch, as the mean gradient sees them), its graph kept
+    for each class's backward pass (`term` passes retain_graph=True); batch-norm running
+    statistics are put back. The same arithmetic as running the batch again for each class:
+    a forward pass in train mode does not depend on the running statistics it moves."""
+    sums = dict.fromkeys(classes)
+    with preserved_buffers(model):
+        model.train()
+        for x, y in batches:
+            with torch.enable_grad():  # consumed lazily, perhaps inside no_grad
+                logits = model(x)
+                for c in classes:
+                    add = term(c, logits, y)
+                    if add is None:
+                        continue
+                    if sums[c] is None:
+                        sums[c] = list(add)
+                    else:
+                        for s, a in zip(sums[c], add):
+                            s.add_(a)
+    return sums

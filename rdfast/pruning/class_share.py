@@ -24,9 +24,12 @@ benchmarks/README.md). The selection is global over the layers, as rdfast's othe
 strategies; FairGRAPE's is per layer. FairGRAPE also takes optimizer steps while it
 estimates the importance; rdfast leaves the model as it was.
 
-Memory: one class at a time. Beyond the model, the importance of one class (a float per
-weight), its ranking (an int64 and a float64 per weight) and the keys (a float64 per
-weight), whatever the number of classes: no per-class copy of the gradients is held.
+Memory: the classes' importances are measured together, one forward pass a calibration
+batch for all of them, where they fit `calibration.CLASS_SUMS_MEMORY` (1 GiB: a float per
+weight and class); else one class at a time, each running the batches again. Then, beyond
+the model and those importances, one class's ranking (an int64 and a float64 per weight) and
+the keys (a float64 per weight), whatever the number of classes: no per-class copy of the
+gradients is held.
 The keys are rounded to float32 for the selection; weights whose keys round alike are
 ordered by position.
 """
@@ -41,7 +44,12 @@ from torch.nn import functional as F
 
 from rdfast.data import TensorData
 from rdfast.kernels import prune_lowest
-from rdfast.pruning.calibration import calibration_batches, preserved_buffers
+from rdfast.pruning.calibration import (
+    calibration_batches,
+    class_sums_at_once,
+    fits_at_once,
+    preserved_buffers,
+)
 
 
 def class_importance(
@@ -52,15 +60,35 @@ def class_importance(
     batches: int,
     batch_size: int,
     seed_parts: tuple,
+    memory: int | None = None,
 ) -> Iterator[tuple[int, list[torch.Tensor]]]:
-    """Per class c of the calibration batches (the gp/up draw): (c, [H_c per layer]), one class
-    at a time. Every batch runs whole in train mode (batch-norm statistics as training sees
-    them); batch-norm running statistics are put back afterwards."""
+    """Per class c of the calibration batches (the gp/up draw): (c, [H_c per layer]). Every
+    batch runs whole in train mode (batch-norm statistics as training sees them); batch-norm
+    running statistics are put back afterwards. All classes from one forward pass a batch
+    where their importances fit `memory`, else one class at a time: the same numbers."""
     params = list(layers.values())
     labels = torch.cat([y for _, y in calibration_batches(data, batches, batch_size, seed_parts)])
+    classes = torch.unique(labels).tolist()
+    if fits_at_once(params, len(classes), memory):
+
+        def term(c, logits, y):
+            own = y == c
+            if not bool(own.any()):
+                return None
+            loss = F.cross_entropy(logits[own], y[own])
+            grads = torch.autograd.grad(loss, params, retain_graph=True)
+            return [(w.detach().float().abs() * g.float().abs()).square_()
+                    for w, g in zip(params, grads)]  # fmt: skip
+
+        draw = calibration_batches(data, batches, batch_size, seed_parts)
+        sums = class_sums_at_once(model, draw, classes, term)
+        for c in classes:
+            got = sums.pop(c) or [torch.zeros_like(w, dtype=torch.float32) for w in params]
+            yield c, [a.div_(batches) for a in got]
+        return
     with preserved_buffers(model):
         model.train()
-        for c in torch.unique(labels).tolist():
+        for c in classes:
             acc = [torch.zeros_like(w, dtype=torch.float32) for w in params]
             for x, y in calibration_batches(data, batches, batch_size, seed_parts):
                 own = y == c
