@@ -41,7 +41,7 @@ def preserved_buffers(model: nn.Module):
 # weights x 4: ResNet-20 with ten classes 11 MB, a 25e6-weight model with 1,000 classes
 # 100 GB): one forward pass of each calibration batch then serves every class, where one
 # class at a time runs each batch (and draws it) once per class: 1.5-1.6x the time of a cs
-# or taylor-max selection of ResNet-20 with ten classes (benchmarks/README.md). Beyond the
+# or taylor-max pruning step of ResNet-20 with ten classes (benchmarks/README.md). Beyond the
 # budget, one class at a time.
 CLASS_SUMS_MEMORY = 1 << 30
 
