@@ -23,6 +23,7 @@ peak / achieved times faster in fp32, whatever options it takes.
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -62,6 +63,7 @@ def model(channels_last=False):
     return m.to(memory_format=torch.channels_last) if channels_last else m
 
 
+@functools.cache
 def flops_per_image(train_step: bool) -> float:
     """ResNet-20's floating-point operations for one image: forward alone, or forward and
     backward (about 3x: the backward computes the gradients of inputs and weights)."""

@@ -53,26 +53,31 @@ def fits_at_once(params, classes: int, memory: int | None = None) -> bool:
     return classes * sum(p.numel() for p in params) * 4 <= budget
 
 
-def class_sums_at_once(model: nn.Module, batches, classes, term) -> dict:
-    """{c: the sum over `batches`, in their order, of term(c, logits, y)} (lists of tensors;
-    None for a class that added nothing). One forward pass a batch, the model in train mode
-    (batch-norm statistics of the whole batch, as the mean gradient sees them), its graph kept
-    for each class's backward pass (`term` passes retain_graph=True); batch-norm running
-    statistics are put back. The same arithmetic as running the batch again for each class:
-    a forward pass in train mode does not depend on the running statistics it moves."""
-    sums = dict.fromkeys(classes)
-    with preserved_buffers(model):
-        model.train()
-        for x, y in batches:
-            with torch.enable_grad():  # consumed lazily, perhaps inside no_grad
-                logits = model(x)
-                for c in classes:
-                    add = term(c, logits, y)
-                    if add is None:
-                        continue
-                    if sums[c] is None:
-                        sums[c] = list(add)
-                    else:
-                        for s, a in zip(sums[c], add):
-                            s.add_(a)
-    return sums
+def class_sums(model: nn.Module, draw, classes, params, term, memory: int | None = None):
+    """Yield (c, the sum over the calibration batches, in their order, of term(c, logits,
+    y)) for each class of `classes`: a list of tensors aligned with `params`, None for a class
+    that added nothing. `draw()` gives the batches again. Each batch runs whole, one forward
+    pass in train mode (batch-norm statistics of the whole batch, as the mean gradient sees
+    them), its graph kept for the classes' backward passes (`term` passes retain_graph=True);
+    all classes from one pass where their sums fit `memory` (`fits_at_once`), else one class
+    a pass. The arithmetic is the same either way: a forward pass in train mode does not
+    depend on the running statistics it moves, and they are put back afterwards."""
+    size = len(classes) if fits_at_once(params, len(classes), memory) else 1
+    for i in range(0, len(classes), size):
+        part = classes[i : i + size]
+        sums = dict.fromkeys(part)
+        with preserved_buffers(model):
+            model.train()
+            for x, y in draw():
+                with torch.enable_grad():  # consumed lazily, perhaps inside no_grad
+                    logits = model(x)
+                    for c in part:
+                        add = term(c, logits, y)
+                        if add is None:
+                            continue
+                        if sums[c] is None:
+                            sums[c] = list(add)
+                        else:
+                            for s, a in zip(sums[c], add):
+                                s.add_(a)
+        yield from sums.items()

@@ -44,12 +44,7 @@ from torch.nn import functional as F
 
 from rdfast.data import TensorData
 from rdfast.kernels import prune_lowest
-from rdfast.pruning.calibration import (
-    calibration_batches,
-    class_sums_at_once,
-    fits_at_once,
-    preserved_buffers,
-)
+from rdfast.pruning.calibration import calibration_batches, class_sums
 
 
 def class_importance(
@@ -69,38 +64,22 @@ def class_importance(
     params = list(layers.values())
     labels = torch.cat([y for _, y in calibration_batches(data, batches, batch_size, seed_parts)])
     classes = torch.unique(labels).tolist()
-    if fits_at_once(params, len(classes), memory):
 
-        def term(c, logits, y):
-            own = y == c
-            if not bool(own.any()):
-                return None
-            loss = F.cross_entropy(logits[own], y[own])
-            grads = torch.autograd.grad(loss, params, retain_graph=True)
-            return [(w.detach().float().abs() * g.float().abs()).square_()
-                    for w, g in zip(params, grads)]  # fmt: skip
+    def term(c, logits, y):
+        own = y == c
+        if not bool(own.any()):
+            return None
+        loss = F.cross_entropy(logits[own], y[own])
+        grads = torch.autograd.grad(loss, params, retain_graph=True)
+        return [(w.detach().float().abs() * g.float().abs()).square_()
+                for w, g in zip(params, grads)]  # fmt: skip
 
-        draw = calibration_batches(data, batches, batch_size, seed_parts)
-        sums = class_sums_at_once(model, draw, classes, term)
-        for c in classes:
-            got = sums.pop(c) or [torch.zeros_like(w, dtype=torch.float32) for w in params]
-            yield c, [a.div_(batches) for a in got]
-        return
-    with preserved_buffers(model):
-        model.train()
-        for c in classes:
-            acc = [torch.zeros_like(w, dtype=torch.float32) for w in params]
-            for x, y in calibration_batches(data, batches, batch_size, seed_parts):
-                own = y == c
-                if not bool(own.any()):
-                    continue
-                # The caller may consume this lazily inside no_grad (the selection does).
-                with torch.enable_grad():
-                    loss = F.cross_entropy(model(x)[own], y[own])
-                    grads = torch.autograd.grad(loss, params)
-                for a, w, g in zip(acc, params, grads):
-                    a.add_((w.detach().float().abs() * g.float().abs()).square_())
-            yield c, [a.div_(batches) for a in acc]
+    def draw():
+        return calibration_batches(data, batches, batch_size, seed_parts)
+
+    for c, got in class_sums(model, draw, classes, params, term, memory):
+        got = got or [torch.zeros_like(w, dtype=torch.float32) for w in params]
+        yield c, [a.div_(batches) for a in got]
 
 
 @torch.no_grad()

@@ -17,12 +17,7 @@ from rdfast.config import CLASS_MAX
 from rdfast.data import TensorData
 from rdfast.errors import BadInput
 from rdfast.kernels import prune_lowest, prune_lowest_fused
-from rdfast.pruning.calibration import (
-    calibration_batches,
-    class_sums_at_once,
-    fits_at_once,
-    preserved_buffers,
-)
+from rdfast.pruning.calibration import calibration_batches, class_sums, preserved_buffers
 from rdfast.pruning.class_share import class_share_masks
 from rdfast.seeding import generator
 
@@ -91,7 +86,7 @@ def class_gradients(
     """Per class c of the calibration batches (the `data_gradients` draw): (c, the mean over
     c's examples of d(cross-entropy)/dw). Every batch runs whole (batch-norm statistics as
     the mean gradient sees them) and back-propagates each class's own examples' losses.
-    Where the classes' gradients fit `memory` (`calibration.fits_at_once`), one forward pass
+    Where the classes' gradients fit `memory` (`calibration.class_sums`), one forward pass
     a batch serves them all; else one class at a time, re-drawing the same batches, so the
     memory beyond the model is one gradient of the layers' size whatever the number of
     classes. Both give the same numbers."""
@@ -101,33 +96,21 @@ def class_gradients(
 
     labels = torch.cat([y for _, y in draw()])
     classes = torch.unique(labels).tolist()
-    # mean_gradients averages over the batches: each batch's sum over c's examples, times
-    # batches / n_c, averages to the mean over c's n_c examples.
+    # Each batch's sum over c's examples times batches / n_c, averaged over the batches (the
+    # division below), is the mean over c's n_c examples.
     scales = {c: batches / int((labels == c).sum()) for c in classes}
     params = list(layers.values())
-    if fits_at_once(params, len(classes), memory):
 
-        def term(c, logits, y):
-            own = y == c
-            if not bool(own.any()):  # one class at a time adds its zero gradient
-                return None
-            loss = F.cross_entropy(logits, y, reduction="none")[own].sum() * scales[c]
-            return [g.detach() for g in torch.autograd.grad(loss, params, retain_graph=True)]
+    def term(c, logits, y):
+        own = y == c
+        if not bool(own.any()):  # a zero gradient: nothing to add
+            return None
+        loss = F.cross_entropy(logits, y, reduction="none")[own].sum() * scales[c]
+        return [g.detach() for g in torch.autograd.grad(loss, params, retain_graph=True)]
 
-        sums = class_sums_at_once(model, draw(), classes, term)
-        for c in classes:
-            got = sums.pop(c) or [torch.zeros_like(w) for w in params]
-            yield c, {name: g.div_(batches) for name, g in zip(layers, got)}
-        return
-    for c in classes:
-        scale = scales[c]
-
-        def loss_fn(z, y, c=c, scale=scale):
-            return F.cross_entropy(z, y, reduction="none")[y == c].sum() * scale
-
-        with torch.enable_grad():  # consumed lazily, perhaps inside no_grad
-            grads = mean_gradients(model, layers, draw(), loss_fn)
-        yield c, grads
+    for c, got in class_sums(model, draw, classes, params, term, memory):
+        got = got or [torch.zeros_like(w) for w in params]
+        yield c, {name: g.div_(batches) for name, g in zip(layers, got)}
 
 
 def class_max_scores(weights: list, per_class, strategy: str, form: str, eps: float) -> list:
