@@ -158,6 +158,15 @@ analysis_options = [
         "used several mitigations, else mp when present; none: no comparison).",
     ),
     click.option(
+        "--across",
+        default=None,
+        metavar="COLUMN=VALUE",
+        help="Also compare every group with the group of this value of one --by column and "
+        "the same other settings, e.g. dataset=mnist (claim 4: harder datasets) or width=1 "
+        "(claim 5: smaller models): differences of the means over seeds, unpaired (the "
+        "groups share no dense model), Welch's interval and t-test, marks as --adjust says.",
+    ),
+    click.option(
         "--floor",
         default=DEFAULT_FLOOR,
         show_default=True,
@@ -194,7 +203,7 @@ def with_analysis_options(fn):
     return fn
 
 
-def analysis_args(by, spec, ci, ci_method, top_classes, vs, floor, adjust, cost) -> dict:
+def analysis_args(by, spec, ci, ci_method, top_classes, vs, across, floor, adjust, cost) -> dict:
     """The options `with_analysis_options` adds, as the keywords the commands take."""
     return {
         "by": parse_by(by),
@@ -203,6 +212,7 @@ def analysis_args(by, spec, ci, ci_method, top_classes, vs, floor, adjust, cost)
         "ci_method": ci_method,
         "top_classes": top_classes,
         "vs": None if vs == "none" else vs,
+        "across": across,
         "floor": floor,
         "adjust": adjust,
         "cost": cost,
@@ -223,7 +233,7 @@ def analysis_args(by, spec, ci, ci_method, top_classes, vs, floor, adjust, cost)
 @click.option(
     "-o", "--out", type=click.Path(path_type=Path), help="Folder for the stats tables [RUNS_DIR]."
 )
-def analyze(runs_dir, by, spec, ci, ci_method, top_classes, vs, floor, adjust, cost, fmt, out):
+def analyze(runs_dir, fmt, out, **analysis):
     """E[alpha_t] with its CI mark (< > ?) and mean accuracy, per group and t.
 
     alpha_t(m) is the least-squares slope through the origin of the normalized recall
@@ -232,17 +242,19 @@ def analyze(runs_dir, by, spec, ci, ci_method, top_classes, vs, floor, adjust, c
     chance (--floor) show no alpha. Then the disparity E[Psi_t], the spread over classes of
     the excess recall drops (R_1 - R_t) - (A_1 - A_t), bounded in [0, 2]; every strategy
     against mp (--vs), or every mitigation against plain retraining, seed by seed on the same
-    dense model; the classes that lose the most recall at the largest t; prediction flips and
-    PIE shares. Writes alpha_runs, alpha_groups, class_groups, alpha_paired and the flip tables
-    (Parquet and CSV) next to the records or to -o.
+    dense model; with --across, every group against the group of another dataset (or width)
+    with the same other settings; the classes that lose the most recall at the largest t;
+    prediction flips and PIE shares. Writes alpha_runs, alpha_groups, class_groups,
+    alpha_paired, alpha_across and the flip tables (Parquet and CSV) next to the records or
+    to -o.
     """
     from rdfast.cli.output import print_analysis
     from rdfast.commands import analyze_runs
 
-    args = analysis_args(by, spec, ci, ci_method, top_classes, vs, floor, adjust, cost)
+    args = analysis_args(**analysis)
     a, written = analyze_runs(runs_dir=runs_dir, out=out, **args)
     return print_analysis(
-        a, written, fmt, top_classes, click.echo, lambda m: click.echo(m, err=True)
+        a, written, fmt, args["top_classes"], click.echo, lambda m: click.echo(m, err=True)
     )
 
 

@@ -57,6 +57,12 @@ def print_extras(a, echo, *, md: bool = False, top_classes: int = 0) -> None:
         section(tables.paired_legend(a), alpha_diff)
         section(f"accuracy minus {a.baseline}", acc_diff)
         section(f"Psi minus {a.baseline}", psi_diff)
+    if a.across_setting is not None:
+        alpha_diff, acc_diff, psi_diff = tables.across_tables(a)
+        column, ref = a.across_setting
+        section(tables.across_legend(a), alpha_diff)
+        section(f"accuracy minus {column} {tables.value_text(ref)}", acc_diff)
+        section(f"Psi minus {column} {tables.value_text(ref)}", psi_diff)
     if tables.has_cost(a):
         section(tables.COST_LEGEND, tables.cost_table(a))
     paying = tables.paying_classes(a, top_classes)
@@ -79,6 +85,9 @@ def print_analysis(a, written, fmt: str, top_classes: int, echo, err) -> int:
                     "paired": None
                     if a.paired is None
                     else json.loads(a.paired.to_json(orient="records")),
+                    "across": None
+                    if a.across is None
+                    else json.loads(a.across.to_json(orient="records")),
                     "flips": None
                     if a.flips is None or a.flips.empty
                     else json.loads(a.flips.groups.to_json(orient="records")),

@@ -169,7 +169,7 @@ def _analysis(runs_dir, spec, *, by, top_classes, **options):
 
 def analyze_runs(
     *, runs_dir, by, ci, ci_method, out=None, top_classes=3, vs="auto", floor=DEFAULT_FLOOR,
-    adjust="holm", spec=None, cost=False,
+    adjust="holm", spec=None, cost=False, across=None,
 ):  # fmt: skip
     """(Analysis, paths of the stats tables written next to the records or into `out`)."""
     from rdfast import outdir, stats
@@ -178,7 +178,7 @@ def analyze_runs(
     if other:
         outdir.check(out, "analyze")
     a = _analysis(runs_dir, spec, by=by, ci=ci, ci_method=ci_method, vs=vs, floor=floor,
-                  adjust=adjust, top_classes=top_classes, cost=cost)  # fmt: skip
+                  adjust=adjust, top_classes=top_classes, cost=cost, across=across)  # fmt: skip
     if other:
         Path(out).mkdir(parents=True, exist_ok=True)
         outdir.mark(out, "analyze")
@@ -187,7 +187,7 @@ def analyze_runs(
 
 def make_report(
     *, runs_dir, out, by, ci, ci_method, run_id=None, scatter_ts=None, top_classes=3, vs="auto",
-    floor=DEFAULT_FLOOR, adjust="holm", data_root=None, spec=None, cost=False,
+    floor=DEFAULT_FLOOR, adjust="holm", data_root=None, spec=None, cost=False, across=None,
 ) -> Path:  # fmt: skip
     """The report folder `out` (index.html, report.md, figures) of the records in runs_dir."""
     from rdfast import outdir
@@ -195,7 +195,7 @@ def make_report(
 
     outdir.check(out, "report", records=runs_dir)  # before the analysis: nothing to undo
     a = _analysis(runs_dir, spec, by=by, ci=ci, ci_method=ci_method, vs=vs, floor=floor,
-                  adjust=adjust, top_classes=top_classes, cost=cost)  # fmt: skip
+                  adjust=adjust, top_classes=top_classes, cost=cost, across=across)  # fmt: skip
     return build_report(a, runs_dir, out, run_id=run_id, scatter_ts=scatter_ts,
                         top_classes=top_classes, data_root=data_root)  # fmt: skip
 

@@ -637,3 +637,65 @@ def test_a_manifest_setting_splits_groups_and_each_side_pairs_with_plain(tmp_pat
     assert {tables.group_label(r, by) for _, r in again.groups.iterrows()} == labels
     with pytest.raises(BadInput, match="or a setting the runs' manifests hold"):
         stats.analyze(records, by=("strategy", "colour"))
+
+
+def test_across_differences_equal_scipy_welch(tmp_path):
+    """--across width=1: each width's groups against width 1's with the same strategy, unpaired
+    (another dense model each), as scipy.stats.ttest_ind(equal_var=False) computes them."""
+    x = [0.2, -0.1, -0.1]
+    wide = {"alpha": [1.0, 1.1, 0.95, 1.05], "acc": [0.80, 0.81, 0.79, 0.80]}
+    narrow = {"alpha": [1.6, 1.9, 1.5, 1.7, 2.0], "acc": [0.70, 0.74, 0.69, 0.72, 0.71]}
+    runs = [
+        run_with(s, x, [(al + shift) * v for v in x], strategy=strategy, at=acc, width=w)
+        for strategy, shift in (("mp", 0.0), ("up", 0.1))
+        for w, d in ((1.0, wide), (0.5, narrow))
+        for s, (al, acc) in enumerate(zip(d["alpha"], d["acc"]))
+    ]
+    a = stats.analyze(fake_records(runs), by=("strategy", "width"), ci=0.95, across="width=1",
+                      **NO_FLOOR)  # fmt: skip
+    assert a.across_setting == ("width", 1.0)
+    c = a.across[a.across["t"] == 4.0].set_index("strategy")
+    assert list(c["width"]) == [0.5, 0.5]
+    assert list(c["n"]) == [5, 5] and list(c["n_reference"]) == [4, 4]
+    for strategy, shift in (("mp", 0.0), ("up", 0.1)):
+        row = c.loc[strategy]
+        hi_alpha = np.add(narrow["alpha"], shift)
+        lo_alpha = np.add(wide["alpha"], shift)
+        ref = scipy_stats.ttest_ind(hi_alpha, lo_alpha, equal_var=False)
+        lo, hi = ref.confidence_interval(0.95)
+        assert row["mean_diff"] == pytest.approx(hi_alpha.mean() - lo_alpha.mean())
+        assert (row["ci_low"], row["ci_high"]) == (pytest.approx(lo), pytest.approx(hi))
+        assert row["p_value"] == pytest.approx(ref.pvalue)
+        acc = scipy_stats.ttest_ind(narrow["acc"], wide["acc"], equal_var=False)
+        assert row["acc_p_value"] == pytest.approx(acc.pvalue)
+        assert row["mean_acc_diff"] == pytest.approx(np.mean(narrow["acc"]) - 0.80)
+        assert row["mark"] == ">" and row["acc_mark"] == "<"
+    # Holm over the family of the column (mp and up at t = 4).
+    want = np.minimum(1, 2 * np.sort(c["p_value"].to_numpy()))
+    want[1] = max(want)
+    assert sorted(c["p_adjusted"]) == pytest.approx(want)
+    alpha_tab, acc_tab, _ = tables.across_tables(a)
+    assert list(alpha_tab.index) == ["mp width 0.5", "up width 0.5"]
+    assert alpha_tab.loc["mp width 0.5", "t=4"] == f"{c.loc['mp', 'mean_diff']:+.2f}>"
+    assert "width 1" in tables.across_legend(a) and "Welch" in tables.across_legend(a)
+    assert "4 of 4 alpha differences against width 1" not in tables.summary(a)[-1]
+    assert "2 of 2 alpha differences against width 1" in tables.summary(a)[-1]
+    # The table travels with the others and prints again from its CSV.
+    stats.write_tables(a, tmp_path)
+    again = stats.read_tables(tmp_path)
+    assert tables.across_tables(again)[0].equals(alpha_tab)
+    assert tables.across_legend(again) == tables.across_legend(a)
+
+
+def test_across_refuses_what_it_cannot_compare():
+    x = [0.2, -0.1, -0.1]
+    runs = [run_with(s, x, x, width=w) for s in range(3) for w in (0.5, 1.0)]
+    records = fake_records(runs)
+    for across, message in (("width=2", "no such width"), ("width", "COLUMN=VALUE"),
+                            ("dataset=toy", "--by must include it")):  # fmt: skip
+        with pytest.raises(BadInput, match=message):
+            stats.analyze(records, by=("strategy", "width"), across=across)
+    # A group without a reference partner is named in the notes, not compared.
+    lone = stats.analyze(records[records["width"] == 0.5], by=("strategy", "width"),
+                         across="width=0.5")  # fmt: skip
+    assert lone.across is None and any("no comparison across width" in n for n in lone.notes)

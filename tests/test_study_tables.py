@@ -79,3 +79,16 @@ def test_every_study_keeps_its_tables_and_settings():
         for tables in kept:
             for name in ("alpha_groups.csv", "class_groups.csv"):
                 assert (tables / name).is_file(), f"{tables} lacks {name}"
+
+
+def test_analyze_across_a_setting_from_the_command_line(tmp_path):
+    Engine(experiment(tmp_path / "runs", strategies=("mp",), seeds=(0, 1)),
+           progress=False).execute()  # fmt: skip
+    runner = CliRunner()
+    bad = runner.invoke(cli, ["analyze", str(tmp_path / "runs"), "--across", "width=2"])
+    assert bad.exit_code == 2 and "no such width" in bad.output and "Traceback" not in bad.output
+    assert not (tmp_path / "runs" / "alpha_groups.csv").exists()  # nothing written
+    # Every group is the reference's own: nothing to compare, and a note says so.
+    res = runner.invoke(cli, ["analyze", str(tmp_path / "runs"), "--across", "width=0.25"])
+    assert res.exit_code == 0, res.output
+    assert "no comparison across width" in res.output

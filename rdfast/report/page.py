@@ -25,6 +25,8 @@ from rdfast.report import examples  # noqa: E402
 from rdfast.report.tables import (  # noqa: E402
     COMPARED,
     COST_LEGEND,
+    across_legend,
+    across_tables,
     at_largest_t,
     cost_table,
     disparity_legend,
@@ -44,6 +46,7 @@ from rdfast.report.tables import (  # noqa: E402
     paying_legend,
     sorted_groups,
     summary,
+    value_text,
 )
 from rdfast.runs.manifests import settings_table  # noqa: E402
 from rdfast.stats import Analysis, accuracy_floor  # noqa: E402
@@ -692,6 +695,13 @@ def report_sections(
         parts = [paired_legend(a) + ".", Table(alpha_diff), f"Accuracy minus {vs}:",
                  Table(acc_diff), f"Psi minus {vs}:", Table(psi_diff)]  # fmt: skip
         sections.append(Section(f"{what} against {vs}, seed by seed", parts, open=False))
+    if a.across_setting is not None:
+        column, ref = a.across_setting
+        ref = value_text(ref)
+        alpha_diff, acc_diff, psi_diff = across_tables(a)
+        parts = [across_legend(a) + ".", Table(alpha_diff), f"Accuracy minus {column} {ref}:",
+                 Table(acc_diff), f"Psi minus {column} {ref}:", Table(psi_diff)]  # fmt: skip
+        sections.append(Section(f"Across {column}, against {column} {ref}", parts, open=False))
     if has_cost(a):
         sections.append(
             Section("What each step costs", [COST_LEGEND + ".", Table(cost_table(a))], open=False)

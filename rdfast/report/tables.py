@@ -209,7 +209,18 @@ def paying_legend(a: Analysis, top: int) -> str:
 def paired_tables(a: Analysis) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """Rows: strategies (or mitigations) other than the baseline; columns: t; cells `-0.05<`
     (E[difference] and its mark against 0), for alpha, accuracy and Psi."""
-    p = a.paired[a.paired["t"] > 1]
+    return _difference_tables(a, a.paired)
+
+
+def across_tables(a: Analysis) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Rows: the groups whose --across setting is not the reference; columns: t; cells
+    `+0.31>` (the difference of means from the reference group, and its mark against 0), for
+    alpha, accuracy and Psi."""
+    return _difference_tables(a, a.across)
+
+
+def _difference_tables(a: Analysis, frame: pd.DataFrame):
+    p = frame[frame["t"] > 1]
     alpha = _alpha_cells(p, "mean_diff", "mark", "+.2f")
     acc = [_cell(*r, "+.3f") for r in zip(p["mean_acc_diff"], p["acc_mark"], p["n"])]
     psi = [_cell(*r, "+.3f") for r in zip(p["mean_disparity_diff"], p["disparity_mark"], p["n"])]
@@ -225,6 +236,22 @@ def paired_legend(a: Analysis) -> str:
         f"{a.ci * 100:g} % CI below 0, > above 0, ? overlaps 0 ({_method_name(a)})"
         f"{_adjust_words(a)}"
     )
+
+
+def across_legend(a: Analysis) -> str:
+    column, ref = a.across_setting
+    ref = value_text(ref)
+    return (
+        f"E[alpha_t | {column} v] - E[alpha_t | {column} {ref}], the same for accuracy and "
+        f"Psi_t: differences of the means over seeds between each group and the group of "
+        f"{column} {ref} with the same other settings (unpaired: they share no dense model; "
+        f"Welch's interval and t-test); mark: < {a.ci * 100:g} % CI below 0, > above 0, "
+        f"? overlaps 0{_adjust_words(a)}"
+    )
+
+
+def value_text(v) -> str:
+    return f"{v:g}" if isinstance(v, (float, int)) else str(v)
 
 
 def _adjust_words(a: Analysis) -> str:
@@ -318,5 +345,12 @@ def _surviving_marks(a: Analysis) -> str:
             m = p[f"{prefix}mark"]
             parts.append(f"{int(m.isin(['<', '>']).sum())} of {int((m != '').sum())} {what} "
                          f"differences against {a.baseline}")  # fmt: skip
+    if a.across_setting is not None:
+        column, ref = a.across_setting
+        p = a.across[a.across["t"] > 1]
+        for prefix, what in (("", "alpha"), ("acc_", "accuracy"), ("disparity_", "Psi")):
+            m = p[f"{prefix}mark"]
+            parts.append(f"{int(m.isin(['<', '>']).sum())} of {int((m != '').sum())} {what} "
+                         f"differences against {column} {value_text(ref)}")  # fmt: skip
     return (f"Marked at {a.ci * 100:g} % ({how}): " + ", ".join(parts) + ". What is "
             "unmarked is not told apart from the seeds' spread at this level.")  # fmt: skip

@@ -8,6 +8,8 @@ Per group and class: the mean recall change R_t - R_1 over the replicates with i
             beside the accuracy change A_t - A_1: which classes pay for the sparsity.
 Per pair of strategies, or of mitigations: alpha, accuracy and Psi differences between runs
             of one dense model.
+Across one setting (--across dataset=mnist): the same differences between groups that differ
+            in that setting alone, unpaired (Welch).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import pandas as pd
 from rdfast.config import DEFAULT_FLOOR
 from rdfast.errors import BadInput
 from rdfast.runs import store
+from rdfast.stats.across import across_table, parse_across
 from rdfast.stats.comparisons import class_group_table, compared_column, group_table, paired_table
 from rdfast.stats.error_rates import group_error_changes, run_error_changes
 from rdfast.stats.intervals import ADJUSTMENTS, CI_METHODS
@@ -50,6 +53,7 @@ class Analysis:
     flips: object | None = None  # flips.Flips, where the runs recorded their predictions
     floor: float = DEFAULT_FLOOR  # marks need a mean accuracy above floor x chance
     adjust: str = "holm"  # the multiplicity control of each table column's marks
+    across: pd.DataFrame | None = None  # per (group, t): minus the --across reference group
 
     @property
     def baseline(self) -> str | None:
@@ -60,6 +64,14 @@ class Analysis:
     def paired_by(self) -> str:
         """What the comparison varies: "strategy", or "mitigation" (against `--vs plain`)."""
         return compared_column(self.baseline)
+
+    @property
+    def across_setting(self) -> tuple[str, str] | None:
+        """(column, reference value) of the comparison across one setting, if any."""
+        if self.across is None or self.across.empty:
+            return None
+        first = self.across.iloc[0]
+        return first["across"], first["reference"]
 
 
 def analyze(
@@ -74,6 +86,7 @@ def analyze(
     adjust: str = "holm",
     confusion: pd.DataFrame | None = None,
     cost: bool = False,
+    across=None,
 ) -> Analysis:
     """All statistics of the records. `vs`: the strategy (or mitigation) the others are
     compared with, run by run (`paired_table`); "auto" takes plain when runs retrained with a
@@ -84,7 +97,9 @@ def analyze(
     long confusion table, `store.load_confusion`) adds CEV and SDE (`error_rates`) to the
     run and group tables. `cost`: each step's wall seconds join the run table and their
     median per group and t (`median_seconds`) the group table: what each method costs,
-    machine time that differs from run to run, so left out unless asked for."""
+    machine time that differs from run to run, so left out unless asked for. `across`
+    ("dataset=mnist"): every group against the group of that value and the same other
+    settings, unpaired (`across.across_table`)."""
     if records.empty:
         raise BadInput("no records to analyze")
     check_version(records)
@@ -105,6 +120,7 @@ def analyze(
         raise BadInput(f"--floor must be >= 0 and finite, got {floor}")
     if adjust not in ADJUSTMENTS:
         raise BadInput(f"unknown --adjust {adjust!r}; choose from {', '.join(ADJUSTMENTS)}")
+    across = parse_across(across)
     notes: list[str] = []
     if "mitigation" in records.columns and "mitigation" not in by:
         if records["mitigation"].nunique() > 1:
@@ -133,9 +149,19 @@ def analyze(
     if paired is not None and paired.empty:
         notes.append(f"no run pruned the same dense model as a {vs} run: no comparison with {vs}")
         paired = None
+    compared = None
+    if across is not None:
+        compared = across_table(runs, groups, by, across, ci, adjust, notes)
+        if compared.empty:
+            notes.append(f"no group has a {across[0]} {across[1]} group with its other "
+                         f"settings: no comparison across {across[0]}")  # fmt: skip
+            compared = None
+        if ci_method != "t":
+            notes.append(f"the comparison across {across[0]} uses Welch's t interval whatever "
+                         "--ci-method")  # fmt: skip
     return Analysis(
         classes, runs, groups, class_groups, by, ci, ci_method, notes, paired, floor=floor,
-        adjust=adjust,
+        adjust=adjust, across=compared,
     )  # fmt: skip
 
 
@@ -159,6 +185,8 @@ def write_tables(a: Analysis, out_dir: Path) -> list[Path]:
     tables = [("alpha_runs", a.runs), ("alpha_groups", a.groups), ("class_groups", a.class_groups)]
     if a.paired is not None:
         tables.append(("alpha_paired", a.paired))
+    if a.across is not None and not a.across.empty:
+        tables.append(("alpha_across", a.across))
     if a.flips is not None and not a.flips.empty:
         f = a.flips
         tables += [("flip_runs", f.runs), ("flip_classes", f.classes), ("pie_groups", f.groups),
@@ -210,5 +238,5 @@ def read_tables(folder: Path) -> Analysis:
         class_groups=csv("class_groups"), by=tuple(settings["by"]), ci=settings["ci"],
         ci_method=settings["ci_method"], notes=list(settings.get("notes", [])),
         paired=csv("alpha_paired"), flips=flips, floor=settings["floor"],
-        adjust=settings["adjust"],
+        adjust=settings["adjust"], across=csv("alpha_across"),
     )  # fmt: skip
