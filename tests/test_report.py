@@ -179,9 +179,14 @@ def test_report_split_by_width(tmp_path):
         )
         assert CliRunner().invoke(cli, args).exit_code == 0
     out = tmp_path / "report"
-    res = CliRunner().invoke(cli, ["report", str(extra), "-o", str(out), "--scatter-t", "8"])
+    res = CliRunner().invoke(cli, ["report", str(extra), "-o", str(out), "--scatter-t", "8",
+                                   "--across", "width=1"])  # fmt: skip
     assert res.exit_code == 0, res.output
     assert (out / "alpha_by_width.png").exists()
+    # The widths compared as such: a section of their own, the narrower model's row.
+    page = (out / "report.md").read_text()
+    section = page.split("## Across width, against width 1")[1].split("\n## ")[0]
+    assert "mp digits mlp width 0.5 |" in section and "width 1 |" not in section
 
 
 def test_single_seed_shows_n1(tmp_path):
