@@ -61,8 +61,9 @@ def print_extras(a, echo, *, md: bool = False, top_classes: int = 0) -> None:
         alpha_diff, acc_diff, psi_diff = tables.across_tables(a)
         column, ref = a.across_setting
         section(tables.across_legend(a), alpha_diff)
-        section(f"accuracy minus {column} {tables.value_text(ref)}", acc_diff)
-        section(f"Psi minus {column} {tables.value_text(ref)}", psi_diff)
+        ref = tables.setting_text(column, ref)
+        section(f"accuracy minus {ref}", acc_diff)
+        section(f"Psi minus {ref}", psi_diff)
     if tables.has_cost(a):
         section(tables.COST_LEGEND, tables.cost_table(a))
     paying = tables.paying_classes(a, top_classes)

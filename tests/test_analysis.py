@@ -699,3 +699,18 @@ def test_across_refuses_what_it_cannot_compare():
     lone = stats.analyze(records[records["width"] == 0.5], by=("strategy", "width"),
                          across="width=0.5")  # fmt: skip
     assert lone.across is None and any("no comparison across width" in n for n in lone.notes)
+
+
+def test_across_names_a_reference_by_its_value():
+    from rdfast.stats.across import reference_value
+
+    settings = pd.Series(["finetune_epochs=10", "finetune_epochs=3"])
+    assert reference_value(settings, "finetune_epochs", "3") == "finetune_epochs=3"
+    assert reference_value(settings, "finetune_epochs", "finetune_epochs=10") == settings[0]
+    assert reference_value(pd.Series([0.5, 1.0]), "width", "1") == 1.0
+    assert reference_value(pd.Series(["mnist", "digits"]), "dataset", "digits") == "digits"
+    with pytest.raises(BadInput, match="no such finetune_epochs"):
+        reference_value(settings, "finetune_epochs", "30")
+    assert tables.setting_text("finetune_epochs", "finetune_epochs=3") == "finetune_epochs=3"
+    assert tables.setting_text("width", 1.0) == "width 1"
+    assert tables.setting_text("dataset", "mnist") == "dataset mnist"

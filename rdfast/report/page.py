@@ -44,9 +44,9 @@ from rdfast.report.tables import (  # noqa: E402
     paper_tables,
     paying_classes,
     paying_legend,
+    setting_text,
     sorted_groups,
     summary,
-    value_text,
 )
 from rdfast.runs.manifests import settings_table  # noqa: E402
 from rdfast.stats import Analysis, accuracy_floor  # noqa: E402
@@ -696,12 +696,12 @@ def report_sections(
                  Table(acc_diff), f"Psi minus {vs}:", Table(psi_diff)]  # fmt: skip
         sections.append(Section(f"{what} against {vs}, seed by seed", parts, open=False))
     if a.across_setting is not None:
-        column, ref = a.across_setting
-        ref = value_text(ref)
+        ref = setting_text(*a.across_setting)
         alpha_diff, acc_diff, psi_diff = across_tables(a)
-        parts = [across_legend(a) + ".", Table(alpha_diff), f"Accuracy minus {column} {ref}:",
-                 Table(acc_diff), f"Psi minus {column} {ref}:", Table(psi_diff)]  # fmt: skip
-        sections.append(Section(f"Across {column}, against {column} {ref}", parts, open=False))
+        parts = [across_legend(a) + ".", Table(alpha_diff), f"Accuracy minus {ref}:",
+                 Table(acc_diff), f"Psi minus {ref}:", Table(psi_diff)]  # fmt: skip
+        sections.append(Section(f"Across {a.across_setting[0]}, against {ref}", parts,
+                                open=False))  # fmt: skip
     if has_cost(a):
         sections.append(
             Section("What each step costs", [COST_LEGEND + ".", Table(cost_table(a))], open=False)

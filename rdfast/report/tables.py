@@ -240,18 +240,22 @@ def paired_legend(a: Analysis) -> str:
 
 def across_legend(a: Analysis) -> str:
     column, ref = a.across_setting
-    ref = value_text(ref)
+    ref = setting_text(column, ref)
     return (
-        f"E[alpha_t | {column} v] - E[alpha_t | {column} {ref}], the same for accuracy and "
-        f"Psi_t: differences of the means over seeds between each group and the group of "
-        f"{column} {ref} with the same other settings (unpaired: they share no dense model; "
-        f"Welch's interval and t-test); mark: < {a.ci * 100:g} % CI below 0, > above 0, "
-        f"? overlaps 0{_adjust_words(a)}"
+        f"E[alpha_t | {column} v] - E[alpha_t | {ref}], the same for accuracy and Psi_t: "
+        f"differences of the means over seeds between each group and the group of {ref} "
+        "with the same other settings, unpaired (Welch's interval and t-test: groups that "
+        f"differ in a setting need not share dense models); mark: < {a.ci * 100:g} % CI below "
+        f"0, > above 0, ? overlaps 0{_adjust_words(a)}"
     )
 
 
-def value_text(v) -> str:
-    return f"{v:g}" if isinstance(v, (float, int)) else str(v)
+def setting_text(column: str, v) -> str:
+    """A setting's value in words: `width 1`, `dataset mnist`, or a manifest setting's own
+    `finetune_epochs=3`."""
+    if isinstance(v, str) and v.startswith(f"{column}="):
+        return v
+    return f"{column} {v:g}" if isinstance(v, (float, int)) else f"{column} {v}"
 
 
 def _adjust_words(a: Analysis) -> str:
@@ -351,6 +355,6 @@ def _surviving_marks(a: Analysis) -> str:
         for prefix, what in (("", "alpha"), ("acc_", "accuracy"), ("disparity_", "Psi")):
             m = p[f"{prefix}mark"]
             parts.append(f"{int(m.isin(['<', '>']).sum())} of {int((m != '').sum())} {what} "
-                         f"differences against {column} {value_text(ref)}")  # fmt: skip
+                         f"differences against {setting_text(column, ref)}")  # fmt: skip
     return (f"Marked at {a.ci * 100:g} % ({how}): " + ", ".join(parts) + ". What is "
             "unmarked is not told apart from the seeds' spread at this level.")  # fmt: skip

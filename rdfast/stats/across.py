@@ -1,7 +1,8 @@
 """Groups that differ in one setting alone (the dataset, the width) compared with the group of
 a reference value: E[alpha_t], accuracy and E[Psi_t] differences of means with Welch's
-interval and t-test, since the two groups' runs pruned no common dense model and cannot be
-paired (`comparisons.paired_table` pairs strategies on one dense model).
+interval and t-test, unpaired, since groups that differ in the dataset or the width share no
+dense model (`comparisons.paired_table` pairs strategies and mitigations on one dense model;
+for settings whose groups do share them, such as finetune_epochs, unpaired is conservative).
 
 Claim 4 ("harder datasets intensify more") and claim 5 ("smaller models intensify more") are
 such comparisons: `analyze --across dataset=mnist` or `--across width=1`.
@@ -35,13 +36,15 @@ def parse_across(text) -> tuple[str, str] | None:
 
 def reference_value(values: pd.Series, column: str, text: str):
     """The value of `column` that `text` names: equal as text, or as a number (width=1 is
-    width 1.0)."""
+    width 1.0); a manifest setting's column holds "name=value" (finetune_epochs=3 is named by
+    3 as well)."""
     have = list(pd.unique(values))
     for v in have:
-        if str(v) == text:
+        shown = str(v).removeprefix(f"{column}=")
+        if text in (str(v), shown):
             return v
         try:
-            if float(v) == float(text):
+            if float(shown) == float(text):
                 return v
         except (TypeError, ValueError):
             pass
