@@ -102,9 +102,10 @@ def test_shipped_specs_expand():
     assert len(claim4.dense) == 140 and len(claim4.runs) == 420
     # Fashion-MNIST: 2 widths x 10 seeds; CIFAR-10: 5 seeds. Per Fashion-MNIST dense model:
     # mp, up, cs plain; gp, up taylor-max; mp, up under ceag (two tolerances) and kd (11);
-    # per CIFAR-10 one: mp, up, cs; up taylor-max; mp, up under ceag (two) and kd (10).
+    # per CIFAR-10 one: mp, up, cs; up taylor-max; mp, up under ceag (two) and kd (10); and
+    # five Fashion-MNIST ones at width 1 fine-tuned for 10 epochs a step, plain and ceag.
     fair = grid_spec.load("fairness")
-    assert len(fair.dense) == 25 and len(fair.runs) == 20 * 11 + 5 * 10
+    assert len(fair.dense) == 25 and len(fair.runs) == 20 * 11 + 5 * 10 + 5 * 2
     tolerances = {r.exp.prune.ceag_tolerance for r in fair.runs.values()
                   if r.exp.prune.mitigation == "ceag"}  # fmt: skip
     assert tolerances == {0.1, 0.01}
