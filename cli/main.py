@@ -163,8 +163,9 @@ analysis_options = [
         metavar="COLUMN=VALUE",
         help="Also compare every group with the group of this value of one --by column and "
         "the same other settings, e.g. dataset=mnist (claim 4: harder datasets) or width=1 "
-        "(claim 5: smaller models): differences of the means over seeds, unpaired (the "
-        "groups share no dense model), Welch's interval and t-test, marks as --adjust says.",
+        "(claim 5: smaller models), or a retraining setting --by names (finetune_epochs=3): "
+        "differences of the means over seeds, unpaired (such groups need not share dense "
+        "models), Welch's interval and t-test, marks as --adjust says.",
     ),
     click.option(
         "--floor",

@@ -96,7 +96,8 @@ def across_table(runs, groups, by, across, ci, adjust="holm", notes=None) -> pd.
             pairs[by].drop_duplicates(), how="left", indicator=True)  # fmt: skip
         n_lone = int((lone["_merge"] == "left_only").sum())
         if n_lone:
-            notes.append(f"{n_lone} groups have no {column} {ref} group with their other "
+            shown = str(ref).removeprefix(f"{column}=")
+            notes.append(f"{n_lone} groups have no {column}={shown} group with their other "
                          f"settings: not compared across {column}")  # fmt: skip
     if pairs.empty:
         return pd.DataFrame()
