@@ -163,7 +163,8 @@ def _analysis(runs_dir, spec, *, by, top_classes, **options):
 
     records = with_setting_columns(load_records(runs_dir, spec), by)
     a = stats.analyze(records, by=by, confusion=store.load_confusion(runs_dir), **options)
-    a.flips = flips.analyze_flips(runs_dir, records, a.by, top=max(top_classes, 1))
+    kept = records[~records["run_id"].isin(a.untrained)]  # the runs the tables hold
+    a.flips = flips.analyze_flips(runs_dir, kept, a.by, top=max(top_classes, 1))
     return a
 
 

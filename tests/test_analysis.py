@@ -310,7 +310,8 @@ def test_bootstrap_of_classes_and_pairs_equals_one_scipy_call_per_group():
 def test_pooled_alpha_over_all_classes_of_all_replicates():
     x1, y1 = [0.2, -0.2], [0.4, -0.4]  # slope 2
     x2, y2 = [0.1, -0.1], [0.1, -0.1]  # slope 1
-    a = stats.analyze(fake_records([run_with(0, x1, y1), run_with(1, x2, y2)]), by=("strategy",))
+    runs = [run_with(0, x1, y1, a1=0.8, at=0.8), run_with(1, x2, y2, a1=0.8, at=0.8)]
+    a = stats.analyze(fake_records(runs), by=("strategy",))
     g = a.groups[a.groups["t"] == 4.0].iloc[0]
     x, y = np.array(x1 + x2), np.array(y1 + y2)
     assert g["pooled_alpha"] == pytest.approx(np.sum(x * y) / np.sum(x * x))
@@ -327,7 +328,7 @@ def test_single_replicate_has_no_ci_and_no_mark():
 def test_zero_support_classes_left_out_and_reported():
     r = run_with(0, [0.2, -0.1, 0.0], [0.3, -0.2, 0.0], support=[10, 10, 0])
     r["recall"] = {t: [*v[:2], np.nan] for t, v in r["recall"].items()}
-    a = stats.analyze(fake_records([r]), by=("strategy",))
+    a = stats.analyze(fake_records([r]), by=("strategy",), **NO_FLOOR)
     assert a.runs["n_classes_used"].eq(2).all()
     assert any("no test examples" in n and "classes 2" in n for n in a.notes)
 
@@ -335,7 +336,7 @@ def test_zero_support_classes_left_out_and_reported():
 def test_zero_accuracy_left_out_and_reported():
     r = run_with(0, [0.2, -0.2], [0.1, -0.1], at=0.0)
     r["recall"][4.0] = [0.0, 0.0]
-    a = stats.analyze(fake_records([r]), by=("strategy",))
+    a = stats.analyze(fake_records([r]), by=("strategy",), **NO_FLOOR)
     assert 4.0 not in set(a.runs["t"])
     assert any("accuracy 0" in n for n in a.notes)
 
@@ -345,7 +346,7 @@ def test_run_with_dense_accuracy_zero_is_left_out_and_counted():
     r0 = run_with(0, [0.2, -0.2], [0.3, -0.3])
     r1 = run_with(1, [0.2, -0.2], [0.3, -0.3], a1=0.0)
     r1["recall"][1.0] = [0.0, 0.0]
-    a = stats.analyze(fake_records([r0, r1]), by=("strategy",))
+    a = stats.analyze(fake_records([r0, r1]), by=("strategy",), **NO_FLOOR)
     assert set(a.runs["seed"]) == {0}
     assert any("left out 1 runs without a usable dense" in n for n in a.notes)
 
@@ -353,7 +354,7 @@ def test_run_with_dense_accuracy_zero_is_left_out_and_counted():
 def test_runs_with_different_t_are_noted():
     r1 = run_with(0, [0.2, -0.2], [0.3, -0.3], t=4.0)
     r2 = run_with(1, [0.2, -0.2], [0.3, -0.3], t=8.0)
-    a = stats.analyze(fake_records([r1, r2]), by=("strategy",))
+    a = stats.analyze(fake_records([r1, r2]), by=("strategy",), **NO_FLOOR)
     assert set(a.groups["t"]) == {1.0, 4.0, 8.0}
     assert a.groups.set_index("t")["n"].to_dict() == {1.0: 2, 4.0: 1, 8.0: 1}
     assert any("different t values" in n for n in a.notes)
@@ -363,8 +364,8 @@ def test_mixed_settings_in_a_group_are_refused():
     r1 = run_with(0, [0.2, -0.2], [0.3, -0.3], tag="a")
     r2 = run_with(0, [0.2, -0.2], [0.3, -0.3], tag="b", retrain="rewind")
     with pytest.raises(BadInput, match="differ in retrain"):
-        stats.analyze(fake_records([r1, r2]), by=("strategy",))
-    a = stats.analyze(fake_records([r1, r2]), by=("strategy", "retrain"))
+        stats.analyze(fake_records([r1, r2]), by=("strategy",), **NO_FLOOR)
+    a = stats.analyze(fake_records([r1, r2]), by=("strategy", "retrain"), **NO_FLOOR)
     assert len(a.groups) == 4
 
 
@@ -395,7 +396,7 @@ def test_pairs_only_runs_of_the_same_dense_model():
     records = fake_records(runs + ups)
     other = (records["strategy"] == "up") & (records["seed"] > 0)
     records.loc[other, "dense_id"] = records.loc[other, "dense_id"] + "-10-epochs"
-    a = stats.analyze(records, by=("strategy",))
+    a = stats.analyze(records, by=("strategy",), **NO_FLOOR)
     p = a.paired[a.paired["t"] == 4.0].iloc[0]
     assert p["n"] == 1 and p["mark"] == ""  # one pair: no interval
     assert any(
@@ -511,17 +512,19 @@ def test_step_seconds_are_the_median_per_group_and_printed_as_the_cost_table():
                (2, 1): 400.0}  # fmt: skip
     records["seconds"] = [seconds[s, st] for s, st in zip(records["seed"], records["step"])]
     # Machine time differs from run to run: the tables leave it out unless asked for.
-    plain = stats.analyze(records, by=("strategy",))
+    plain = stats.analyze(records, by=("strategy",), **NO_FLOOR)
     assert "median_seconds" not in plain.groups and "seconds" not in plain.runs
     assert not tables.has_cost(plain)
-    a = stats.analyze(records, by=("strategy",), cost=True)
+    a = stats.analyze(records, by=("strategy",), cost=True, **NO_FLOOR)
     g = a.groups.set_index("t")
     assert g.loc[4.0, "median_seconds"] == pytest.approx(5.0)
     assert g.loc[1.0, "median_seconds"] == pytest.approx(120.0)
     assert tables.has_cost(a)
     assert tables.cost_table(a).loc["mp", "t=4"] == "5.0"
     # Records without step times give no cost table rather than an empty one.
-    assert not tables.has_cost(stats.analyze(fake_records(runs), by=("strategy",), cost=True))
+    assert not tables.has_cost(
+        stats.analyze(fake_records(runs), by=("strategy",), cost=True, **NO_FLOOR)
+    )
 
 
 def test_disparity_group_interval_and_paired_difference_against_scipy():
@@ -714,3 +717,27 @@ def test_across_names_a_reference_by_its_value():
     assert tables.setting_text("finetune_epochs", "finetune_epochs=3") == "finetune_epochs=3"
     assert tables.setting_text("width", 1.0) == "width 1"
     assert tables.setting_text("dataset", "mnist") == "dataset mnist"
+
+
+def test_runs_of_a_dense_model_that_did_not_train_are_left_out():
+    x = [0.2, -0.1, -0.1, 0.0]  # four classes: chance 0.25, untrained below 1.5 x 0.25
+    trained = [run_with(s, x, [1.1 * v for v in x], a1=0.8, at=0.78) for s in range(3)]
+    diverged = run_with(3, x, [3.0 * v for v in x], a1=0.3, at=0.3)  # a seed near chance
+    records = fake_records([*trained, diverged])
+    a = stats.analyze(records, by=("strategy",))
+    assert set(a.runs["seed"]) == {0, 1, 2} and len(a.untrained) == 1
+    assert any("1 runs left out" in n and "0.300" in n for n in a.notes), a.notes
+    g = a.groups.set_index("t").loc[4.0]
+    assert g["n"] == 3 and g["mean_alpha"] == pytest.approx(1.1)
+    # --floor 0 keeps every run, the diverged one included.
+    kept = stats.analyze(records, by=("strategy",), floor=0.0)
+    assert set(kept.runs["seed"]) == {0, 1, 2, 3} and kept.untrained == ()
+    # The limit by hand: below 1.5 x chance and a quarter of the way from chance to 1.
+    from rdfast.stats.measures import untrained_runs
+
+    def limit(c, a1):
+        rows = pd.DataFrame({"run_id": "r", "A1": a1, "class": range(c)})
+        return len(untrained_runs(rows, 2.0)) == 1
+
+    assert limit(10, 0.1499) and not limit(10, 0.1501)
+    assert limit(2, 0.6249) and not limit(2, 0.6251)  # not 0.75: a weak binary model stays

@@ -27,7 +27,7 @@ from rdfast.stats.across import across_table, parse_across
 from rdfast.stats.comparisons import class_group_table, compared_column, group_table, paired_table
 from rdfast.stats.error_rates import group_error_changes, run_error_changes
 from rdfast.stats.intervals import ADJUSTMENTS, CI_METHODS
-from rdfast.stats.measures import class_table, run_table
+from rdfast.stats.measures import class_table, run_table, untrained_runs
 from rdfast.stats.records import (
     RUN_COLUMNS,
     SETTING_COLUMNS,
@@ -54,6 +54,7 @@ class Analysis:
     floor: float = DEFAULT_FLOOR  # marks need a mean accuracy above floor x chance
     adjust: str = "holm"  # the multiplicity control of each table column's marks
     across: pd.DataFrame | None = None  # per (group, t): minus the --across reference group
+    untrained: tuple[str, ...] = ()  # runs left out: their dense model did not train
 
     @property
     def baseline(self) -> str | None:
@@ -127,6 +128,15 @@ def analyze(
             by = (*by, "mitigation")
     check_replicates(records, by)
     classes = class_table(records, notes)
+    untrained = untrained_runs(classes, floor)
+    if len(untrained):
+        classes = classes[~classes["run_id"].isin(untrained.index)]
+        accs = ", ".join(f"{v:.3f}" for v in sorted(set(untrained.round(3))))
+        notes.append(
+            f"{len(untrained)} runs left out: their dense model's accuracy ({accs}) is below "
+            f"{(1 + floor) / 2:g} x chance, a dense model that did not train (--floor 0 keeps "
+            "them)"
+        )
     if classes.empty:
         raise BadInput("no usable records: every class row was left out")
     timed = ("seconds",) if cost and "seconds" in classes.columns else ()
@@ -161,7 +171,7 @@ def analyze(
                          "--ci-method")  # fmt: skip
     return Analysis(
         classes, runs, groups, class_groups, by, ci, ci_method, notes, paired, floor=floor,
-        adjust=adjust, across=compared,
+        adjust=adjust, across=compared, untrained=tuple(untrained.index),
     )  # fmt: skip
 
 

@@ -30,6 +30,22 @@ def accuracy_floor(floor: float, n_classes, dense_accuracy=None):
     return out
 
 
+def untrained_runs(classes: pd.DataFrame, floor: float) -> pd.Series:
+    """Per run whose dense model's accuracy A_1 is below halfway from chance to `floor` x
+    chance (chance: 1 / its classes with test examples; below a quarter of the way from
+    chance to 1, so that two classes keep a model at 0.625): that A_1. Such a dense model
+    did not train -- a diverged seed: LeNet-5 at lr 0.1 ended at 0.10-0.11 on MNIST and
+    Fashion-MNIST, where its other seeds reach 0.91-0.99 -- and pruning it measures nothing.
+    With the default floor 2 that is below 1.5 x chance (0.15 for ten classes). `floor` 0:
+    none."""
+    if floor <= 0 or classes.empty:
+        return pd.Series(dtype=float)
+    per_run = classes.groupby("run_id", sort=True).agg(A1=("A1", "first"), C=("class", "nunique"))
+    chance = 1.0 / per_run["C"]
+    limit = np.minimum((1 + floor) / 2 * chance, chance + (1 - chance) / 4)
+    return per_run.loc[per_run["A1"] < limit, "A1"]
+
+
 # Coverage (%) of the intervals as `rdfast analyze` computes them, on normal data, by
 # replicate count: `python -m benchmarks.ci_coverage` (4,000 samples per cell, 2026-11-26;
 # benchmarks/README.md). Marks need an interval within COVERAGE_SLACK points of its nominal
