@@ -741,3 +741,17 @@ def test_runs_of_a_dense_model_that_did_not_train_are_left_out():
 
     assert limit(10, 0.1499) and not limit(10, 0.1501)
     assert limit(2, 0.6249) and not limit(2, 0.6251)  # not 0.75: a weak binary model stays
+
+
+def test_a_dense_model_near_chance_is_warned_of_when_trained():
+    from rdfast.runs.dense import warn_untrained
+
+    said = []
+    diverged = np.zeros((10, 10), dtype=np.int64)
+    diverged[:, 3] = 100  # every test image called class 3: accuracy 0.1
+    warn_untrained(diverged, 1, said.append)
+    assert len(said) == 1 and "dense seed 1" in said[0] and "0.100" in said[0]
+    trained = np.diag(np.full(10, 100))
+    trained[0, 1] = 500  # accuracy 1000 / 1500: far above chance
+    warn_untrained(trained, 2, said.append)
+    assert len(said) == 1

@@ -15,9 +15,11 @@ import torch
 from tqdm.auto import tqdm
 
 from rdfast import training
+from rdfast.config import DEFAULT_FLOOR
 from rdfast.errors import RunFailed
 from rdfast.runs import store
 from rdfast.runs.context import RunContext
+from rdfast.stats.measures import untrained_limit
 
 
 class DenseModels:
@@ -180,6 +182,7 @@ class DenseModels:
             f"{ev['eval_images_per_second']:,.0f} img/s evaluation, "
             f"test accuracy {cm.trace() / cm.sum():.4f}"
         )
+        warn_untrained(cm, seed, ctx.log)
         ckpt = {
             "key": store.stable_hash(key),
             "model": _cpu_state(model),
@@ -195,6 +198,18 @@ class DenseModels:
         store.write_json(store.dense_settings(path), key)
         store.remove(partial_path)
         return ckpt
+
+
+def warn_untrained(cm, seed, log) -> None:
+    """One line when the dense model ended near chance (`stats.measures.untrained_runs`):
+    its training diverged or did not start, and `analyze` will leave its runs out."""
+    accuracy, n_classes = cm.trace() / cm.sum(), int((cm.sum(axis=1) > 0).sum())
+    if accuracy < untrained_limit(n_classes, DEFAULT_FLOOR):
+        log(
+            f"warning: dense seed {seed} ended at test accuracy {accuracy:.3f}, near chance "
+            f"({1 / n_classes:.3f}): its training did not converge (a learning rate too high "
+            "for this model?); rdfast analyze leaves its runs out"
+        )
 
 
 def _cpu_state(model, clone: bool = False) -> dict:

@@ -41,9 +41,13 @@ def untrained_runs(classes: pd.DataFrame, floor: float) -> pd.Series:
     if floor <= 0 or classes.empty:
         return pd.Series(dtype=float)
     per_run = classes.groupby("run_id", sort=True).agg(A1=("A1", "first"), C=("class", "nunique"))
-    chance = 1.0 / per_run["C"]
-    limit = np.minimum((1 + floor) / 2 * chance, chance + (1 - chance) / 4)
-    return per_run.loc[per_run["A1"] < limit, "A1"]
+    return per_run.loc[per_run["A1"] < untrained_limit(per_run["C"], floor), "A1"]
+
+
+def untrained_limit(n_classes, floor: float):
+    """The dense accuracy below which a model did not train (`untrained_runs`)."""
+    chance = 1.0 / np.asarray(n_classes, dtype=float)
+    return np.minimum((1 + floor) / 2 * chance, chance + (1 - chance) / 4)
 
 
 # Coverage (%) of the intervals as `rdfast analyze` computes them, on normal data, by
