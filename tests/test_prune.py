@@ -498,22 +498,15 @@ def test_cuda_path_equals_cpu_path_for_a_given_lenet5(tmp_path, monkeypatch, sha
             assert torch.equal(ma[k], mb[k]), (f, k)
 
 
-def _api_worker(rank, world, port, out_dir):
-    import pickle as pkl
-
+def _api_worker(rank, world):
     import torch.distributed as dist
 
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
-    )
     layers = _whole_model()
     mine = torch.nn.Sequential(*[layers[i] for i in _SPLIT[world][rank]])
     masks = prune_module(mine, [2, 8], "mp", group=dist.group.WORLD)
     kept = _in_place(mine, dist.group.WORLD)
     weights = [m.weight.detach().clone() for m in mine]
-    dist.destroy_process_group()
-    with open(f"{out_dir}/{rank}.pkl", "wb") as f:
-        pkl.dump({"masks": masks, "kept": kept, "weights": weights}, f)
+    return {"masks": masks, "kept": kept, "weights": weights}
 
 
 # Layers of one model, in rank order; integer weights: ties at every threshold.
@@ -540,15 +533,9 @@ def test_api_across_processes_equals_one_process(tmp_path, world):
     """prune_module and prune_in_place with a gloo group, the model's layers split over the
     processes: the union of their results equals one process pruning the whole model (and a
     numpy stable sort over the layers in rank order), ties included."""
-    import socket
+    from tests import gloo
 
-    import torch.multiprocessing as tmp_mp
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    tmp_mp.spawn(_api_worker, args=(world, port, str(tmp_path)), nprocs=world)
-    results = [pickle.loads((tmp_path / f"{r}.pkl").read_bytes()) for r in range(world)]
+    results = gloo.run(_api_worker, world, tmp_path)
     whole = torch.nn.Sequential(*_whole_model())
     scores = [m.weight.detach().abs().numpy() for m in whole]
     total = sum(s.size for s in scores)

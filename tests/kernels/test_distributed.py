@@ -5,14 +5,12 @@ rank order), as a stable numpy sort of the concatenation gives it."""
 from __future__ import annotations
 
 import os
-import pickle
-import socket
 
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 
+from tests import gloo
 from tests.kernels.test_selection import numpy_reference
 
 # Tensors of the whole model, in rank order: every process takes a contiguous run of them.
@@ -36,16 +34,13 @@ def _split(world):
     return [list(range(bounds[r], bounds[r + 1])) for r in range(world)]
 
 
-def _worker(rank, world, port, backend, out_dir):
+def _worker(rank, world, backend):
     os.environ["TRITON_INTERPRET"] = "1"
     import torch.distributed as dist
 
     from rdfast.kernels import kth_smallest, prune_lowest, prune_lowest_fused
     from rdfast.kernels.selection import NaNScoreError, TooFewCandidates
 
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
-    )
     scores, masks = _model()
     mine = _split(world)[rank]
     s = [scores[i] for i in mine]
@@ -73,19 +68,7 @@ def _worker(rank, world, port, backend, out_dir):
         prune_lowest(bad, m, 10, backend=backend, group=dist.group.WORLD)
     except NaNScoreError as e:
         result["nan"] = str(e)
-    # Every rank done with its collectives before any tears the group down: a rank that
-    # destroyed its gloo group while another still closed its connections was once aborted
-    # ("terminate called without an active exception", 1 run in 3 of the whole suite).
-    dist.barrier()
-    dist.destroy_process_group()
-    with open(os.path.join(out_dir, f"{rank}.pkl"), "wb") as f:
-        pickle.dump(result, f)
-
-
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return result
 
 
 def _flat(tensors):
@@ -94,8 +77,7 @@ def _flat(tensors):
 
 @pytest.mark.parametrize("world,backend", [(2, "torch"), (3, "torch"), (4, "torch"), (2, "triton")])
 def test_union_of_process_masks_equals_one_process(tmp_path, world, backend):
-    mp.spawn(_worker, args=(world, _free_port(), backend, str(tmp_path)), nprocs=world)
-    results = [pickle.loads((tmp_path / f"{r}.pkl").read_bytes()) for r in range(world)]
+    results = gloo.run(_worker, world, tmp_path, backend)
     scores, masks = _model()
     kept = _flat(masks)
     all_scores = np.concatenate([s.numpy().reshape(-1) for s in scores])
