@@ -293,6 +293,38 @@ def tables(folder, top_classes, fmt):
 
 @cli.command()
 @click.argument("runs_dir", type=click.Path(path_type=Path))
+@click.argument("dest", type=click.Path(path_type=Path))
+@click.option(
+    "--spec",
+    help="Only the runs of this grid spec (a file or a shipped spec's name), where several "
+    "specs share RUNS_DIR.",
+)
+def export(runs_dir, dest, spec):
+    """Copy the complete runs' records, without models, into DEST, adding them to its runs.
+
+    DEST gets records.parquet, confusion.parquet and each run's manifest (every setting): a
+    study's results in well under 1 MB, to keep in a repository or send, that `analyze`,
+    `report` and pandas read like the runs folder (prediction flips need the models'
+    predictions and are left out). Exporting again into DEST adds the runs finished since,
+    or those of another machine or seed range: a run both hold must have the same records.
+    """
+    from rdfast.commands import export_runs
+
+    done = export_runs(runs_dir=runs_dir, dest=dest, spec=spec)
+    click.echo(
+        f"{dest}: {len(done.added)} run(s) added, {done.already} already there, "
+        f"{done.total} in all"
+    )
+    if done.incomplete:
+        click.echo(
+            f"note: {len(done.incomplete)} run(s) not complete, left out: "
+            f"{', '.join(done.incomplete[:5])}{' ...' if len(done.incomplete) > 5 else ''}",
+            err=True,
+        )
+
+
+@cli.command()
+@click.argument("runs_dir", type=click.Path(path_type=Path))
 @click.option(
     "-o",
     "--out",

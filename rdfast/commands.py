@@ -201,6 +201,18 @@ def make_report(
                         top_classes=top_classes, data_root=data_root)  # fmt: skip
 
 
+def export_runs(*, runs_dir, dest, spec=None):
+    """`runs.export.export` of the complete runs under runs_dir (of `spec` alone, when given)."""
+    from rdfast.runs.export import export
+
+    ids = None
+    if spec is not None:
+        from rdfast.grid import spec as grid_spec
+
+        ids = set(grid_spec.load(spec).runs)
+    return export(runs_dir, dest, ids)
+
+
 def run_status(runs_dir):
     """One row per run under runs_dir (`manifests.status_table`), or BadInput."""
     if not Path(runs_dir).is_dir():

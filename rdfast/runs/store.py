@@ -140,7 +140,14 @@ os.umask(_UMASK)  # read the process's umask (setting it is the only way) and pu
 
 def check_out(out: Path) -> Path:
     """`out` as a folder this process may write (it need not exist yet), or BadInput."""
+    from rdfast import outdir
+
     out = Path(out)
+    if outdir.owner(out) == "export":  # its records.parquet would be rewritten from no steps
+        raise BadInput(
+            f"--out {out} is an rdfast export (records without models): runs go into a runs "
+            "folder, which `rdfast export` then adds to it"
+        )
     for p in (out, *out.absolute().parents):
         if p.exists():
             if not p.is_dir():
@@ -445,9 +452,14 @@ def load_records(out_dir: Path, prefer_consolidated: bool = False) -> pd.DataFra
 
 
 def load_confusion(out_dir: Path) -> pd.DataFrame:
-    """Confusion matrices in long form: run_id, step, t_target, true, pred, count."""
+    """Confusion matrices in long form: run_id, step, t_target, true, pred, count; from
+    OUT/confusion.parquet where there are no step files (an export)."""
+    files = step_records_files(out_dir)
+    if not files:
+        merged = confusion_path(out_dir)
+        return read_parquet(merged) if merged.exists() else pd.DataFrame()
     frames = []
-    for rec in step_records_files(out_dir):
+    for rec in files:
         npy = rec.with_suffix(".npy")
         if not npy.exists():
             continue

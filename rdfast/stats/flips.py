@@ -10,7 +10,8 @@ records (`runs/<id>/step-<i>.pred.npy`, with the run's test labels in `labels.np
 - The most-flipped examples of each class: at a group's largest t, the test indices (in the
   dataset's test order) flipped in the most runs, with the modal predictions of the dense
   and the pruned models.
-Runs recorded before predictions were kept have none and are left out.
+Runs recorded before predictions were kept, and exports (`rdfast export`), have none and are
+left out.
 """
 
 from __future__ import annotations
@@ -89,8 +90,8 @@ def analyze_flips(runs_dir: Path, records: pd.DataFrame, by, top: int = 5) -> Fl
                             "flipped": int(f[c])} for c in range(num_classes)]  # fmt: skip
     skipped = meta["run_id"].nunique() - len(loaded)
     if skipped:
-        notes.append(f"{skipped} run(s) without recorded predictions (recorded before "
-                     "predictions were kept): left out of the flip rates")  # fmt: skip
+        notes.append(f"{skipped} run(s) without recorded predictions (an export, or recorded "
+                     "before predictions were kept): left out of the flip rates")  # fmt: skip
     t_of = meta.rename(columns={"t_target": "t"})
     runs = pd.DataFrame(run_rows, columns=["run_id", "step", "flip_rate"])
     runs = runs.merge(t_of, on=["run_id", "step"])
