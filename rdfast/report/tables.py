@@ -343,18 +343,16 @@ def _surviving_marks(a: Analysis) -> str:
         "holm": "Holm", "bh": "Benjamini-Hochberg"}[a.adjust] + "-adjusted"  # fmt: skip
     g = a.groups[(a.groups["t"] > 1) & (a.groups["mark"] != "")]
     parts = [f"{int(g['mark'].isin(['<', '>']).sum())} of {len(g)} E[alpha_t] cells"]
+    compared = []
     if a.paired is not None:
-        p = a.paired[a.paired["t"] > 1]
-        for prefix, what in (("", "alpha"), ("acc_", "accuracy"), ("disparity_", "Psi")):
-            m = p[f"{prefix}mark"]
-            parts.append(f"{int(m.isin(['<', '>']).sum())} of {int((m != '').sum())} {what} "
-                         f"differences against {a.baseline}")  # fmt: skip
+        compared.append((a.paired, a.baseline))
     if a.across_setting is not None:
-        column, ref = a.across_setting
-        p = a.across[a.across["t"] > 1]
+        compared.append((a.across, setting_text(*a.across_setting)))
+    for table, against in compared:
+        p = table[table["t"] > 1]
         for prefix, what in (("", "alpha"), ("acc_", "accuracy"), ("disparity_", "Psi")):
             m = p[f"{prefix}mark"]
             parts.append(f"{int(m.isin(['<', '>']).sum())} of {int((m != '').sum())} {what} "
-                         f"differences against {setting_text(column, ref)}")  # fmt: skip
+                         f"differences against {against}")  # fmt: skip
     return (f"Marked at {a.ci * 100:g} % ({how}): " + ", ".join(parts) + ". What is "
             "unmarked is not told apart from the seeds' spread at this level.")  # fmt: skip

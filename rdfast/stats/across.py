@@ -81,10 +81,8 @@ def across_table(runs, groups, by, across, ci, adjust="holm", notes=None) -> pd.
     ref = reference_value(runs[column], column, text)
     keys = [*by, "t"]
     g = runs.groupby(keys, sort=True, dropna=False)
-    s = pd.concat(
-        {f"{prefix}{k}": g[m].agg(k) for prefix, m in MEASURES for k in ("count", "mean", "var")},
-        axis=1,
-    )
+    s = g.agg(**{f"{prefix}{k}": (m, k) for prefix, m in MEASURES
+                 for k in ("count", "mean", "var")})  # fmt: skip
     floor = groups.set_index(keys)["below_floor"].astype(bool)
     s = s.assign(below_floor=floor.reindex(s.index).fillna(False).astype(bool)).reset_index()
     rest = [k for k in keys if k != column]
