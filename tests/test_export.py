@@ -74,6 +74,9 @@ def test_export_holds_the_records_and_analyzes_as_the_runs(folders, tmp_path):
     a, b = _analyze(folders / "both", tmp_path / "a"), _analyze(dest, tmp_path / "b")
     for name in TABLES:
         pd.testing.assert_frame_equal(a[name], b[name], check_exact=True)
+    status = _invoke("status", dest)
+    assert status.exit_code == 0
+    assert status.output.count("complete   2/2") == 4, status.output
     # A second export of the same runs adds nothing and changes no byte.
     before = (dest / "records.parquet").read_bytes()
     res = _invoke("export", folders / "both", dest)

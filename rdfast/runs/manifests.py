@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from rdfast import outdir
 from rdfast.config import STRATEGY_ORDER, PruneSettings, TrainSettings
 from rdfast.runs import store
 
@@ -92,6 +93,12 @@ def status_table(runs_dir) -> pd.DataFrame:
     table = pd.DataFrame(rows, columns=STATUS_COLUMNS)
     if table.empty:
         return table
+    if outdir.owner(runs_dir) == "export":  # no step files: the steps its records hold
+        records = store.read_parquet(store.records_path(runs_dir), columns=["run_id", "step"])
+        last = records.groupby("run_id")["step"].max()
+        table = table[table["run_id"].isin(last.index)]  # manifests a killed export left
+        table["steps"] = [f"{last[r]}/{n.split('/')[1]}" for r, n in
+                          zip(table["run_id"], table["steps"])]  # fmt: skip
     order = table["strategy"].map(STRATEGY_ORDER)
     keys = ["dataset", "model", "width", "seed", "_order", "run_id"]
     return table.assign(_order=order).sort_values(keys).drop(columns="_order")
