@@ -92,3 +92,44 @@ def test_analyze_across_a_setting_from_the_command_line(tmp_path):
     res = runner.invoke(cli, ["analyze", str(tmp_path / "runs"), "--across", "width=0.25"])
     assert res.exit_code == 0, res.output
     assert "no comparison across width" in res.output
+
+
+def kept_with_records() -> list[Path]:
+    """Tables folders under studies/ that keep the records they came from (`records/`, an
+    `rdfast export`)."""
+    return sorted(p.parent.parent for p in STUDIES.rglob("records/records.parquet"))
+
+
+@pytest.mark.parametrize(
+    "tables", [p.relative_to(STUDIES).as_posix() for p in kept_with_records()]
+)
+def test_kept_records_give_the_kept_tables(tables, tmp_path):
+    """`rdfast analyze` of a study's kept records, with the settings its analysis.json and
+    tables name, writes the tables kept beside them (flips and PIE aside: an export has no
+    predictions)."""
+    import json
+
+    import pandas as pd
+
+    folder = STUDIES / tables
+    s = json.loads((folder / "analysis.json").read_text())
+    args = ["analyze", str(folder / "records"), "-o", str(tmp_path / "again"), "--format", "csv",
+            "--by", ",".join(s["by"]), "--ci", str(s["ci"]), "--ci-method", s["ci_method"],
+            "--floor", str(s["floor"]), "--adjust", s["adjust"]]  # fmt: skip
+    paired, across = folder / "alpha_paired.csv", folder / "alpha_across.csv"
+    if paired.is_file():
+        args += ["--vs", str(pd.read_csv(paired)["baseline"].iloc[0])]
+    if across.is_file():
+        a = pd.read_csv(across).iloc[0]
+        args += ["--across", f"{a['across']}={a['reference']}"]
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 0, res.output
+    names = ["alpha_groups", "class_groups", "alpha_paired", "alpha_across"]
+    compared = 0
+    for name in names:
+        kept, again = folder / f"{name}.csv", tmp_path / "again" / f"{name}.csv"
+        assert kept.is_file() == again.is_file(), name
+        if kept.is_file():
+            pd.testing.assert_frame_equal(pd.read_csv(kept), pd.read_csv(again), rtol=1e-12)
+            compared += 1
+    assert compared >= 2
