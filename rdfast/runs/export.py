@@ -6,7 +6,7 @@ matrices (confusion.parquet) and their manifests (runs/<id>/manifest.json: every
 so replicates group as they did): under 1 MB for a few hundred runs, where the run folders
 hold hundreds of MB of models and predictions. Exporting into an earlier export adds runs
 to it, so the seeds of one study run on different machines or days analyze as one; a run in
-both must have the same records to the bit. Prediction flips need the per-example
+both must have the same records to the bit (but its wall seconds). Prediction flips need the per-example
 predictions, which an export leaves out.
 """
 
