@@ -383,3 +383,65 @@ def test_analyze_and_report_take_the_runs_of_one_spec_from_a_shared_out(tmp_path
     other = write_spec(tmp_path, SPEC.replace('seeds = "0-3"', 'seeds = "7"'), "other.toml")
     res = CliRunner().invoke(cli, ["analyze", str(out), "--spec", str(other)])
     assert res.exit_code == 2 and "none of the 2 runs of the spec" in res.output
+
+
+class _OneWorker:
+    """An executor of one worker that runs each task in this process when asked for results,
+    keeping the order tasks were handed to it."""
+
+    name, capacity = "one worker", 1
+
+    def __init__(self, capacity=1):
+        self.capacity, self.order, self._running = capacity, [], {}
+
+    @property
+    def in_flight(self):
+        return len(self._running)
+
+    def running(self):
+        return list(self._running.values())
+
+    def dense_source(self, task, result):
+        return result
+
+    def submit(self, task):
+        kind, job = task.tag
+        self.order.append((kind, job.seed))
+        self._running[id(task)] = task
+
+    def results(self, timeout):
+        done = [(t, t.fn(*t.args)) for t in list(self._running.values())[:1]]
+        self._running.pop(id(done[0][0]))
+        return done
+
+    def close(self):
+        pass
+
+
+@pytest.mark.parametrize("capacity", [1, None])
+def test_a_trained_models_runs_go_before_the_next_training(tmp_path, capacity):
+    """With a worker limit (the local pool), each dense model's runs are handed out before
+    the next dense model's training: seeds complete one after another. Without one (a Ray
+    cluster schedules its own), every training is handed out at once."""
+    from rdfast.grid import spec as grid_spec
+    from rdfast.grid.driver import Driver
+
+    text = SPEC.replace('seeds = "0-3"', 'seeds = "0-2"')
+    ex = _OneWorker(capacity)
+    threads = torch.get_num_threads()
+    try:
+        result = Driver(grid_spec.load(write_spec(tmp_path, text)), tmp_path / "out", ex,
+                        progress=False, log=None).run()  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    assert result.complete == 6
+    if capacity == 1:
+        assert ex.order == [("dense", 0), ("run", 0), ("run", 0), ("dense", 1), ("run", 1),
+                            ("run", 1), ("dense", 2), ("run", 2), ("run", 2)]  # fmt: skip
+    else:
+        assert [k for k, _ in ex.order[:3]] == ["dense"] * 3
+    # A second driver finds every run complete and hands out nothing.
+    again = _OneWorker(capacity)
+    Driver(grid_spec.load(write_spec(tmp_path, text)), tmp_path / "out", again,
+           progress=False, log=None).run()  # fmt: skip
+    assert again.order == []

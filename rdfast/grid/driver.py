@@ -2,7 +2,8 @@
 
 The driver expands the spec (`grid.spec`), skips the runs OUT already holds complete, and
 hands the rest to an executor (`grid.executors`): a dense model first (or its checkpoint from
-OUT), then its runs, each given the dense model's files. Every result comes back to the
+OUT), then its runs, each given the dense model's files; where the executor has a worker limit,
+a trained model's runs before the next model's training. Every result comes back to the
 driver, which alone writes OUT, in the layout `rdfast run` writes (so `analyze`, `report` and
 `status` read it as they are), each file atomically and a run's manifest last. Killing the
 driver loses the tasks in flight; a rerun of the same command finishes the grid. A run that
@@ -15,6 +16,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -92,6 +94,8 @@ class Driver:
         self.failed: list = []
         self.dense_trained = 0
         self._waiting: dict[str, list] = {}  # dense id -> its runs to submit when it is ready
+        # Tasks not yet handed to the executor: runs of trained models, dense trainings.
+        self._queued: dict[str, deque] = {"run": deque(), "dense": deque()}
         self._state_written = 0.0
 
     # ------------------------------------------------------------------ the loop
@@ -112,10 +116,12 @@ class Driver:
         try:
             for dense_id in list(self._waiting):
                 self._start_dense(grid.dense[dense_id])
+            self._pump()
             self._write_state()
-            while self.ex.in_flight:
+            while self.ex.in_flight or self._held():
                 for task, result in self.ex.results(timeout=1.0):
                     self._done(task, result)
+                self._pump()
                 self._postfix()
                 self._write_state()
         finally:
@@ -127,6 +133,19 @@ class Driver:
             grid.name, self.out, len(grid.runs), already, complete, self.dense_trained,
             self.failed, time.perf_counter() - start, self.ex.name,
         )  # fmt: skip
+
+    def _held(self) -> int:
+        return len(self._queued["run"]) + len(self._queued["dense"])
+
+    def _pump(self) -> None:
+        """Hand the executor tasks while it has a free worker (every task at once where it
+        sets no limit: a Ray cluster schedules its own), the runs of trained models before
+        the next model's training: whole seeds complete one after another, so a grid
+        stopped part-way leaves complete runs behind (with every dense model trained first,
+        cifar10-cpu's ten take about 1.5 hours of two workers before any run starts)."""
+        limit = self.ex.capacity
+        while self._held() and (limit is None or self.ex.in_flight < limit):
+            self.ex.submit((self._queued["run"] or self._queued["dense"]).popleft())
 
     def _postfix(self) -> None:
         """Runs in flight (running, or queued on the executor), dense models training."""
@@ -143,7 +162,7 @@ class Driver:
             self._release(job.dense_id, self.ex.dense_source(None, _dense_result(job, files)))
             return
         task = Task(grid_tasks.train_dense, (job, self.grid.imports), job.resources, ("dense", job))
-        self.ex.submit(task)
+        self._queued["dense"].append(task)
 
     def _dense_on_disk(self, job) -> dict | None:
         """The files of the dense model of `job` if OUT holds it intact."""
@@ -166,7 +185,7 @@ class Driver:
         """The runs waiting for a dense model, submitted with what reaches it."""
         for run in self._waiting.pop(dense_id, []):
             args = (run, source, self.grid.imports)
-            self.ex.submit(Task(grid_tasks.prune_run, args, run.resources, ("run", run)))
+            self._queued["run"].append(Task(grid_tasks.prune_run, args, run.resources, ("run", run)))
 
     # ------------------------------------------------------------------ results
     def _done(self, task: Task, result) -> None:

@@ -43,6 +43,7 @@ class _Executor:
     holds (handle -> Task in `_running`)."""
 
     _running: dict
+    capacity: int | None = None  # tasks it runs at once; None: as many as it is given
 
     @property
     def in_flight(self) -> int:
@@ -61,6 +62,7 @@ class LocalExecutor(_Executor):
         if workers < 1:
             raise BadInput(f"--workers must be >= 1, got {workers}")
         self.workers, self.retries = workers, retries
+        self.capacity = workers
         self._pool = self._new_pool()
         self._running: dict[cf.Future, Task] = {}
 
