@@ -303,7 +303,7 @@ def export(runs_dir, dest, spec):
     """Copy the complete runs' records, without models, into DEST, adding them to its runs.
 
     DEST gets records.parquet, confusion.parquet and each run's manifest (every setting): a
-    study's results in well under 1 MB, to keep in a repository or send, that `analyze`,
+    study's results in about 3 KB a run, to keep in a repository or send, that `analyze`,
     `report` and pandas read like the runs folder (prediction flips need the models'
     predictions and are left out). Exporting again into DEST adds the runs finished since,
     or those of another machine or seed range: a run both hold must have the same records.

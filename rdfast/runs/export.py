@@ -3,11 +3,11 @@
 
 An export holds the complete runs' per-class records (records.parquet), their confusion
 matrices (confusion.parquet) and their manifests (runs/<id>/manifest.json: every setting,
-so replicates group as they did): under 1 MB for a few hundred runs, where the run folders
-hold hundreds of MB of models and predictions. Exporting into an earlier export adds runs
-to it, so the seeds of one study run on different machines or days analyze as one; a run in
-both must have the same records to the bit (but its wall seconds). Prediction flips need the per-example
-predictions, which an export leaves out.
+so replicates group as they did): about 3 KB a run, where a runs folder holds about 1 MB a
+run of models and predictions. Exporting into an earlier export adds runs to it, so the
+seeds of one study run on different machines or days analyze as one; a run in both must
+have the same records to the bit (but its wall seconds). Prediction flips need the
+per-example predictions, which an export leaves out.
 """
 
 from __future__ import annotations
