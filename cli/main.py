@@ -461,9 +461,15 @@ def grid():
     help="Print the jobs and their training epochs; run nothing, write nothing.",
 )
 @click.option(
+    "--skip-exported",
+    type=click.Path(path_type=Path),
+    help="Leave out the runs this export (`rdfast export`) holds: a study continued on "
+    "another machine, its finished part kept as an export; export OUT into it after.",
+)
+@click.option(
     "--progress/--no-progress", default=None, help="Progress bar [on when stderr is a terminal]."
 )
-def grid_run(spec, out, executor, workers, address, retries, dry_run, progress):
+def grid_run(spec, out, executor, workers, address, retries, dry_run, skip_exported, progress):
     """Make every run of SPEC that OUT does not hold complete.
 
     The spec expands into dense models (each trained once, shared by every run it is the
@@ -479,7 +485,7 @@ def grid_run(spec, out, executor, workers, address, retries, dry_run, progress):
     if dry_run:
         return print_plan(grid_plan(spec, out), click.echo)
     result = run_grid(spec, out, executor=executor, workers=workers, address=address,
-                      retries=retries, progress=progress)  # fmt: skip
+                      retries=retries, progress=progress, skip_exported=skip_exported)  # fmt: skip
     return print_grid(result, click.echo, spec=spec)
 
 

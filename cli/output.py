@@ -166,6 +166,7 @@ def print_grid(result, echo, spec=None) -> int:
         f"\ngrid {result.name}: {result.complete}/{result.runs} runs complete ({made} made now, "
         f"{result.already} already there; {result.dense_trained} dense models trained), "
         f"{len(result.failed)} failed, {result.seconds:.1f} s on {result.executor}"
+        + (f"; {result.exported} held by the export, left out" if result.exported else "")
     )
     if result.complete:
         runs = result.out / "runs"

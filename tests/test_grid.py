@@ -445,3 +445,25 @@ def test_a_trained_models_runs_go_before_the_next_training(tmp_path, capacity):
     Driver(grid_spec.load(write_spec(tmp_path, text)), tmp_path / "out", again,
            progress=False, log=None).run()  # fmt: skip
     assert again.order == []
+
+
+def test_a_grid_continued_elsewhere_leaves_out_the_exported_runs(tmp_path):
+    """Seed 0 made in one folder and exported; the grid of seeds 0-1 in a new folder with
+    --skip-exported makes seed 1 alone (one dense model), and its export joins the first."""
+    small = write_spec(tmp_path, SPEC.replace('seeds = "0-3"', 'seeds = "0"'), "small.toml")
+    both = write_spec(tmp_path, SPEC.replace('seeds = "0-3"', 'seeds = "0-1"'), "both.toml")
+    first, later, kept = tmp_path / "first", tmp_path / "later", tmp_path / "kept"
+    assert grid(small, "--out", first, "--workers", "1").exit_code == 0
+    assert CliRunner().invoke(cli, ["export", str(first), str(kept)]).exit_code == 0
+    bad = grid(both, "--out", later, "--skip-exported", first)  # a runs folder, not an export
+    assert bad.exit_code == 2 and "is not an rdfast export" in bad.output
+    assert not later.exists()
+    res = grid(both, "--out", later, "--workers", "1", "--skip-exported", kept)
+    assert res.exit_code == 0, res.output
+    assert "2/4 runs complete (2 made now, 0 already there; 1 dense models trained)" in res.output
+    assert "2 held by the export, left out" in res.output
+    made = pd.read_parquet(later / "records.parquet")
+    assert set(made["seed"]) == {1}
+    assert CliRunner().invoke(cli, ["export", str(later), str(kept)]).exit_code == 0
+    held = pd.read_parquet(kept / "records.parquet")
+    assert held["run_id"].nunique() == 4 and set(held["seed"]) == {0, 1}

@@ -41,6 +41,7 @@ class GridResult:
     failed: list = field(default_factory=list)  # (run id, label, reason)
     seconds: float = 0.0
     executor: str = ""
+    exported: int = 0  # runs left out: an export holds them (--skip-exported)
 
 
 def run_grid(
@@ -53,11 +54,19 @@ def run_grid(
     retries: int = 3,
     progress: bool | None = None,
     log=None,
+    skip_exported=None,
 ) -> GridResult:
-    """Make every run of the spec that OUT lacks. Bad input is a BadInput before anything is
-    written (the spec, the executor, a Ray address that does not answer)."""
+    """Make every run of the spec that OUT lacks (and the export `skip_exported`, when
+    given, does not hold: a study continued where its finished part was kept as an export).
+    Bad input is a BadInput before anything is written (the spec, the executor, a Ray
+    address that does not answer)."""
     grid = grid_spec.load(spec)
     out = store.check_out(out)
+    skip = set()
+    if skip_exported is not None:
+        from rdfast.runs.export import exported_runs
+
+        skip = exported_runs(skip_exported) & set(grid.runs)
     grid_spec.check_data(grid)
     if retries < 0:
         raise BadInput(f"--retries must be >= 0, got {retries}")
@@ -75,7 +84,7 @@ def run_grid(
         with store.locked(store.grid_lock(out), wait=False) as held:
             if not held:
                 raise BadInput(f"another rdfast grid is writing {out}")
-            return Driver(grid, out, ex, progress, log).run()
+            return Driver(grid, out, ex, progress, log, skip).run()
     finally:
         ex.close()
 
@@ -87,8 +96,9 @@ def grid_spec_workers(grid) -> int:
 
 
 class Driver:
-    def __init__(self, grid, out: Path, executor, progress, log):
+    def __init__(self, grid, out: Path, executor, progress, log, skip=frozenset()):
         self.grid, self.out, self.ex = grid, Path(out), executor
+        self.skip = set(skip)  # run ids made elsewhere (held by an export)
         self.log = log or (lambda msg: tqdm.write(msg))
         self.progress = progress
         self.failed: list = []
@@ -102,15 +112,16 @@ class Driver:
     def run(self) -> GridResult:
         start = time.perf_counter()
         grid = self.grid
-        todo = [r for r in grid.runs.values() if not manifests.finished(self.out, r.run_id)]
-        already = len(grid.runs) - len(todo)
+        todo = [r for r in grid.runs.values()
+                if r.run_id not in self.skip and not manifests.finished(self.out, r.run_id)]  # fmt: skip
+        already = len(grid.runs) - len(todo) - len(self.skip)
         for folder in [*self.out.glob("runs/*"), *self.out.glob("dense/*")]:
             store.clear_temporaries(folder)  # writes of a driver killed mid-install
         for r in todo:
             self._waiting.setdefault(r.dense_id, []).append(r)
         quiet = None if self.progress is None else not self.progress
         self.bar = tqdm(
-            total=len(grid.runs), initial=already, desc=f"grid {grid.name}", unit="run",
+            total=len(grid.runs) - len(self.skip), initial=already, desc=f"grid {grid.name}", unit="run",
             disable=quiet, dynamic_ncols=True,
         )  # fmt: skip
         try:
@@ -128,10 +139,10 @@ class Driver:
             self.bar.close()
             self._write_state(final=True)
             store.consolidate(self.out)  # also after a driver killed before it consolidated
-        complete = sum(manifests.finished(self.out, r) for r in grid.runs)
+        complete = sum(manifests.finished(self.out, r) for r in grid.runs if r not in self.skip)
         return GridResult(
             grid.name, self.out, len(grid.runs), already, complete, self.dense_trained,
-            self.failed, time.perf_counter() - start, self.ex.name,
+            self.failed, time.perf_counter() - start, self.ex.name, len(self.skip),
         )  # fmt: skip
 
     def _held(self) -> int:

@@ -46,6 +46,14 @@ def _sorted(df: pd.DataFrame, keys) -> pd.DataFrame:
     return df.sort_values(keys, kind="stable").reset_index(drop=True)
 
 
+def exported_runs(dest: Path) -> set[str]:
+    """The ids of the runs the export `dest` holds; BadInput where it is not an export."""
+    dest = Path(dest)
+    if outdir.owner(dest) != KIND or not store.records_path(dest).exists():
+        raise BadInput(f"{dest} is not an rdfast export (make one with `rdfast export`)")
+    return set(store.read_parquet(store.records_path(dest), columns=["run_id"])["run_id"])
+
+
 def export(runs_dir: Path, dest: Path, run_ids=None) -> Exported:
     """Copy the complete runs under `runs_dir` (those of `run_ids` alone, when given) into the
     export folder `dest`, adding them to the runs it holds. BadInput, before anything is
