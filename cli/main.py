@@ -312,8 +312,7 @@ def export(runs_dir, dest, spec):
 
     done = export_runs(runs_dir=runs_dir, dest=dest, spec=spec)
     click.echo(
-        f"{dest}: {len(done.added)} run(s) added, {done.already} already there, "
-        f"{done.total} in all"
+        f"{dest}: {len(done.added)} run(s) added, {done.already} already there, {done.total} in all"
     )
     if done.incomplete:
         click.echo(

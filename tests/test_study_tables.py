@@ -100,9 +100,7 @@ def kept_with_records() -> list[Path]:
     return sorted(p.parent.parent for p in STUDIES.rglob("records/records.parquet"))
 
 
-@pytest.mark.parametrize(
-    "tables", [p.relative_to(STUDIES).as_posix() for p in kept_with_records()]
-)
+@pytest.mark.parametrize("tables", [p.relative_to(STUDIES).as_posix() for p in kept_with_records()])
 def test_kept_records_give_the_kept_tables(tables, tmp_path):
     """`rdfast analyze` of a study's kept records, with the settings its analysis.json and
     tables name, writes the tables kept beside them (flips and PIE aside: an export has no

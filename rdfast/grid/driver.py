@@ -112,16 +112,16 @@ class Driver:
     def run(self) -> GridResult:
         start = time.perf_counter()
         grid = self.grid
-        todo = [r for r in grid.runs.values()
-                if r.run_id not in self.skip and not manifests.finished(self.out, r.run_id)]  # fmt: skip
-        already = len(grid.runs) - len(todo) - len(self.skip)
+        here = [r for r in grid.runs.values() if r.run_id not in self.skip]
+        todo = [r for r in here if not manifests.finished(self.out, r.run_id)]
+        already = len(here) - len(todo)
         for folder in [*self.out.glob("runs/*"), *self.out.glob("dense/*")]:
             store.clear_temporaries(folder)  # writes of a driver killed mid-install
         for r in todo:
             self._waiting.setdefault(r.dense_id, []).append(r)
         quiet = None if self.progress is None else not self.progress
         self.bar = tqdm(
-            total=len(grid.runs) - len(self.skip), initial=already, desc=f"grid {grid.name}", unit="run",
+            total=len(here), initial=already, desc=f"grid {grid.name}", unit="run",
             disable=quiet, dynamic_ncols=True,
         )  # fmt: skip
         try:
@@ -153,7 +153,7 @@ class Driver:
         sets no limit: a Ray cluster schedules its own), the runs of trained models before
         the next model's training: whole seeds complete one after another, so a grid
         stopped part-way leaves complete runs behind (with every dense model trained first,
-        cifar10-cpu's ten take about 1.5 hours of two workers before any run starts)."""
+        claim4's 70 kept two workers busy for an hour before its first run)."""
         limit = self.ex.capacity
         while self._held() and (limit is None or self.ex.in_flight < limit):
             self.ex.submit((self._queued["run"] or self._queued["dense"]).popleft())
@@ -196,7 +196,8 @@ class Driver:
         """The runs waiting for a dense model, submitted with what reaches it."""
         for run in self._waiting.pop(dense_id, []):
             args = (run, source, self.grid.imports)
-            self._queued["run"].append(Task(grid_tasks.prune_run, args, run.resources, ("run", run)))
+            task = Task(grid_tasks.prune_run, args, run.resources, ("run", run))
+            self._queued["run"].append(task)
 
     # ------------------------------------------------------------------ results
     def _done(self, task: Task, result) -> None:

@@ -66,7 +66,7 @@ def export(runs_dir: Path, dest: Path, run_ids=None) -> Exported:
     # Every step file read and checked; an export's records.parquet where there are none.
     records = store.load_records(runs_dir, prefer_consolidated=True)
     if records.empty:
-        raise BadInput(f"no records under {runs_dir} (write some with `rdfast run --out {runs_dir}`)")
+        raise BadInput(f"no records under {runs_dir} (make some with `rdfast run --out ...`)")
     if run_ids is not None:
         records = records[records["run_id"].isin(set(run_ids))]
     ids = sorted(records["run_id"].unique())
