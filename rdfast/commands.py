@@ -135,6 +135,13 @@ def prune_checkpoint(*, progress=None, **flags):
                         exclude=job.exclude, progress=progress)  # fmt: skip
 
 
+def spec_runs(spec) -> set[str]:
+    """The run ids of a grid spec (a file or a shipped spec's name)."""
+    from rdfast.grid import spec as grid_spec
+
+    return set(grid_spec.load(spec).runs)
+
+
 def load_records(runs_dir, spec=None):
     """The records under runs_dir (`stats.load`); with `spec` (a grid spec's file or name),
     only its runs: specs that share an --out share the runs they have in common."""
@@ -143,9 +150,7 @@ def load_records(runs_dir, spec=None):
     records = stats.load(runs_dir)
     if spec is None:
         return records
-    from rdfast.grid import spec as grid_spec
-
-    ids = set(grid_spec.load(spec).runs)
+    ids = spec_runs(spec)
     kept = records[records["run_id"].isin(ids)]
     if kept.empty:
         raise BadInput(f"none of the {len(ids)} runs of the spec {spec} is under {runs_dir}")
@@ -205,12 +210,7 @@ def export_runs(*, runs_dir, dest, spec=None):
     """`runs.export.export` of the complete runs under runs_dir (of `spec` alone, when given)."""
     from rdfast.runs.export import export
 
-    ids = None
-    if spec is not None:
-        from rdfast.grid import spec as grid_spec
-
-        ids = set(grid_spec.load(spec).runs)
-    return export(runs_dir, dest, ids)
+    return export(runs_dir, dest, None if spec is None else spec_runs(spec))
 
 
 def run_status(runs_dir):

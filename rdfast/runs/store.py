@@ -47,6 +47,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from rdfast import outdir
 from rdfast.errors import BadInput, DamagedFile
 
 try:
@@ -140,8 +141,6 @@ os.umask(_UMASK)  # read the process's umask (setting it is the only way) and pu
 
 def check_out(out: Path) -> Path:
     """`out` as a folder this process may write (it need not exist yet), or BadInput."""
-    from rdfast import outdir
-
     out = Path(out)
     if outdir.owner(out) == "export":  # its records.parquet would be rewritten from no steps
         raise BadInput(
